@@ -1,0 +1,29 @@
+# make demo: train a small model on Python's own docs (offline) and print samples.
+# make test: run the test suite. Both create .venv and install ownllm into it when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; on a machine with a GPU, install the torch you want into .venv first and set TORCH= .
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-all install clean
+
+$(BIN)/ownllm: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(BIN)/python -m pip install --quiet "$(TORCH)")
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(BIN)/ownllm
+
+install: $(BIN)/ownllm
+
+demo: install
+	$(BIN)/ownllm demo --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) runs build dist src/*.egg-info

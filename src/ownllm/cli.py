@@ -1,0 +1,205 @@
+"""The `ownllm` command: one subcommand per stage, each a thin call into the Python API.
+
+    ownllm tokenizer train corpus/*.txt --kind bpe --vocab-size 8000 --out tok/
+    ownllm prepare corpus/ --tokenizer tok/ --out data/
+    ownllm pretrain --data data/ --out runs/my-model --model mini --max-steps 2000
+    ownllm generate runs/my-model --prompt "To be or" --max-new-tokens 200
+    ownllm evaluate runs/my-model --text held-out.txt
+    ownllm demo
+
+A user mistake (bad file, unknown preset, corrupt checkpoint) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ownllm.config import PRESETS, TrainConfig
+from ownllm.errors import OwnLLMError
+
+MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "batch_size": (int, "sequences per micro-batch"),
+    "grad_accum": (int, "micro-batches per optimizer step"),
+    "lr": (float, "peak learning rate"),
+    "min_lr": (float, "learning rate at the end of the cosine decay (default lr/10)"),
+    "warmup_steps": (int, "linear warmup steps"),
+    "max_steps": (int, "optimizer steps of the whole schedule"),
+    "weight_decay": (float, "AdamW weight decay on weight matrices"),
+    "beta1": (float, "AdamW beta1"),
+    "beta2": (float, "AdamW beta2"),
+    "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
+    "eval_interval": (int, "evaluate on validation data every N steps (0 = never)"),
+    "eval_steps": (int, "validation batches per evaluation"),
+    "log_interval": (int, "write a metrics.jsonl row every N steps"),
+    "checkpoint_interval": (int, "also checkpoint every N steps (checkpoints are written at each evaluation)"),
+    "stop_at": (int, "end this invocation after step K with a checkpoint; the schedule still follows --max-steps"),
+    "max_minutes": (float, "stop with a checkpoint after this many minutes"),
+    "seed": (int, "random seed (model init, batches, dropout)"),
+}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (defaults suit the --model preset)")
+    for name, (kind, help_text) in TRAIN_FLAGS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=help_text)
+    group.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                       help="bf16 autocast where the hardware has it (auto), or force one")
+    group.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ownllm", description="Build your own language model, end to end.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
+    tok_train = tok.add_parser("train", help="train a byte-level BPE or char tokenizer on text files")
+    tok_train.add_argument("inputs", nargs="+", help="text files or folders")
+    tok_train.add_argument("--kind", choices=["bpe", "char"], default="bpe")
+    tok_train.add_argument("--vocab-size", type=int, default=8000)
+    tok_train.add_argument("--out", required=True, help="directory for the tokenizer files")
+
+    prep = sub.add_parser("prepare", help="tokenize text files into a training dataset (train.bin/val.bin)")
+    prep.add_argument("inputs", nargs="+", help="text files or folders")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--val-fraction", type=float, default=0.05)
+
+    pre = sub.add_parser("pretrain", help="train a model on text (next-token prediction), or --resume one")
+    pre.add_argument("--data", nargs="+", help="a prepared dataset directory, or text files/folders")
+    pre.add_argument("--out", required=True, help="run directory")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    pre.add_argument("--model", default="mini", help=f"preset: {', '.join(PRESETS)}")
+    pre.add_argument("--tokenizer", default="bpe", help="for raw text: bpe, char, or a tokenizer path")
+    pre.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size for raw text")
+    pre.add_argument("--val-fraction", type=float, default=0.05)
+    for name in MODEL_OVERRIDES:
+        pre.add_argument(f"--{name.replace('_', '-')}", type=float if name == "dropout" else int, default=None)
+    pre.add_argument("--device", default="auto")
+    _add_train_flags(pre)
+
+    gen = sub.add_parser("generate", help="sample text from a model")
+    gen.add_argument("model", help="run directory")
+    gen.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
+    _add_sampling_flags(gen)
+    gen.add_argument("--device", default="auto")
+
+    ev = sub.add_parser("evaluate", help="loss, perplexity and bits per byte on a text file")
+    ev.add_argument("model", help="run directory")
+    ev.add_argument("--text", required=True, help="held-out UTF-8 text file")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--device", default="auto")
+
+    demo = sub.add_parser("demo", help="train a small model on Python's own docs (offline) and print samples")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--max-steps", type=int, default=None)
+    demo.add_argument("--max-minutes", type=float, default=None)
+    return parser
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from ownllm.data.text import find_text_files
+    from ownllm.tokenizer import train_bpe, train_char
+
+    files = find_text_files(args.inputs)
+    tok = train_char(files) if args.kind == "char" else train_bpe(files, vocab_size=args.vocab_size)
+    tok.save(args.out)
+    print(f"{args.kind} tokenizer with {tok.vocab_size} tokens saved to {args.out}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from ownllm.data.text import prepare_corpus
+    from ownllm.tokenizer import load_tokenizer
+
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise OwnLLMError("--val-fraction must be in [0, 1)")
+    prepared = prepare_corpus(args.inputs, load_tokenizer(args.tokenizer), args.out, val_fraction=args.val_fraction)
+    print(f"{len(prepared.train):,} train and {len(prepared.val):,} val tokens written to {args.out}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from ownllm.pretrain import pretrain
+
+    train_values = {name: getattr(args, name) for name in TRAIN_FLAGS}
+    train_values["precision"], train_values["compile"] = args.precision, args.compile
+    result = pretrain(out=args.out, data=args.data, preset=args.model, resume=args.resume, tokenizer=args.tokenizer,
+                      vocab_size=args.vocab_size, val_fraction=args.val_fraction, device=args.device,
+                      model_overrides={name: getattr(args, name) for name in MODEL_OVERRIDES}, **train_values)
+    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    state = "stopped (resume with --resume)" if result.stopped_early else "finished"
+    print(f"{state} at step {result.step}: train loss {train_loss}{val}; run saved in {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from ownllm.checkpoint import load_run
+    from ownllm.device import pick_device
+    from ownllm.generation import SamplingOptions, generate
+
+    run = load_run(args.model, device=pick_device(args.device))
+    options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=args.stop)
+    prompts = args.prompt or [""]
+    if len(prompts) == 1:  # stream to the terminal as tokens come
+        sys.stdout.write(prompts[0])
+        generate(run.model, run.tokenizer, prompts, options,
+                 on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return
+    for prompt, text in zip(prompts, generate(run.model, run.tokenizer, prompts, options)):
+        print(f"{prompt}{text}\n{'-' * 40}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from ownllm.checkpoint import load_run
+    from ownllm.device import pick_device
+    from ownllm.evaluation import evaluate_text
+
+    run = load_run(args.model, device=pick_device(args.device))
+    result = evaluate_text(run.model, run.tokenizer, args.text, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | bits per byte "
+              f"{result.bits_per_byte:.4f} | {result.tokens:,} tokens, {result.bytes:,} bytes")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ownllm.demo import run_demo
+
+    run_demo(Path(args.out), max_steps=args.max_steps, max_minutes=args.max_minutes)
+
+
+COMMANDS = {"tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "pretrain": cmd_pretrain,
+            "generate": cmd_generate, "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except OwnLLMError as error:
+        print(f"ownllm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ownllm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

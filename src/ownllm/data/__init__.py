@@ -1,0 +1,1 @@
+"""Data pipelines: raw text for pretraining (`text`), later labelled texts and instruction records."""

@@ -1,0 +1,246 @@
+"""The GPT: one model class for GPT-2 and Llama-style architectures, with a KV cache for decoding.
+
+    model = GPT(model_config_from_preset("mini"))
+    logits = model(ids)                        # ids: LongTensor [batch, time] -> [batch, time, vocab]
+    cache = model.new_cache(batch_size=1, max_len=256)
+    logits = model(prompt_ids, cache=cache)    # prefill; then feed one token at a time with the same cache
+
+Which flavour a model is comes from `ModelConfig` fields (`norm`, `mlp`, `position`, `n_kv_head`, ...), never from
+a subclass. Attention goes through `F.scaled_dot_product_attention`. Batches of prompts with different lengths are
+left-padded by the caller, who passes `key_valid` (False at padding) and per-row `positions`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ownllm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): x / rms(x) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(head_size: int, max_positions: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [max_positions, head_size] in the rotate-half layout used by Hugging Face Llama."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate q or k [batch, heads, time, head_size] by position; cos/sin are [batch, 1, time, head_size]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer for `batch_size` sequences of up to `max_len` tokens.
+
+    `length` counts the positions written so far (the same for every row; rows shorter than others are
+    left-padded and marked False in `key_valid`).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's k/v for `layer` after the cached ones; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_size
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.use_qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.use_rope = config.position == "rope"
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None, layer: int) -> Tensor:
+        batch, time, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_size, self.n_kv_head * self.head_size, self.n_kv_head * self.head_size], dim=-1)
+        q = q.view(batch, time, self.n_head, self.head_size).transpose(1, 2)
+        k = k.view(batch, time, self.n_kv_head, self.head_size).transpose(1, 2)
+        v = v.view(batch, time, self.n_kv_head, self.head_size).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.store(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and time > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+        return self.proj(y.transpose(1, 2).reshape(batch, time, self.n_head * self.head_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.mlp_size
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None, layer: int) -> Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, mask, cache, layer))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer. `forward(ids) -> logits`; `hidden_states(ids)` for heads other than the LM head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.position == "rope":
+            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale the residual projections
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on the model's device for up to `max_len` (default block_size) positions."""
+        param = self.tok_emb.weight
+        return KVCache(self.config, batch_size, min(max_len or self.config.block_size, self.config.block_size),
+                       param.device, dtype or param.dtype)
+
+    def hidden_states(self, ids: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states [batch, time, n_embd].
+
+        With a cache, `ids` continue the cached sequence and are appended to it. `positions` [batch, time] gives
+        each token's position (default: its index in the sequence); left-padded batches pass it together with
+        `cache.key_valid` marking the padding.
+        """
+        batch, time = ids.shape
+        start = cache.length if cache is not None else 0
+        if start + time > self.config.block_size or (cache is not None and start + time > cache.max_len):
+            limit = self.config.block_size if cache is None else min(cache.max_len, self.config.block_size)
+            raise ValueError(f"sequence of {start + time} tokens is longer than the context window ({limit})")
+        if positions is None:
+            positions = torch.arange(start, start + time, device=ids.device).expand(batch, time)
+        x = self.tok_emb(ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.dropout(x)
+        rope = None
+        if self.config.position == "rope":
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        mask = self._attention_mask(cache, time, ids.device)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, cache, layer)
+        if cache is not None:
+            cache.length += time
+        return self.norm(x)
+
+    def forward(self, ids: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """Next-token logits [batch, time, vocab] for every position of `ids` [batch, time]."""
+        return self.lm_head(self.hidden_states(ids, cache=cache, positions=positions))
+
+    @staticmethod
+    def _attention_mask(cache: KVCache | None, time: int, device: torch.device) -> Tensor | None:
+        """Boolean [batch, 1, time, keys] mask, or None where SDPA's own causal path applies."""
+        if cache is None:
+            return None
+        start = cache.length
+        key_valid = cache.key_valid[:, : start + time]
+        if (time == 1 or start == 0) and bool(key_valid.all()):
+            return None  # SDPA's causal path (prefill) or one new token that sees every cached key
+        query_pos = torch.arange(start, start + time, device=device).view(time, 1)
+        key_pos = torch.arange(start + time, device=device).view(1, start + time)
+        causal = key_pos <= query_pos
+        # A query always sees itself, so rows that are pure padding stay finite.
+        allowed = (causal & key_valid[:, None, :]) | (key_pos == query_pos)
+        return allowed.unsqueeze(1)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (tied weights counted once); optionally without the embedding tables."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                total -= self.pos_emb.weight.numel()
+        return total
+
+
+def flops_per_token(model: GPT, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 per weight used in a matrix product, plus the attention
+    scores (PaLM, appendix B). Position embeddings and an untied token embedding are lookups, not products."""
+    config = model.config
+    seq_len = seq_len or config.block_size
+    weights = model.num_params()
+    if model.pos_emb is not None:
+        weights -= model.pos_emb.weight.numel()
+    if not config.tie_embeddings:
+        weights -= model.tok_emb.weight.numel()
+    attention = 12 * config.n_layer * config.n_head * config.head_size * seq_len
+    return 6.0 * weights + attention

@@ -1,0 +1,134 @@
+"""Pretraining: next-token prediction on raw text, from a prepared dataset or straight from text files.
+
+    from ownllm.pretrain import pretrain
+    pretrain(data="corpus/shakespeare.txt", out="runs/shk", preset="baby", tokenizer="char", max_steps=2000)
+    pretrain(out="runs/shk", resume=True)            # continues exactly where the run stopped
+
+CLI: `ownllm pretrain --data DATA --out RUN [--model mini] [--tokenizer bpe|char|PATH] [train flags]`.
+Raw text in `--data` is tokenized inside the run (tokenizer trained on it, dataset written to RUN/data/).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ownllm import checkpoint
+from ownllm.config import ModelConfig, TrainConfig, model_config_from_preset, train_config_for
+from ownllm.data.text import PreparedData, WindowSampler, eval_windows, find_text_files, load_prepared, prepare_corpus
+from ownllm.device import pick_device, pick_precision
+from ownllm.errors import OwnLLMError
+from ownllm.model import GPT, flops_per_token
+from ownllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
+from ownllm.training import TrainLoop, TrainResult, train
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def is_prepared_dataset(path: str | Path) -> bool:
+    return (Path(path) / "meta.json").is_file()
+
+
+def build_tokenizer(spec: str, files: Sequence[Path], vocab_size: int, show_progress: bool = True) -> Tokenizer:
+    """`char` or `bpe` trains one on `files`; anything else is a path to tokenizer files."""
+    if spec == "char":
+        return train_char(files)
+    if spec == "bpe":
+        return train_bpe(files, vocab_size=vocab_size, show_progress=show_progress)
+    return load_tokenizer(spec)
+
+
+def prepare_run_data(data: Sequence[str | Path], run_dir: Path, tokenizer_spec: str, vocab_size: int,
+                     val_fraction: float, show_progress: bool) -> PreparedData:
+    """A prepared dataset for the run: `data` itself when it is one, else raw text tokenized into RUN/data/."""
+    if len(data) == 1 and is_prepared_dataset(data[0]):
+        return load_prepared(data[0])
+    files = find_text_files(data)
+    tokenizer = build_tokenizer(tokenizer_spec, files, vocab_size, show_progress)
+    return prepare_corpus(files, tokenizer, run_dir / "data", val_fraction=val_fraction, show_progress=show_progress)
+
+
+def pretrain(
+    out: str | Path,
+    data: str | Path | Sequence[str | Path] | None = None,
+    preset: str = "mini",
+    *,
+    resume: bool = False,
+    tokenizer: str = "bpe",
+    vocab_size: int = 8000,
+    val_fraction: float = 0.05,
+    model_overrides: dict[str, Any] | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+    **train_overrides: Any,
+) -> TrainResult:
+    """Train a GPT on `data` into the run directory `out`, or resume the run in `out`.
+
+    `model_overrides` change preset fields (n_layer, n_head, n_embd, block_size, dropout, ...); `train_overrides`
+    are TrainConfig fields (lr, max_steps, batch_size, ...). On resume, only the train settings given here change.
+    """
+    run_dir = Path(out)
+    if resume:
+        return _resume(run_dir, device, show_progress, train_overrides)
+    if (run_dir / checkpoint.CONFIG_FILE).exists():
+        raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    if data is None:
+        raise OwnLLMError("--data is required for a new run (a prepared dataset or text files/folders)")
+    inputs = [data] if isinstance(data, (str, Path)) else list(data)
+    model_config = model_config_from_preset(preset, **(model_overrides or {}))  # fail fast on a bad preset
+    train_config = train_config_for(preset, **train_overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepared = prepare_run_data(inputs, run_dir, tokenizer, vocab_size, val_fraction, show_progress)
+    except BaseException:
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()  # leave nothing behind for a run that never started
+        raise
+    model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": prepared.vocab_size})
+    tok = load_tokenizer(prepared.directory / TOKENIZER_DIR)
+    if tok.vocab_size != prepared.vocab_size:
+        raise OwnLLMError(f"{prepared.directory}: tokenizer has {tok.vocab_size} tokens, meta.json says "
+                          f"{prepared.vocab_size}; prepare the data again")
+    target = run_dir / TOKENIZER_DIR
+    if target.resolve() != (prepared.directory / TOKENIZER_DIR).resolve():
+        shutil.rmtree(target, ignore_errors=True)
+        tok.save(target)
+    checkpoint.write_run_config(run_dir, model_config, task="lm", preset=preset,
+                                train=train_config.to_dict(), data=str(prepared.directory.resolve()),
+                                tokenizer=tok.kind)
+    return _run(run_dir, model_config, train_config, prepared, device, show_progress, resume=False)
+
+
+def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: dict[str, Any]) -> TrainResult:
+    config = checkpoint.read_run_config(run_dir)
+    model_config = ModelConfig.from_dict(config["model"])
+    stored = dict(config.get("train", {}))
+    stored.update({k: v for k, v in train_overrides.items() if v is not None})
+    train_config = TrainConfig.from_dict(stored)
+    prepared = load_prepared(config["data"])
+    if stored != config.get("train"):
+        checkpoint.write_run_config(run_dir, model_config, **{**{k: v for k, v in config.items()
+                                                                  if k not in ("format", "model")},
+                                                               "train": train_config.to_dict()})
+    return _run(run_dir, model_config, train_config, prepared, device, show_progress, resume=True)
+
+
+def _run(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, prepared: PreparedData,
+         device_name: str, show_progress: bool, resume: bool) -> TrainResult:
+    device = pick_device(device_name)
+    precision = pick_precision(train_config.precision, device)
+    sampler = WindowSampler(prepared.train, model_config.block_size, train_config.batch_size, seed=train_config.seed)
+    eval_batches = None
+    if train_config.eval_steps > 0 and len(prepared.val) > model_config.block_size:
+        fixed = eval_windows(prepared.val, model_config.block_size, train_config.batch_size, train_config.eval_steps)
+        eval_batches = lambda: fixed  # noqa: E731 - the same batches at every evaluation
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config)
+    loop = TrainLoop(model=model, config=train_config, run_dir=run_dir, micro_batch=sampler.batch,
+                     eval_batches=eval_batches, device=device, precision=precision,
+                     flops_per_token=flops_per_token(model))
+    return train(loop, resume=resume, show_progress=show_progress)
