@@ -81,22 +81,21 @@ def pretrain(
     inputs = [data] if isinstance(data, (str, Path)) else list(data)
     model_config = model_config_from_preset(preset, **(model_overrides or {}))  # fail fast on a bad preset
     train_config = train_config_for(preset, **train_overrides)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         prepared = prepare_run_data(inputs, run_dir, tokenizer, vocab_size, val_fraction, show_progress)
+        model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": prepared.vocab_size})
+        WindowSampler(prepared.train, model_config.block_size, train_config.batch_size)  # enough data?
+        tok = load_tokenizer(prepared.directory / TOKENIZER_DIR)
+        target = run_dir / TOKENIZER_DIR
+        if target.resolve() != (prepared.directory / TOKENIZER_DIR).resolve():
+            shutil.rmtree(target, ignore_errors=True)
+            tok.save(target)
     except BaseException:
-        if not any(run_dir.iterdir()):
-            run_dir.rmdir()  # leave nothing behind for a run that never started
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)  # leave nothing behind for a run that never started
         raise
-    model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": prepared.vocab_size})
-    tok = load_tokenizer(prepared.directory / TOKENIZER_DIR)
-    if tok.vocab_size != prepared.vocab_size:
-        raise OwnLLMError(f"{prepared.directory}: tokenizer has {tok.vocab_size} tokens, meta.json says "
-                          f"{prepared.vocab_size}; prepare the data again")
-    target = run_dir / TOKENIZER_DIR
-    if target.resolve() != (prepared.directory / TOKENIZER_DIR).resolve():
-        shutil.rmtree(target, ignore_errors=True)
-        tok.save(target)
     checkpoint.write_run_config(run_dir, model_config, task="lm", preset=preset,
                                 train=train_config.to_dict(), data=str(prepared.directory.resolve()),
                                 tokenizer=tok.kind)
@@ -107,10 +106,12 @@ def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: di
     config = checkpoint.read_run_config(run_dir)
     model_config = ModelConfig.from_dict(config["model"])
     stored = dict(config.get("train", {}))
+    for per_invocation in ("stop_at", "max_minutes"):  # limits of the earlier invocation, not of the run
+        stored.pop(per_invocation, None)
     stored.update({k: v for k, v in train_overrides.items() if v is not None})
     train_config = TrainConfig.from_dict(stored)
     prepared = load_prepared(config["data"])
-    if stored != config.get("train"):
+    if train_config.to_dict() != config.get("train"):
         checkpoint.write_run_config(run_dir, model_config, **{**{k: v for k, v in config.items()
                                                                   if k not in ("format", "model")},
                                                                "train": train_config.to_dict()})

@@ -1,0 +1,116 @@
+"""Sampling: cached greedy decoding equals recompute, batched prompts equal single ones, filters, stops, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ownllm.config import model_config_from_preset
+from ownllm.errors import OwnLLMError
+from ownllm.generation import SamplingOptions, filter_logits, generate, generate_ids
+from ownllm.model import GPT
+from ownllm.tokenizer import char_tokenizer_from_text
+
+TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer_from_text(TEXT)
+
+
+def make_model(preset: str, vocab_size: int, block_size: int = 64) -> GPT:
+    torch.manual_seed(1)
+    return GPT(model_config_from_preset(preset, vocab_size=vocab_size, block_size=block_size)).eval()
+
+
+def greedy_by_recompute(model: GPT, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            window = ids[-model.config.block_size:]
+            ids.append(int(model(torch.tensor([window]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_cached_greedy_equals_full_recompute(preset):
+    model = make_model(preset, 50)
+    prompt = [3, 14, 15, 9, 2, 6]
+    got = generate_ids(model, [prompt], SamplingOptions(max_new_tokens=40, temperature=0))[0]
+    assert got == greedy_by_recompute(model, prompt, 40)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_batched_prompts_of_different_lengths_equal_each_alone(preset):
+    model = make_model(preset, 50)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
+    options = SamplingOptions(max_new_tokens=20, temperature=0)
+    batched = generate_ids(model, prompts, options)
+    for prompt, got in zip(prompts, batched):
+        assert got == generate_ids(model, [prompt], options)[0]
+
+
+def test_generation_past_the_context_window_keeps_going():
+    model = make_model("tiny", 50, block_size=16)
+    got = generate_ids(model, [[1, 2, 3]], SamplingOptions(max_new_tokens=40, temperature=0))[0]
+    assert len(got) == 40
+
+
+def test_seed_makes_sampling_reproducible(tokenizer):
+    model = make_model("tiny", tokenizer.vocab_size)
+    a = generate(model, tokenizer, "the", max_new_tokens=30, temperature=1.0, seed=7, stop_at_eot=False)
+    b = generate(model, tokenizer, "the", max_new_tokens=30, temperature=1.0, seed=7, stop_at_eot=False)
+    c = generate(model, tokenizer, "the", max_new_tokens=30, temperature=1.0, seed=8, stop_at_eot=False)
+    assert a == b and a != c
+
+
+def test_top_k_one_is_greedy(tokenizer):
+    model = make_model("tiny", tokenizer.vocab_size)
+    greedy = generate(model, tokenizer, "the", max_new_tokens=25, temperature=0, stop_at_eot=False)
+    top1 = generate(model, tokenizer, "the", max_new_tokens=25, temperature=1.5, top_k=1, seed=3, stop_at_eot=False)
+    assert greedy == top1
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2, top_p=None)[0, 2:]).all()
+    kept = ~torch.isinf(filter_logits(logits, top_k=None, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    kept = ~torch.isinf(filter_logits(logits, top_k=None, top_p=0.1))
+    assert kept.tolist() == [[True, False, False, False]]  # the best token always stays
+
+
+class ScriptedModel(GPT):
+    """A GPT whose next token follows a fixed script, to test stopping rules exactly."""
+
+    def __init__(self, vocab_size: int, script: list[int]) -> None:
+        super().__init__(model_config_from_preset("tiny", vocab_size=vocab_size))
+        self.script = script
+        self.calls = 0
+
+    def forward(self, ids, *, cache=None, positions=None):
+        super().forward(ids, cache=cache, positions=positions)  # keep the cache bookkeeping real
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.config.vocab_size)
+        logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
+        self.calls += 1
+        return logits
+
+
+def test_stops_at_end_of_text_and_at_stop_strings_while_streaming(tokenizer):
+    script = tokenizer.encode("over the lazy dog") + [tokenizer.eot_id] + tokenizer.encode("THE END")
+    pieces: list[str] = []
+    out = generate(ScriptedModel(tokenizer.vocab_size, script), tokenizer, "fox ", max_new_tokens=50,
+                   temperature=0, on_text=lambda row, piece: pieces.append(piece))
+    assert out == ["over the lazy dog"] and "".join(pieces) == out[0]
+
+    pieces.clear()
+    out = generate(ScriptedModel(tokenizer.vocab_size, script), tokenizer, "fox ", max_new_tokens=50,
+                   temperature=0, stop=["lazy"], on_text=lambda row, piece: pieces.append(piece))
+    assert out == ["over the "] and "".join(pieces) == "over the "
+
+
+def test_bad_sampling_options_are_refused():
+    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=1.5), dict(max_new_tokens=-2)):
+        with pytest.raises(OwnLLMError):
+            SamplingOptions(**bad)
