@@ -1,7 +1,9 @@
 """Device and precision: chosen once, passed everywhere.
 
-`pick_device("auto")` gives CUDA when present, else the CPU. `pick_precision("auto", device)` gives bf16 where the
-hardware multiplies bf16 natively (CUDA with bf16 support; CPUs with AMX or AVX512-BF16) and fp32 otherwise.
+`pick_device("auto")` gives CUDA when present, else the CPU. `pick_precision("auto", device, n_embd=...)` gives bf16
+where it trains faster than fp32: CUDA with bf16 support, and CPUs with AMX-BF16 tiles for models at least
+`CPU_BF16_MIN_EMBD` wide; fp32 otherwise. On a CPU with AVX512-BF16 but no AMX, bf16 matmuls measured about half the
+speed of fp32, and on tiny models autocast's per-op casts cost more than the products save (docs/benchmarks.md).
 `autocast(device, precision)` is the context the forward pass runs in. `matmul_peak_flops` measures the machine's
 matrix-multiply throughput, the denominator of MFU.
 """
@@ -39,17 +41,30 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def pick_precision(name: str, device: torch.device) -> str:
-    """Resolve "auto" to "bf16" or "fp32" for this device; reject bf16 where it cannot run."""
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """True when the CPU exposes AMX-BF16 tiles (Linux: read from /proc/cpuinfo); VMs often hide them."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# On a CPU, bf16 autocast pays a cast per matmul input; below this width the products are too small for AMX to win
+# that back (the 128-wide `baby` model trains about 2x slower in bf16 than in fp32).
+CPU_BF16_MIN_EMBD = 512
+
+
+def pick_precision(name: str, device: torch.device, n_embd: int | None = None) -> str:
+    """Resolve "auto" to "bf16" or "fp32" for this device (and, on a CPU, the model width `n_embd` when known)."""
     if name not in ("auto", "bf16", "fp32"):
         raise OwnLLMError(f"--precision must be auto, bf16 or fp32, not {name!r}")
+    if name != "auto":
+        return name
     if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = device.type == "cpu" and cpu_has_native_bf16()
-    if name == "auto":
-        return "bf16" if supported else "fp32"
-    return name
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    wide_enough = n_embd is None or n_embd >= CPU_BF16_MIN_EMBD
+    return "bf16" if device.type == "cpu" and cpu_has_amx_bf16() and wide_enough else "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -121,7 +121,7 @@ def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: di
 def _run(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, prepared: PreparedData,
          device_name: str, show_progress: bool, resume: bool) -> TrainResult:
     device = pick_device(device_name)
-    precision = pick_precision(train_config.precision, device)
+    precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
     sampler = WindowSampler(prepared.train, model_config.block_size, train_config.batch_size, seed=train_config.seed)
     eval_batches = None
     if train_config.eval_steps > 0 and len(prepared.val) > model_config.block_size:
