@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def load(path: str, device: str = "cpu") -> "LoadedRun":
-    """Load a run directory for inference: `.model`, `.tokenizer`, `.config`."""
+    """Load a run directory, or a Hugging Face model directory (GPT-2, Llama, Qwen2), for inference: `.model`,
+    `.tokenizer`, `.config`."""
     from ownllm.checkpoint import load_run
 
     return load_run(path, device=device)

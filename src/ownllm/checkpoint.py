@@ -61,7 +61,7 @@ def weights_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
         name = name.replace(COMPILED_PREFIX, "")
-        if tensor.data_ptr() in seen and name == "lm_head.weight":
+        if tensor.data_ptr() in seen and name.endswith("lm_head.weight"):
             continue  # tied to the token embedding
         seen.add(tensor.data_ptr())
         state[name] = tensor.detach().contiguous()
@@ -86,8 +86,8 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
     state = {k.replace(COMPILED_PREFIX, ""): v for k, v in state.items()}
     target = getattr(model, "_orig_mod", model)
     expected = target.state_dict()
-    if getattr(getattr(target, "config", None), "tie_embeddings", False):
-        state.setdefault("lm_head.weight", state.get("tok_emb.weight"))
+    if getattr(getattr(target, "config", None), "tie_embeddings", False) and "tok_emb.weight" in state:
+        state.setdefault("lm_head.weight", state["tok_emb.weight"])
     for name, tensor in state.items():
         if name in expected and expected[name].shape != tensor.shape:
             raise OwnLLMError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
@@ -125,17 +125,23 @@ def write_run_config(run_dir: Path, model_config: ModelConfig, **sections: Any) 
 
 # ---- trainer checkpoints ------------------------------------------------------------------------------------------
 
-def save_checkpoint(run_dir: Path, model: nn.Module, trainer_state: dict[str, Any], info: dict[str, Any]) -> None:
+def save_checkpoint(run_dir: Path, model: nn.Module, trainer_state: dict[str, Any], info: dict[str, Any],
+                    weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write RUN/checkpoint/ as a whole (weights, trainer state, info) and publish the weights as RUN/model.safetensors.
 
     The new checkpoint is built in `checkpoint.tmp/` and swapped in with renames; `load_checkpoint` falls back to
-    `checkpoint.old/` if a kill landed between the two renames.
+    `checkpoint.old/` if a kill landed between the two renames. `weights` (e.g. only LoRA adapters and a head)
+    replaces the model's full state; such a partial state is kept in the checkpoint and not published.
     """
     run_dir = Path(run_dir)
     final, tmp, old = (run_dir / CHECKPOINT_DIR, run_dir / f"{CHECKPOINT_DIR}.tmp", run_dir / f"{CHECKPOINT_DIR}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp / WEIGHTS_FILE, metadata={"step": str(info.get("step", 0))})
+    metadata = {"step": str(info.get("step", 0))}
+    if weights is None:
+        save_weights(model, tmp / WEIGHTS_FILE, metadata=metadata)
+    else:
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata=metadata)
     torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
     write_json_atomic(tmp / STATE_FILE, info)
     shutil.rmtree(old, ignore_errors=True)
@@ -143,7 +149,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, trainer_state: dict[str, An
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    _publish_weights(final / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+    if weights is None:
+        _publish_weights(final / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
 
 
 def _publish_weights(source: Path, target: Path) -> None:
@@ -165,12 +172,13 @@ def checkpoint_dir(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(run_dir: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load the last checkpoint's weights into `model`; return (trainer_state, info)."""
+def load_checkpoint(run_dir: Path, model: nn.Module, strict: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the last checkpoint's weights into `model`; return (trainer_state, info). `strict=False` accepts a
+    checkpoint of some of the tensors (a run that saves only what trains); every tensor in it must fit the model."""
     directory = checkpoint_dir(run_dir)
     if directory is None:
         raise OwnLLMError(f"{run_dir}: no checkpoint to resume from (was the run saved at least once?)")
-    load_weights(model, directory / WEIGHTS_FILE)
+    load_weights(model, directory / WEIGHTS_FILE, strict=strict)
     try:
         trainer_state = torch.load(directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure means a corrupt or foreign file
@@ -193,12 +201,22 @@ class LoadedRun:
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load an ownllm run directory (config.json + model.safetensors + tokenizer/) for inference, in eval mode."""
+    """Load an ownllm run directory (config.json + model.safetensors + tokenizer/) for inference, in eval mode.
+
+    A Hugging Face model directory (config.json with `model_type`) is converted on the fly (ownllm.interop.hf).
+    """
+    from ownllm.interop.hf import is_hf_model_dir, load_hf
     from ownllm.model import GPT
     from ownllm.tokenizer import load_tokenizer
 
     run_dir = Path(path)
+    if is_hf_model_dir(run_dir):
+        return load_hf(run_dir, device=device)
     run_config = read_run_config(run_dir)
+    if run_config.get("task") == "classify" or run_config.get("lora"):
+        from ownllm.finetune.common import load_finetuned  # a classifier, or a base model + LoRA adapters
+
+        return load_finetuned(run_dir, run_config, device=device)
     model_config = ModelConfig.from_dict(run_config["model"])
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():

@@ -5,6 +5,9 @@
     ownllm pretrain --data data/ --out runs/my-model --model mini --max-steps 2000
     ownllm generate runs/my-model --prompt "To be or" --max-new-tokens 200
     ownllm evaluate runs/my-model --text held-out.txt
+    ownllm finetune classify|instruct ..., ownllm classify, ownllm chat, ownllm merge-lora   (see cli_finetune)
+    ownllm import path/to/hf-model --out runs/base          # or pass the HF directory to any verb directly
+    ownllm export runs/my-model --to hf --out exported/hf   # or --to gguf --out m.gguf --quant q8_0
     ownllm demo
 
 A user mistake (bad file, unknown preset, corrupt checkpoint) prints one line and exits with code 2.
@@ -62,6 +65,8 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ownllm import cli_finetune
+
     parser = argparse.ArgumentParser(prog="ownllm", description="Build your own language model, end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -92,17 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(pre)
 
     gen = sub.add_parser("generate", help="sample text from a model")
-    gen.add_argument("model", help="run directory")
+    gen.add_argument("model", help="run directory or Hugging Face model directory")
     gen.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
     _add_sampling_flags(gen)
+    cli_finetune.add_generate_flags(gen)
     gen.add_argument("--device", default="auto")
 
     ev = sub.add_parser("evaluate", help="loss, perplexity and bits per byte on a text file")
-    ev.add_argument("model", help="run directory")
+    ev.add_argument("model", help="run directory or Hugging Face model directory")
     ev.add_argument("--text", required=True, help="held-out UTF-8 text file")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--device", default="auto")
+
+    imp = sub.add_parser("import", help="convert a Hugging Face model directory (GPT-2, Llama, Qwen2) into a run")
+    imp.add_argument("source", help="HF directory: config.json, *.safetensors, tokenizer files")
+    imp.add_argument("--out", required=True, help="new run directory")
+
+    exp = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file for llama.cpp")
+    exp.add_argument("model", help="run directory or Hugging Face model directory")
+    exp.add_argument("--to", choices=["hf", "gguf"], required=True)
+    exp.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf)")
+    exp.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
+                     help="GGUF weight type (default f16; 1-D tensors stay f32)")
+
+    cli_finetune.add_parsers(sub)  # finetune classify|instruct, classify, chat, merge-lora
 
     demo = sub.add_parser("demo", help="train a small model on Python's own docs (offline) and print samples")
     demo.add_argument("--out", default="runs/demo")
@@ -150,7 +169,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ownllm.device import pick_device
     from ownllm.generation import SamplingOptions, generate
 
+    if args.instruction is not None:
+        from ownllm.cli_finetune import generate_instruction
+
+        return generate_instruction(args)
     run = load_run(args.model, device=pick_device(args.device))
+    if run.run_config.get("task") == "classify":
+        raise OwnLLMError(f"{args.model}: is a classifier run; use `ownllm classify`")
     options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=args.stop)
     prompts = args.prompt or [""]
@@ -178,6 +203,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
               f"{result.bits_per_byte:.4f} | {result.tokens:,} tokens, {result.bytes:,} bytes")
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from ownllm.interop.hf import import_hf
+
+    out = import_hf(args.source, args.out)
+    print(f"imported {args.source} into {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    if args.to == "hf":
+        from ownllm.interop.hf import export_hf
+
+        out = export_hf(args.model, args.out)
+    else:
+        from ownllm.interop.gguf import export_gguf
+
+        out = export_gguf(args.model, args.out, quant=args.quant)
+    print(f"exported {args.model} to {out} ({args.to}{'' if args.to == 'hf' else ', ' + args.quant})")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from ownllm.demo import run_demo
 
@@ -185,12 +229,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "pretrain": cmd_pretrain,
-            "generate": cmd_generate, "evaluate": cmd_evaluate, "demo": cmd_demo}
+            "generate": cmd_generate, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "import": cmd_import, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in COMMANDS:
+            from ownllm.cli_finetune import COMMANDS as FINETUNE_COMMANDS
+
+            return FINETUNE_COMMANDS[args.command](args) or 0
         COMMANDS[args.command](args)
     except OwnLLMError as error:
         print(f"ownllm: error: {error}", file=sys.stderr)

@@ -32,6 +32,7 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and LayerNorm (GPT-2)
     qkv_bias: bool | None = None  # bias on q/k/v projections only (Qwen2); None = same as `bias`
+    mlp_bias: bool | None = None  # bias on the MLP's linear layers (HF Llama `mlp_bias`); None = same as `bias`
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # "gelu" (GELU with tanh approximation) | "swiglu"
@@ -63,6 +64,10 @@ class ModelConfig:
     @property
     def use_qkv_bias(self) -> bool:
         return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def use_mlp_bias(self) -> bool:
+        return self.bias if self.mlp_bias is None else self.mlp_bias
 
     def validate(self) -> None:
         checks = [

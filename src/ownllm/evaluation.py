@@ -6,13 +6,19 @@
 Every token after the first is predicted once, from non-overlapping windows of the model's context. Bits per byte
 divide the total negative log-likelihood (in bits) by the UTF-8 bytes those tokens stand for, so models with
 different tokenizers compare fairly. CLI: `ownllm evaluate RUN --text FILE [--json]`.
+
+Also here: `classification_metrics` (accuracy, per-class precision / recall / F1, confusion matrix) for classifier
+runs, and `rouge_l_f1` / `exact_match` for scoring instruction responses against references.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,3 +91,72 @@ def evaluate_text(model: GPT, tokenizer: Tokenizer, path: str | Path, batch_size
     return TextEvaluation(loss=loss, perplexity=math.exp(min(loss, 700.0)),
                           bits_per_byte=total / math.log(2) / max(predicted_bytes, 1), tokens=count,
                           bytes=predicted_bytes)
+
+
+# ---- classification ----------------------------------------------------------------------------------------------
+
+def classification_metrics(truth: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / F1 / support, macro F1 and the confusion matrix
+    (`confusion[i][j]`: examples of class i predicted as class j)."""
+    k = len(labels)
+    confusion = [[0] * k for _ in range(k)]
+    for t, p in zip(truth, predicted):
+        confusion[t][p] += 1
+    per_class = {}
+    for i, label in enumerate(labels):
+        tp = confusion[i][i]
+        predicted_i = sum(confusion[r][i] for r in range(k))
+        actual_i = sum(confusion[i])
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / actual_i if actual_i else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual_i}
+    total = len(truth)
+    return {"accuracy": sum(confusion[i][i] for i in range(k)) / total if total else 0.0,
+            "macro_f1": sum(c["f1"] for c in per_class.values()) / k if k else 0.0,
+            "examples": total, "per_class": per_class, "labels": list(labels), "confusion": confusion}
+
+
+def format_classification_table(metrics: dict[str, Any], title: str = "") -> str:
+    """A plain-text table of `classification_metrics`: per-class rows, accuracy, then the confusion matrix."""
+    labels = metrics["labels"]
+    width = max(8, *(len(str(label)) for label in labels))
+    lines = [f"{title} ({metrics['examples']} examples): accuracy {100 * metrics['accuracy']:.2f}%, "
+             f"macro F1 {metrics['macro_f1']:.4f}" if title else f"accuracy {100 * metrics['accuracy']:.2f}%",
+             f"  {'label':<{width}}  precision  recall      f1  support"]
+    for label in labels:
+        c = metrics["per_class"][label]
+        lines.append(f"  {label:<{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['f1']:6.4f}  {c['support']:7d}")
+    lines.append(f"  confusion (rows: true, columns: predicted): {' '.join(str(label) for label in labels)}")
+    for label, row in zip(labels, metrics["confusion"]):
+        lines.append(f"  {label:<{width}}  " + " ".join(f"{n:6d}" for n in row))
+    return "\n".join(lines)
+
+
+# ---- instruction responses ---------------------------------------------------------------------------------------
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def rouge_l_f1(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased word tokens: the longest common subsequence against both lengths."""
+    a, b = _words(candidate), _words(reference)
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(candidate: str, reference: str) -> bool:
+    """Equal after stripping surrounding white space and collapsing inner runs of it."""
+    return " ".join(candidate.split()) == " ".join(reference.split())

@@ -6,12 +6,18 @@
 Prompts of different lengths decode together: they are left-padded, the padding is masked out of attention and
 each row keeps its own positions. Decoding stops per row at `<|endoftext|>`, at a stop string, or after
 `max_new_tokens`. When a sequence outgrows the context window, the cache is refilled with its most recent half.
+
+Fine-tuned assistants: `chat_reply(model, tokenizer, template, conversation)` answers the last user message over
+the run's prompt template (alpaca or chatml, see `ownllm.data.instructions`), stopping at the template's end
+marker; `chat_loop` runs a streamed multi-turn conversation (what `ownllm chat` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,6 +25,9 @@ from torch import Tensor
 from ownllm.errors import OwnLLMError
 from ownllm.model import GPT, KVCache
 from ownllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from ownllm.data.instructions import Message, Template
 
 
 @dataclass
@@ -81,8 +90,8 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
 class _Decoder:
     """Holds a KV cache for a batch of token sequences and returns next-token logits as tokens are appended."""
 
-    def __init__(self, model: GPT, pad_id: int) -> None:
-        self.model, self.pad_id = model, pad_id
+    def __init__(self, model: GPT, pad_id: int, max_new_tokens: int | None = None) -> None:
+        self.model, self.pad_id, self.max_new_tokens = model, pad_id, max_new_tokens
         self.device = model.tok_emb.weight.device
         self.window = model.config.block_size
         self.cache: KVCache | None = None
@@ -91,7 +100,9 @@ class _Decoder:
     def prefill(self, rows: Sequence[Sequence[int]]) -> Tensor:
         rows = [list(r)[-self.window:] for r in rows]  # a prompt longer than the context keeps its end
         ids, valid, positions = _left_pad(rows, self.pad_id, self.device)
-        self.cache = self.model.new_cache(len(rows), self.window)
+        # Room for what this call can generate, not the whole context: open models declare windows of 32k+ tokens.
+        needed = self.window if self.max_new_tokens is None else ids.shape[1] + self.max_new_tokens
+        self.cache = self.model.new_cache(len(rows), min(self.window, needed))
         self.cache.key_valid[:, : ids.shape[1]] = valid
         self.next_pos = positions[:, -1] + 1
         return self.model(ids, cache=self.cache, positions=positions)[:, -1]
@@ -139,7 +150,7 @@ class _RowText:
         return piece
 
 
-@torch.no_grad()
+@torch.inference_mode()  # like no_grad, minus autograd's version counters: ~2% faster decoding on a CPU
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], options: SamplingOptions,
                  eot_id: int | None = None,
                  on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
@@ -152,7 +163,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], options: Sampling
     device = model.tok_emb.weight.device
     if options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
-    decoder = _Decoder(model, pad_id=eot_id if eot_id is not None else 0)
+    decoder = _Decoder(model, pad_id=eot_id if eot_id is not None else 0, max_new_tokens=options.max_new_tokens)
     history = [list(p) for p in prompts]
     new_tokens: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -182,6 +193,8 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: str | Sequence[str], opt
     options = options or SamplingOptions(**option_values)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     encoded = [tokenizer.encode(p) for p in prompt_list]
+    if getattr(tokenizer, "add_bos", False):  # models whose prompts start with a begin-of-sequence token (Llama)
+        encoded = [[tokenizer.bos_id, *ids] for ids in encoded]
     if tokenizer.eot_id is not None:
         encoded = [ids or [tokenizer.eot_id] for ids in encoded]
     rows = [_RowText(tokenizer, options.stop) for _ in prompt_list]
@@ -198,3 +211,63 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: str | Sequence[str], opt
         if rest and on_text is not None:
             on_text(index, rest)
     return [row.text for row in rows]
+
+
+# ---- instructions and chat, over the run's prompt template -------------------------------------------------------
+
+def chat_reply(model: GPT, tokenizer: Tokenizer, template: "Template", conversation: Sequence["Message"],
+               options: SamplingOptions | None = None, on_text: Callable[[str], None] | None = None) -> str:
+    """The assistant's answer to the last user message of `conversation`, rendered with `template` (streamed
+    through `on_text`). The oldest exchanges are dropped while the prompt and the answer would not fit the context."""
+    from ownllm.data.instructions import encode_prompt
+
+    options = dataclasses.replace(options or SamplingOptions(), stop=[*(options.stop if options else []),
+                                                                       *template.stop])
+    conversation = list(conversation)
+    prompt = encode_prompt(conversation, template, tokenizer)
+    room = model.config.block_size - min(options.max_new_tokens, model.config.block_size // 2)
+    while len(prompt) > room:
+        first = next((i for i, m in enumerate(conversation) if m.role != "system"), len(conversation))
+        later_user = next((i for i in range(first + 1, len(conversation)) if conversation[i].role == "user"), None)
+        if later_user is None:
+            break  # one message that is too long by itself: the decoder keeps its end
+        del conversation[first:later_user]
+        prompt = encode_prompt(conversation, template, tokenizer)
+    row = _RowText(tokenizer, options.stop)
+
+    def on_token(_: int, token: int) -> bool:
+        piece = row.add(token)
+        if piece and on_text is not None:
+            on_text(piece)
+        return row.finished
+
+    generate_ids(model, [prompt], options, eot_id=tokenizer.eot_id, on_token=on_token)
+    rest = row.flush()
+    if rest and on_text is not None:
+        on_text(rest)
+    return row.text
+
+
+def chat_loop(model: GPT, tokenizer: Tokenizer, template: "Template", options: SamplingOptions,
+              read_line: Callable[[], str | None], write: Callable[[str], None], system: str | None = None,
+              prompt_marker: str = "") -> list["Message"]:
+    """Multi-turn chat: each line from `read_line` (None ends) is a user message; answers stream to `write`.
+    `/reset` forgets the conversation, `/exit` ends it. Returns the conversation."""
+    from ownllm.data.instructions import Message
+
+    start = [Message("system", system)] if system else []
+    conversation = list(start)
+    while True:
+        write(prompt_marker)
+        line = read_line()
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return conversation
+        if line.strip() == "/reset":
+            conversation = list(start)
+            continue
+        if not line.strip():
+            continue
+        conversation.append(Message("user", line.rstrip("\n")))
+        answer = chat_reply(model, tokenizer, template, conversation, options, on_text=write)
+        write("\n")
+        conversation.append(Message("assistant", answer))

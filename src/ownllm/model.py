@@ -111,8 +111,8 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
         hidden = config.mlp_size
-        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
-        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.use_mlp_bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.use_mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)

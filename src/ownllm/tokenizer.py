@@ -30,6 +30,8 @@ from ownllm.errors import OwnLLMError
 EOT = "<|endoftext|>"
 
 HF_FILE = "tokenizer.json"
+SPECIALS_FILE = "tokenizer_config.json"  # Hugging Face's: eos/bos tokens, add_bos_token, chat_template
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers versions save the chat template
 CHAR_FILE = "char_vocab.json"
 GPT2_HF_FILES = ("vocab.json", "merges.txt")
 GPT2_OPENAI_FILES = ("encoder.json", "vocab.bpe")
@@ -197,6 +199,9 @@ class _HFBackend:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
 
+    def token(self, id: int) -> str:
+        return self.hf.id_to_token(id) or ""
+
     def is_byte_level(self) -> bool:
         return isinstance(self.hf.decoder, decoders.ByteLevel)
 
@@ -252,6 +257,9 @@ class _CharBackend:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.symbols[i] for i in ids)
 
+    def token(self, id: int) -> str:
+        return self.symbols[id]
+
     def token_bytes_table(self) -> list[bytes]:
         return [symbol.encode("utf-8") for symbol in self.symbols]
 
@@ -266,13 +274,25 @@ class Tokenizer:
 
     Build one with `train_bpe`, `train_char`, `char_tokenizer_from_text` or `load_tokenizer`, or wrap a
     `tokenizers.Tokenizer` you already have with `Tokenizer(hf)`.
+
+    Tokenizers of open-weight models name their own end-of-sequence token (`</s>`, `<|im_end|>`, ...): `eos_id`
+    overrides which id `eot_id` is, `bos_id`/`add_bos` say whether prompts start with a begin-of-sequence token,
+    and `chat_template` keeps the model's Jinja chat template. `save` and `load_tokenizer` keep them in
+    tokenizer_config.json, the file Hugging Face uses for them.
     """
 
-    def __init__(self, hf: HFTokenizer | None = None, *, chars: Sequence[str] | None = None) -> None:
+    def __init__(self, hf: HFTokenizer | None = None, *, chars: Sequence[str] | None = None,
+                 eos_id: int | None = None, bos_id: int | None = None, add_bos: bool = False,
+                 chat_template: str | None = None) -> None:
         if (hf is None) == (chars is None):
             raise ValueError("Tokenizer needs exactly one of a tokenizers.Tokenizer or a list of chars")
         self._backend = _HFBackend(_with_eot_special(hf)) if hf is not None else _CharBackend(chars)
         self._bytes_table: list[bytes] | None = None
+        for name, value in (("eos_id", eos_id), ("bos_id", bos_id)):
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise OwnLLMError(f"{name} {value} is outside the vocabulary (0..{self.vocab_size - 1})")
+        self._eos_id, self.bos_id, self.chat_template = eos_id, bos_id, chat_template
+        self.add_bos = add_bos and bos_id is not None
 
     @property
     def kind(self) -> str:
@@ -284,7 +304,13 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int | None:
-        return self._backend.eot_id
+        """The id that ends a document: the model's end-of-sequence token (`<|endoftext|>` unless overridden)."""
+        return self._eos_id if self._eos_id is not None else self._backend.eot_id
+
+    def token(self, id: int) -> str:
+        """The vocabulary entry (not its bytes) of one id, e.g. "<|endoftext|>" or "Ġthe"."""
+        self._check_ids([int(id)])
+        return self._backend.token(int(id))
 
     @property
     def hf(self) -> HFTokenizer | None:
@@ -318,6 +344,23 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._backend.save(directory)
+        specials = self._specials_record()
+        if specials:
+            _write_text_atomically(directory / SPECIALS_FILE, json.dumps(specials, ensure_ascii=False, indent=1))
+        else:
+            (directory / SPECIALS_FILE).unlink(missing_ok=True)
+
+    def _specials_record(self) -> dict:
+        """What tokenizer_config.json must hold for `load_tokenizer` to restore eos/bos/chat template."""
+        record: dict = {}
+        if self._eos_id is not None:
+            record["eos_token"] = self.token(self._eos_id)
+        if self.bos_id is not None:
+            record["bos_token"] = self.token(self.bos_id)
+            record["add_bos_token"] = self.add_bos
+        if self.chat_template is not None:
+            record["chat_template"] = self.chat_template
+        return record
 
     def _check_ids(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -418,6 +461,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _load_from_directory(directory: Path) -> Tokenizer:
+    tok = _load_vocabulary_from_directory(directory)
+    return _with_specials_from(directory, tok) if tok.hf is not None else tok
+
+
+def _load_vocabulary_from_directory(directory: Path) -> Tokenizer:
     if (directory / HF_FILE).is_file():
         return _load_hf_json(directory / HF_FILE)
     if (directory / CHAR_FILE).is_file():
@@ -429,6 +477,43 @@ def _load_from_directory(directory: Path) -> Tokenizer:
         f"no tokenizer found in {directory}: expected tokenizer.json, char_vocab.json, "
         "vocab.json+merges.txt or encoder.json+vocab.bpe"
     )
+
+
+def _with_specials_from(directory: Path, tok: Tokenizer, eos_id: int | None = None) -> Tokenizer:
+    """`tok` with eos/bos/chat template from directory/tokenizer_config.json (and chat_template.jinja) applied.
+
+    `eos_id`, when given, wins over the file's eos_token (Hugging Face's generation_config.json does the same).
+    """
+    path = directory / SPECIALS_FILE
+    record = _read_json(path) if path.is_file() else {}
+    if not isinstance(record, dict):
+        raise OwnLLMError(f"{path}: not a JSON object; re-save the tokenizer")
+
+    def special_id(key: str) -> int | None:
+        value = record.get(key)
+        content = value.get("content") if isinstance(value, dict) else value
+        if content is None:
+            return None
+        id = tok.hf.token_to_id(content) if isinstance(content, str) else None
+        if id is None:
+            raise OwnLLMError(f"{path}: {key} {content!r} is not in the tokenizer's vocabulary")
+        return id
+
+    eos_id = eos_id if eos_id is not None else special_id("eos_token")
+    bos_id = special_id("bos_token")
+    add_bos = record.get("add_bos_token")
+    if add_bos is None and bos_id is not None:  # no flag: does the tokenizer's post-processor prepend bos?
+        add_bos = tok.hf.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    template = record.get("chat_template")
+    if isinstance(template, list):  # older layout: a list of named templates
+        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        template = read_text_file(directory / CHAT_TEMPLATE_FILE)
+    if eos_id == tok.eot_id and bos_id is None and template is None:
+        return tok
+    return Tokenizer(tok.hf, eos_id=eos_id, bos_id=bos_id, add_bos=bool(add_bos),
+                     chat_template=template if isinstance(template, str) else None)
 
 
 def _load_hf_json(path: Path) -> Tokenizer:

@@ -117,6 +117,8 @@ class TrainLoop:
     flops_per_token: float = 0.0
     run_info: dict[str, Any] | None = None  # extra fields stored in each checkpoint's state.json
     on_checkpoint: Callable[[Path], None] | None = None
+    tokens_in: Callable[[Batch], int] | None = None  # real tokens of a batch (default: every position of batch[0])
+    save_trainable_only: bool = False  # checkpoint only parameters that train (LoRA adapters, a head)
 
 
 def evaluate_loss(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn, device: torch.device,
@@ -184,7 +186,7 @@ def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> 
     optimizer = make_optimizer(model, cfg, device)
     start_step = 0
     if resume:
-        state, info = checkpoint.load_checkpoint(run_dir, model)
+        state, info = checkpoint.load_checkpoint(run_dir, model, strict=not loop.save_trainable_only)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
@@ -209,7 +211,11 @@ def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> 
             trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
         info = {"step": step, "max_steps": cfg.max_steps, "train_loss": train_loss, "val_loss": val_loss,
                 **(loop.run_info or {})}
-        checkpoint.save_checkpoint(run_dir, model, trainer_state, info)
+        weights = None
+        if loop.save_trainable_only:
+            weights = {name.replace(checkpoint.COMPILED_PREFIX, ""): p.detach().contiguous()
+                       for name, p in model.named_parameters() if p.requires_grad}
+        checkpoint.save_checkpoint(run_dir, model, trainer_state, info, weights=weights)
         plot_losses(rows, run_dir / PLOT_FILE)
         if loop.on_checkpoint:
             loop.on_checkpoint(run_dir)
@@ -229,7 +235,7 @@ def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> 
                     loss = loop.loss_fn(forward_model, batch) / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.item()
-                window_tokens += _tokens_in(batch)
+                window_tokens += (loop.tokens_in or _tokens_in)(batch)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

@@ -1,0 +1,186 @@
+"""Greedy decode speed, batch 1: ownllm vs transformers `generate` vs llama.cpp (llama-cpp-python), same weights.
+
+    .venv/bin/python bench/decode_speed.py                       # gpt2 shape (124M), fp32, 256 new tokens
+    .venv/bin/python bench/decode_speed.py --rounds 3 --threads 1
+    .venv/bin/python bench/decode_speed.py --preset mini --only ownllm,transformers --json
+
+The model is the `gpt2` preset with random weights (no download), written once as an HF directory (for
+transformers) and as f32 / q8_0 GGUF files (for llama.cpp, when `llama_cpp` is importable). Each engine decodes
+`--new-tokens` tokens greedily after a 16-token prompt, with no stop token; the time counts the prompt too (one
+forward pass). `matvec-chain` is the floor for fp32 PyTorch: only the model's weight matrix-vector products (every
+layer's four matrices and the head) for each token, no attention, norms or sampling.
+
+The engines are timed in turns, one run each per round, after a warm-up run each, so that load from other work on
+a shared machine falls on all of them alike; the report gives the median and the best round. `--threads` sets
+every engine's thread count (default: all cores). Results for this machine type: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ownllm.checkpoint import LoadedRun
+from ownllm.config import model_config_from_preset
+from ownllm.generation import SamplingOptions, generate_ids
+from ownllm.model import GPT
+from ownllm.tokenizer import train_bpe
+
+PROMPT_LENGTH = 16
+ENGINES = ("ownllm", "transformers", "llama.cpp-f32", "llama.cpp-q8_0", "matvec-chain")
+Decode = Callable[[int], list[int]]
+
+
+def build_run(preset: str, folder: Path) -> LoadedRun:
+    """The preset's shape with random weights, and a small BPE tokenizer (the GGUF and HF exports need one)."""
+    from pydoc_data.topics import topics
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(topics[k] for k in sorted(topics))[:50_000], encoding="utf-8")
+    tokenizer = train_bpe([corpus], vocab_size=400, show_progress=False)
+    torch.manual_seed(0)
+    model = GPT(model_config_from_preset(preset)).eval()
+    return LoadedRun(path=folder / preset, model=model, tokenizer=tokenizer, config=model.config, run_config={})
+
+
+def ownllm_decoder(run: LoadedRun, prompt: list[int]) -> Decode:
+    def decode(n: int) -> list[int]:
+        options = SamplingOptions(max_new_tokens=n, temperature=0, stop_at_eot=False)
+        return generate_ids(run.model, [prompt], options)[0]
+
+    return decode
+
+
+def transformers_decoder(run: LoadedRun, prompt: list[int], folder: Path) -> Decode:
+    import transformers
+
+    from ownllm.interop.hf import export_hf
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, folder / "hf")).eval()
+    ids = torch.tensor([prompt])
+
+    def decode(n: int) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0, use_cache=True)
+        return out[0, len(prompt):].tolist()
+
+    return decode
+
+
+def llama_cpp_decoder(run: LoadedRun, prompt: list[int], folder: Path, quant: str, threads: int,
+                      max_tokens: int) -> Decode:
+    import llama_cpp
+    import numpy as np
+
+    from ownllm.interop.gguf import export_gguf
+
+    path = export_gguf(run, folder / f"model-{quant}.gguf", quant=quant)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LENGTH + max_tokens + 8, n_batch=PROMPT_LENGTH,
+                          n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+
+    def decode(n: int) -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        tokens: list[int] = []
+        for _ in range(n):
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([tokens[-1]])
+        return tokens
+
+    return decode
+
+
+def matvec_chain(run: LoadedRun) -> Decode:
+    """Only the weight products of a decode step: the floor any fp32 PyTorch implementation pays per token."""
+    weights = []
+    for block in run.model.blocks:
+        weights += [block.attn.qkv.weight, block.attn.proj.weight, block.mlp.fc.weight, block.mlp.proj.weight]
+    weights.append(run.model.lm_head.weight)
+    inputs = {width: torch.randn(1, width) for width in {w.shape[1] for w in weights}}
+
+    def decode(n: int) -> list[int]:
+        with torch.inference_mode():
+            for _ in range(n):
+                for weight in weights:
+                    F.linear(inputs[weight.shape[1]], weight)
+        return []
+
+    return decode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=1, help="timed runs per engine, taken in turns")
+    parser.add_argument("--only", default=",".join(ENGINES), help=f"comma-separated, from {', '.join(ENGINES)}")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per engine")
+    args = parser.parse_args(argv)
+    engines = [e for e in args.only.split(",") if e]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"unknown engine(s) {unknown}")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        run = build_run(args.preset, folder)
+        prompt = torch.randint(0, run.config.vocab_size, (PROMPT_LENGTH,),
+                               generator=torch.Generator().manual_seed(1)).tolist()
+        decoders: dict[str, Decode] = {}
+        for engine in engines:
+            if engine == "ownllm":
+                decoders[engine] = ownllm_decoder(run, prompt)
+            elif engine == "transformers":
+                decoders[engine] = transformers_decoder(run, prompt, folder)
+            elif engine == "matvec-chain":
+                decoders[engine] = matvec_chain(run)
+            else:
+                try:
+                    import llama_cpp  # noqa: F401
+                except ImportError:
+                    print(f"{engine}: skipped (llama-cpp-python is not installed)", file=sys.stderr)
+                    continue
+                decoders[engine] = llama_cpp_decoder(run, prompt, folder, engine.split("-")[1], args.threads,
+                                                     args.new_tokens)
+        for decode in decoders.values():
+            decode(8)  # warm-up
+        seconds: dict[str, list[float]] = {engine: [] for engine in decoders}
+        tokens: dict[str, list[int]] = {}
+        for _ in range(args.rounds):
+            for engine, decode in decoders.items():
+                start = time.perf_counter()
+                tokens[engine] = decode(args.new_tokens)
+                seconds[engine].append(time.perf_counter() - start)
+    reference = tokens.get("ownllm")
+    for engine, times in seconds.items():
+        median, best = statistics.median(times), min(times)
+        same = (f"{sum(a == b for a, b in zip(tokens[engine], reference))}/{args.new_tokens}"
+                if reference is not None and tokens[engine] else "-")
+        result = {"engine": engine, "preset": args.preset, "new_tokens": args.new_tokens, "threads": args.threads,
+                  "rounds": args.rounds, "median_tokens_per_sec": round(args.new_tokens / median, 1),
+                  "best_tokens_per_sec": round(args.new_tokens / best, 1),
+                  "median_ms_per_token": round(1000 * median / args.new_tokens, 1),
+                  "greedy_tokens_equal_to_ownllm": same}
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(f"{engine:>16}: median {result['median_tokens_per_sec']:6.1f} tok/s "
+                  f"({result['median_ms_per_token']} ms/token), best {result['best_tokens_per_sec']:6.1f} tok/s; "
+                  f"greedy tokens equal to ownllm's: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Instruction data: Alpaca records and chat conversations -> prompt template -> token ids with the prompt masked.
+
+    conversations = read_instructions("instructions.json")      # Alpaca JSON/JSONL or chat JSONL ({"messages": ...})
+    template = get_template("alpaca")                           # or "chatml"
+    template.render(conversations[0])                           # the whole text, exactly as the model sees it
+    template.prompt(conversations[0][:-1])                      # what `generate --instruction` and `chat` feed in
+    prompt_ids = encode_prompt(conversations[0][:-1], template, tokenizer)   # the same, encoded as in training
+    ids, labels = encode_conversation(conversations[0], template, tokenizer, mask_prompt=True)
+    batches = InstructionBatches(conversations, template, tokenizer, block_size=256, batch_size=8)
+
+Templates (golden strings in tests/test_instruct.py):
+- `alpaca`, the Stanford Alpaca prompt. Without an input:
+  "Below is an instruction that describes a task. Write a response that appropriately completes the request.
+  \\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n{output}<|endoftext|>"; with an input the first sentence
+  reads "..., paired with an input that provides further context." and "\\n\\n### Input:\\n{input}" follows the
+  instruction. A system message replaces the preamble; later turns add "\\n\\n### Instruction:\\n...".
+- `chatml`: "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message; the prompt ends "<|im_start|>assistant\\n".
+  The markers are encoded by the tokenizer like any text: one token each where the tokenizer has them as special
+  tokens (Qwen-style tokenizers), a few ordinary tokens otherwise (no embedding resize, so LoRA needs nothing else).
+
+Labels: -100 on the prompt (unless mask_prompt=False) and on padding; each assistant response and the one end marker
+after it (`<|endoftext|>` for alpaca, `<|im_end|>` for chatml) are learned, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ownllm.data.batching import EpochBatches, fixed_batches
+from ownllm.errors import OwnLLMError
+from ownllm.tokenizer import EOT, Tokenizer
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+    input: str = ""  # Alpaca's optional input, on a user message
+
+
+Conversation = list[Message]
+
+
+# ---- templates ----------------------------------------------------------------------------------------------------
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. Write a response that appropriately completes the request.")
+
+
+class Template:
+    """Renders a conversation as (text, learned) pieces; `render` joins them, `prompt` ends where the model answers."""
+
+    name = ""
+    end = EOT  # the marker the model learns to emit after each response; generation stops at it
+
+    def pieces(self, conversation: Sequence[Message]) -> list[tuple[str, bool]]:
+        raise NotImplementedError
+
+    def render(self, conversation: Sequence[Message]) -> str:
+        return "".join(text for text, _ in self.pieces(conversation))
+
+    def prompt_pieces(self, conversation: Sequence[Message]) -> list[str]:
+        """The pieces up to where the assistant answers the last user message of `conversation`."""
+        if not conversation or conversation[-1].role != "user":
+            raise OwnLLMError("a prompt needs the conversation to end with a user message")
+        pieces = self.pieces([*conversation, Message("assistant", "")])
+        last_learned = max(i for i, (_, learned) in enumerate(pieces) if learned)
+        return [text for text, _ in pieces[:last_learned]]
+
+    def prompt(self, conversation: Sequence[Message]) -> str:
+        """The text the model continues to answer the last user message (`generate --instruction`, `chat`)."""
+        return "".join(self.prompt_pieces(conversation))
+
+    @property
+    def stop(self) -> list[str]:
+        """Stop strings for generation (EOT stops decoding anyway)."""
+        return [] if self.end == EOT else [self.end]
+
+
+class AlpacaTemplate(Template):
+    name = "alpaca"
+
+    def pieces(self, conversation: Sequence[Message]) -> list[tuple[str, bool]]:
+        pieces: list[tuple[str, bool]] = []
+        system = next((m.content for m in conversation if m.role == "system"), None)
+        first_user = next((m for m in conversation if m.role == "user"), None)
+        header = system if system is not None else (
+            ALPACA_PREAMBLE_INPUT if first_user is not None and first_user.input else ALPACA_PREAMBLE)
+        prompt = header
+        for message in conversation:
+            if message.role == "user":
+                prompt += f"\n\n### Instruction:\n{message.content}"
+                if message.input:
+                    prompt += f"\n\n### Input:\n{message.input}"
+                prompt += "\n\n### Response:\n"
+            elif message.role == "assistant":
+                pieces += [(prompt, False), (message.content + self.end, True)]
+                prompt = ""
+        if prompt:
+            pieces.append((prompt, False))
+        return pieces
+
+
+class ChatMLTemplate(Template):
+    name = "chatml"
+    end = "<|im_end|>"
+
+    def pieces(self, conversation: Sequence[Message]) -> list[tuple[str, bool]]:
+        pieces: list[tuple[str, bool]] = []
+        prompt = ""
+        for message in conversation:
+            if message.role == "assistant":
+                pieces += [(prompt + "<|im_start|>assistant\n", False), (message.content + self.end, True)]
+                prompt = "\n"
+            else:
+                content = message.content + (f"\n\n{message.input}" if message.input else "")
+                prompt += f"<|im_start|>{message.role}\n{content}{self.end}\n"
+        if prompt:
+            pieces.append((prompt, False))
+        return pieces
+
+
+TEMPLATES: dict[str, Template] = {"alpaca": AlpacaTemplate(), "chatml": ChatMLTemplate()}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise OwnLLMError(f"unknown template {name!r}: choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+# ---- reading ------------------------------------------------------------------------------------------------------
+
+def _records(path: Path) -> list[tuple[str, object]]:
+    """(location, record) pairs from a JSON list or JSON Lines file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OwnLLMError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise OwnLLMError(f"{path}:{line}: unreadable line (not UTF-8)") from None
+    stripped = text.lstrip("\ufeff").lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise OwnLLMError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        return [(f"{path} item {i}", record) for i, record in enumerate(data)]
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                records.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise OwnLLMError(f"{path}:{number}: unreadable line (not JSON: {error.msg})") from None
+    return records
+
+
+def _conversation(where: str, record: object) -> Conversation:
+    if not isinstance(record, dict):
+        raise OwnLLMError(f"{where}: expected a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise OwnLLMError(f"{where}: \"messages\" must be a non-empty list")
+        conversation = []
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise OwnLLMError(f"{where}: each message needs a role (system, user or assistant) and a "
+                                  "content string")
+            conversation.append(Message(m["role"], m["content"]))
+        if not any(m.role == "assistant" for m in conversation):
+            raise OwnLLMError(f"{where}: no assistant message to learn from")
+        return conversation
+    for field in ("instruction", "output"):
+        if not isinstance(record.get(field), str):
+            raise OwnLLMError(f"{where}: missing field {field!r} (Alpaca records need instruction and output)")
+    if not record["instruction"].strip():
+        raise OwnLLMError(f"{where}: empty instruction")
+    return [Message("user", record["instruction"], str(record.get("input") or "")),
+            Message("assistant", record["output"])]
+
+
+def read_instructions(path: str | Path) -> list[Conversation]:
+    """Conversations from Alpaca JSON/JSONL (instruction, input, output) or chat JSONL ({"messages": [...]})."""
+    path = Path(path)
+    conversations = [_conversation(where, record) for where, record in _records(path)]
+    if not conversations:
+        raise OwnLLMError(f"{path}: no examples")
+    return conversations
+
+
+# ---- encoding and batches -----------------------------------------------------------------------------------------
+
+def encode_conversation(conversation: Sequence[Message], template: Template, tokenizer: Tokenizer,
+                        mask_prompt: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and their labels (IGNORE on the prompt when `mask_prompt`)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, learned in template.pieces(conversation):
+        piece = tokenizer.encode(text)
+        ids += piece
+        labels += piece if (learned or not mask_prompt) else [IGNORE] * len(piece)
+    return ids, labels
+
+
+def encode_prompt(conversation: Sequence[Message], template: Template, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of the prompt, encoded piece by piece exactly as in training."""
+    return [i for text in template.prompt_pieces(conversation) for i in tokenizer.encode(text)]
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
+            block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs [batch, T], targets [batch, T] (labels shifted by one) and lengths [batch], right-padded; padding
+    targets are IGNORE. A row longer than block_size + 1 tokens is cut."""
+    rows = [(ids[: block_size + 1], labels[: block_size + 1]) for ids, labels in rows]
+    width = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+        targets[i, : len(ids) - 1] = torch.tensor(labels[1:], dtype=torch.long)
+    return inputs, targets, torch.tensor([len(ids) - 1 for ids, _ in rows], dtype=torch.long)
+
+
+class InstructionBatches:
+    """Encoded conversations; `batch(step)` (length-aware, pure in the step) and `eval_batches()`."""
+
+    def __init__(self, conversations: Sequence[Conversation], template: Template, tokenizer: Tokenizer,
+                 block_size: int, batch_size: int, mask_prompt: bool = True, seed: int = 0) -> None:
+        rows = [encode_conversation(c, template, tokenizer, mask_prompt) for c in conversations]
+        # an example whose response starts beyond the context has nothing to learn: it is left out
+        self.rows = [r for r in rows if any(label != IGNORE for label in r[1][1: block_size + 1])]
+        self.dropped = len(rows) - len(self.rows)
+        if not self.rows:
+            raise OwnLLMError(f"no instruction example has a response within the context window ({block_size} "
+                              "tokens): the prompts are too long for this model")
+        self.truncated = sum(len(ids) > block_size + 1 for ids, _ in self.rows)
+        self.pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+        self.block_size, self.batch_size = block_size, batch_size
+        self.lengths = [min(len(ids), block_size + 1) for ids, _ in self.rows]
+        self.plan = EpochBatches(self.lengths, batch_size, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _collate(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        return collate([self.rows[i] for i in indices], self.pad_id, self.block_size)
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self._collate(self.plan.indices(step))
+
+    def eval_batches(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        return [self._collate(b) for b in fixed_batches(self.lengths, self.batch_size)]
+
+
+def real_tokens(batch: Sequence[Tensor]) -> int:
+    """Real (non-padding) input tokens of an (inputs, targets, lengths) batch, for tokens/s."""
+    return int(batch[2].sum())

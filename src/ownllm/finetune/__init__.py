@@ -1,0 +1,17 @@
+"""Fine-tuning stages: a pretrained model becomes a classifier or an assistant, fully or with LoRA.
+
+    from ownllm.finetune import finetune_classify, finetune_instruct, classify_texts, merge_lora_run
+
+`classify` (labelled texts -> a head on the last real token) and `instruct` (prompt template, loss on the
+responses) each bring their batches, loss and metrics to the one training loop (`ownllm.training.train`);
+`common` holds what they share (the base model, which parameters train, LoRA runs, loading, merging).
+"""
+
+from __future__ import annotations
+
+from ownllm.finetune.classify import ClassifyResult, GPTClassifier, classify_texts, finetune_classify
+from ownllm.finetune.common import load_finetuned, merge_lora_run
+from ownllm.finetune.instruct import InstructResult, finetune_instruct
+
+__all__ = ["finetune_classify", "finetune_instruct", "classify_texts", "merge_lora_run", "load_finetuned",
+           "GPTClassifier", "ClassifyResult", "InstructResult"]

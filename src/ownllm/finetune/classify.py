@@ -1,0 +1,270 @@
+"""Fine-tuning a language model into a text classifier (spam, sentiment, ...), fully or with LoRA.
+
+    from ownllm.finetune import finetune_classify, classify_texts
+    result = finetune_classify(out="runs/spam", model="runs/base", data="sms.tsv", balance="undersample",
+                               train_layers="all")          # or lora_rank=8; or train_layers="last:2" / "head"
+    result.test["accuracy"]
+    run = ownllm.load("runs/spam")
+    classify_texts(run, ["WINNER!! Claim your prize now"])  # [{"label": "spam", "probabilities": {...}}]
+
+CLI: `ownllm finetune classify --model RUN --data FILE --out RUN [...]`, `ownllm classify RUN --text TEXT`.
+
+The head is a linear layer (`score`, as in Hugging Face's *ForSequenceClassification) on the final-normed hidden
+state of the last real token of each text (`pooling="last"`; batches are right-padded and each row's length says
+where its last token is, so padding is never read) or on the mean over its real tokens (`pooling="mean"`). An
+end-of-text token closes every text, so the last token is always the same symbol, which reads out the text
+before it. At the end, accuracy, per-class precision / recall / F1 and the confusion matrix on val and test go to
+RUN/metrics.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ownllm import checkpoint
+from ownllm.checkpoint import LoadedRun, write_json_atomic
+from ownllm.config import ModelConfig
+from ownllm.data.batching import fixed_batches
+from ownllm.data.labelled import (ClassificationBatches, Example, check_labels, class_weights, encode_texts,
+                                  pad_right, read_labelled, split_examples, undersample)
+from ownllm.device import autocast, pick_device, pick_precision
+from ownllm.errors import OwnLLMError
+from ownllm.evaluation import classification_metrics
+from ownllm.finetune.common import (RESULTS_FILE, TOKENIZER_DIR, adapt_model, copy_base_weights, discard_run_dir,
+                                    load_base, lora_config_from, resumed_train_config, start_run_dir,
+                                    train_config_for_finetune, with_dropout)
+from ownllm.lora import TARGETS, save_peft_adapter
+from ownllm.model import GPT, flops_per_token
+from ownllm.training import TrainLoop, TrainResult, train
+
+POOLINGS = ("last", "mean")
+BALANCES = ("none", "undersample", "weight")
+
+
+class GPTClassifier(GPT):
+    """A GPT whose forward gives class logits [batch, labels] from ids [batch, time] and lengths [batch]."""
+
+    def __init__(self, config: ModelConfig, num_labels: int, pooling: str = "last") -> None:
+        super().__init__(config)
+        if pooling not in POOLINGS:
+            raise OwnLLMError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        self.pooling = pooling
+        self.score = nn.Linear(config.n_embd, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+
+    def forward(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Class logits; `lengths` counts each right-padded row's real tokens (default: all of them)."""
+        hidden = self.hidden_states(ids)
+        if lengths is None:
+            lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+        lengths = lengths.to(ids.device)
+        if self.pooling == "last":
+            pooled = hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+        else:
+            real = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+            pooled = (hidden * real[..., None]).sum(dim=1) / lengths[:, None].to(hidden.dtype)
+        return self.score(pooled)
+
+
+@dataclass
+class ClassifyResult:
+    run_dir: Path
+    train: TrainResult
+    labels: list[str]
+    val: dict[str, Any] | None
+    test: dict[str, Any] | None
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+def load_splits(data: str | Path, *, val_file: str | Path | None, test_file: str | Path | None,
+                text_column: str | None, label_column: str | None, val_fraction: float, test_fraction: float,
+                split_seed: int, balance: str) -> tuple[list[Example], list[Example], list[Example], list[str]]:
+    """Train / val / test examples and the sorted training labels. Val and test come from their files, or are cut
+    (seeded) from the data file; `undersample` balances the data file before the cut (the book's protocol)."""
+    if balance not in BALANCES:
+        raise OwnLLMError(f"--balance must be one of {', '.join(BALANCES)}, not {balance!r}")
+    data_file = read_labelled(data, text_column, label_column)
+    pool = data_file.examples
+    text_column, label_column = data_file.text_column, data_file.label_column  # the same columns in val/test files
+    if balance == "undersample":
+        pool = undersample(pool, split_seed)
+    train, val, test = split_examples(pool, 0.0 if val_file else val_fraction, 0.0 if test_file else test_fraction,
+                                      split_seed)
+    if val_file:
+        val = read_labelled(val_file, text_column, label_column).examples
+    if test_file:
+        test = read_labelled(test_file, text_column, label_column).examples
+    labels = sorted({e.label for e in train})
+    if len(labels) < 2:
+        raise OwnLLMError(f"{data}: the training data has only one label ({labels[0]!r}); a classifier needs two")
+    check_labels(val, labels)
+    check_labels(test, labels)
+    return train, val, test, labels
+
+
+# ---- inference ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict_probabilities(model: GPTClassifier, rows: Sequence[Sequence[int]], pad_id: int,
+                          batch_size: int = 32, precision: str = "fp32") -> Tensor:
+    """Class probabilities [len(rows), labels] for encoded texts, batched in length order, returned in input order."""
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    out = torch.empty(len(rows), model.score.out_features)
+    for indices in fixed_batches([len(r) for r in rows], batch_size):
+        ids, lengths = pad_right([rows[i] for i in indices], pad_id)
+        with autocast(device, precision):
+            logits = model(ids.to(device), lengths.to(device))
+        out[indices] = logits.float().softmax(dim=-1).cpu()
+    model.train(was_training)
+    return out
+
+
+def classify_texts(run: LoadedRun, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, Any]]:
+    """Label and class probabilities of each text with a classifier run (`ownllm.load(RUN)`)."""
+    config = run.run_config
+    if config.get("task") != "classify":
+        raise OwnLLMError(f"{run.path}: not a classifier run (task {config.get('task', 'lm')!r})")
+    labels = config["labels"]
+    rows = encode_texts(texts, run.tokenizer, config.get("max_length", run.config.block_size),
+                        config.get("append_eot", True))
+    pad_id = run.tokenizer.eot_id if run.tokenizer.eot_id is not None else 0
+    probabilities = predict_probabilities(run.model, rows, pad_id, batch_size)
+    return [{"label": labels[int(p.argmax())], "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)}}
+            for p in probabilities]
+
+
+def evaluate_examples(model: GPTClassifier, examples: Sequence[Example], tokenizer, labels: Sequence[str],
+                      max_length: int, append_eot: bool = True) -> dict[str, Any] | None:
+    if not examples:
+        return None
+    rows = encode_texts([e.text for e in examples], tokenizer, max_length, append_eot)
+    pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+    predicted = predict_probabilities(model, rows, pad_id).argmax(dim=-1).tolist()
+    index = {label: i for i, label in enumerate(labels)}
+    return classification_metrics([index[e.label] for e in examples], predicted, labels)
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------------
+
+def finetune_classify(
+    out: str | Path,
+    model: str | Path | None = None,
+    data: str | Path | None = None,
+    *,
+    resume: bool = False,
+    val_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_seed: int = 123,
+    balance: str = "none",
+    train_layers: str = "all",
+    pooling: str = "last",
+    max_length: int | None = None,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: Sequence[str] = TARGETS,
+    epochs: float = 5,
+    dropout: float | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+    **train_overrides: Any,
+) -> ClassifyResult:
+    """Fine-tune the language model run `model` into a classifier of `data` in the run directory `out`.
+
+    `train_layers`: all | head | last:N; `lora_rank` > 0 trains LoRA adapters and the head instead. Train
+    settings (lr, batch_size, max_steps, ...) are TrainConfig fields; by default `epochs` passes over the data.
+    """
+    if resume:
+        config = checkpoint.read_run_config(Path(out))
+        options = {**config["options"], "resume": True, "device": device, "show_progress": show_progress}
+        return _run(Path(out), options, resumed_train_config(config, train_overrides), created=False)
+    run_dir, created = start_run_dir(out)
+    try:
+        if data is None:
+            raise OwnLLMError("--data is required for a new run (a CSV, TSV or JSONL file of labelled texts)")
+        options = dict(model=str(Path(model).resolve()) if model else None, data=str(Path(data).resolve()),
+                       val_file=_abs(val_file), test_file=_abs(test_file), text_column=text_column,
+                       label_column=label_column, val_fraction=val_fraction, test_fraction=test_fraction,
+                       split_seed=split_seed, balance=balance, train_layers=train_layers, pooling=pooling,
+                       max_length=max_length, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                       lora_targets=list(lora_targets), epochs=epochs, dropout=dropout, resume=False, device=device,
+                       show_progress=show_progress)
+        return _run(run_dir, options, None, created=created, train_overrides=train_overrides)
+    except BaseException:
+        if not (run_dir / checkpoint.CHECKPOINT_DIR).exists():
+            discard_run_dir(run_dir, created)
+        raise
+
+
+def _abs(path: str | Path | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def _run(run_dir: Path, o: dict[str, Any], train_config, created: bool,
+         train_overrides: dict[str, Any] | None = None) -> ClassifyResult:
+    train_set, val_set, test_set, labels = load_splits(
+        o["data"], val_file=o["val_file"], test_file=o["test_file"], text_column=o["text_column"],
+        label_column=o["label_column"], val_fraction=o["val_fraction"], test_fraction=o["test_fraction"],
+        split_seed=o["split_seed"], balance=o["balance"])
+    base = load_base(o["model"])
+    model_config = with_dropout(base.config, o["dropout"])
+    max_length = min(o["max_length"] or model_config.block_size, model_config.block_size)
+    lora = lora_config_from(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], o["lora_targets"])
+    default_lr = 1e-3 if (lora or o["train_layers"] == "head") else 1e-4
+    batch_size = (train_config.batch_size if train_config else (train_overrides or {}).get("batch_size")) or 8
+    seed = train_config.seed if train_config else (train_overrides or {}).get("seed") or 1337
+    batches = ClassificationBatches(train_set, base.tokenizer, labels, max_length, batch_size, seed=seed)
+    if train_config is None:
+        train_config = train_config_for_finetune(train_overrides or {}, batches.plan.batches_per_epoch, o["epochs"],
+                                                 default_lr)
+    torch.manual_seed(train_config.seed)
+    model = GPTClassifier(model_config, len(labels), o["pooling"])
+    copy_base_weights(model, base.model)
+    del base.model
+    adapt_model(model, lora, o["train_layers"], head=("score",))
+    if not o["resume"]:
+        base.tokenizer.save(run_dir / TOKENIZER_DIR)
+        checkpoint.write_run_config(
+            run_dir, model_config, task="classify", labels=labels, pooling=o["pooling"], max_length=max_length,
+            append_eot=True, train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
+            train=train_config.to_dict(), options={k: v for k, v in o.items()
+                                                    if k not in ("resume", "device", "show_progress")})
+    device = pick_device(o["device"])
+    precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
+    weights = (torch.tensor(class_weights(train_set, labels), device=device) if o["balance"] == "weight" else None)
+
+    def loss_fn(net: torch.nn.Module, batch) -> Tensor:
+        return F.cross_entropy(net(batch[0], batch[1]).float(), batch[2], weight=weights)
+
+    val_batches = ClassificationBatches(val_set, base.tokenizer, labels, max_length, batch_size) if val_set else None
+    fixed = val_batches.eval_batches() if val_batches else None
+    on_checkpoint = None
+    if lora:
+        def on_checkpoint(directory: Path) -> None:
+            save_peft_adapter(model, lora, directory, base=o["model"], task_type="SEQ_CLS",
+                              extra={"score.weight": model.score.weight})
+    loop = TrainLoop(model=model, config=train_config, run_dir=run_dir, micro_batch=batches.batch, loss_fn=loss_fn,
+                     eval_batches=(lambda: fixed) if fixed else None, device=device, precision=precision,
+                     flops_per_token=flops_per_token(model), tokens_in=lambda b: int(b[1].sum()),
+                     save_trainable_only=lora is not None, on_checkpoint=on_checkpoint)
+    result = train(loop, resume=o["resume"], show_progress=o["show_progress"])
+    model.eval()
+    val_metrics = evaluate_examples(model, val_set, base.tokenizer, labels, max_length)
+    test_metrics = evaluate_examples(model, test_set, base.tokenizer, labels, max_length)
+    write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "labels": labels, "val": val_metrics,
+                                               "test": test_metrics, "train_examples": len(train_set)})
+    return ClassifyResult(run_dir=run_dir, train=result, labels=labels, val=val_metrics, test=test_metrics)

@@ -1,0 +1,223 @@
+"""Instruction fine-tuning: a language model learns to answer in a prompt template, fully or with LoRA.
+
+    from ownllm.finetune import finetune_instruct
+    result = finetune_instruct(out="runs/assistant", model="runs/base", data="instructions.json",
+                               template="alpaca", lora_rank=16, lora_alpha=32)
+    result.test_loss, result.rouge_l_f1
+
+CLI: `ownllm finetune instruct --model RUN --data FILE --out RUN [...]`, then `ownllm chat RUN` or
+`ownllm generate RUN --instruction "..." [--input "..."]`.
+
+Loss is on the responses only by default (the prompt and padding are -100), and every response ends with the
+template's end marker (`<|endoftext|>` or `<|im_end|>`), learned, so the model stops. Batches group examples of
+similar length. At the end the held-out (test) loss is measured and the model answers every held-out instruction
+(greedy): RUN/responses.json holds instruction, input, reference output and response; RUN/metrics.json the
+losses, ROUGE-L F1 and exact match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ownllm import checkpoint
+from ownllm.checkpoint import write_json_atomic
+from ownllm.data.instructions import (Conversation, InstructionBatches, Template, encode_prompt, get_template,
+                                      read_instructions, real_tokens)
+from ownllm.device import pick_device, pick_precision
+from ownllm.errors import OwnLLMError
+from ownllm.evaluation import exact_match, rouge_l_f1
+from ownllm.finetune.common import (RESULTS_FILE, TOKENIZER_DIR, adapt_model, copy_base_weights, discard_run_dir,
+                                    load_base, lora_config_from, resumed_train_config, start_run_dir,
+                                    train_config_for_finetune, with_dropout)
+from ownllm.generation import SamplingOptions, generate_ids
+from ownllm.lora import TARGETS, save_peft_adapter
+from ownllm.model import GPT, flops_per_token
+from ownllm.tokenizer import Tokenizer
+from ownllm.training import TrainLoop, TrainResult, evaluate_loss, lm_loss, train
+
+RESPONSES_FILE = "responses.json"
+
+
+@dataclass
+class InstructResult:
+    run_dir: Path
+    train: TrainResult
+    val_loss: float | None
+    test_loss: float | None
+    rouge_l_f1: float | None
+    exact_match: float | None
+
+
+def split_conversations(data: str | Path, val_file: str | Path | None, test_file: str | Path | None,
+                        val_fraction: float, test_fraction: float,
+                        split_seed: int) -> tuple[list[Conversation], list[Conversation], list[Conversation]]:
+    """Train / val / test conversations: from their files, or cut (seeded shuffle) from the data file."""
+    import random
+
+    pool = read_instructions(data)
+    cut_val = 0.0 if val_file else val_fraction
+    cut_test = 0.0 if test_file else test_fraction
+    if not (0 <= cut_val < 1 and 0 <= cut_test < 1 and cut_val + cut_test < 1):
+        raise OwnLLMError("--val-fraction and --test-fraction must be in [0, 1) and leave some training data")
+    order = list(range(len(pool)))
+    random.Random(split_seed).shuffle(order)
+    n_test, n_val = round(len(pool) * cut_test), round(len(pool) * cut_val)
+    train_end = len(pool) - n_test - n_val
+    train_set = [pool[i] for i in order[:train_end]]
+    val = [pool[i] for i in order[train_end:train_end + n_val]]
+    test = [pool[i] for i in order[train_end + n_val:]]
+    if val_file:
+        val = read_instructions(val_file)
+    if test_file:
+        test = read_instructions(test_file)
+    return train_set, val, test
+
+
+@torch.no_grad()
+def respond(model: GPT, tokenizer: Tokenizer, template: Template, prompts: Sequence[Conversation],
+            options: SamplingOptions, batch_size: int = 16) -> list[str]:
+    """Answers to many conversations (each ending with a user message), decoded in batches."""
+    stops = [*options.stop, *template.stop]
+    answers: list[str] = []
+    for first in range(0, len(prompts), batch_size):
+        group = [encode_prompt(c, template, tokenizer) for c in prompts[first:first + batch_size]]
+        window = model.config.block_size - min(options.max_new_tokens, model.config.block_size // 2)
+        group = [ids[-window:] for ids in group]
+        texts = [[] for _ in group]
+
+        def on_token(row: int, token: int) -> bool:
+            texts[row].append(token)
+            return bool(stops) and any(s in tokenizer.decode(texts[row][-64:]) for s in stops)
+
+        generate_ids(model, group, options, eot_id=tokenizer.eot_id, on_token=on_token)
+        for ids in texts:
+            text = tokenizer.decode(ids)
+            for stop in stops:
+                text = text.split(stop, 1)[0]
+            answers.append(text.strip())
+    return answers
+
+
+def _record(conversation: Conversation, response: str) -> dict[str, Any]:
+    prompt, reference = conversation[:-1], conversation[-1].content
+    if len(prompt) == 1 and prompt[0].role == "user":
+        return {"instruction": prompt[0].content, "input": prompt[0].input, "output": reference,
+                "response": response}
+    return {"messages": [{"role": m.role, "content": m.content} for m in prompt], "output": reference,
+            "response": response}
+
+
+def finetune_instruct(
+    out: str | Path,
+    model: str | Path | None = None,
+    data: str | Path | None = None,
+    *,
+    resume: bool = False,
+    val_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.1,
+    split_seed: int = 123,
+    template: str = "alpaca",
+    mask_prompt: bool = True,
+    train_layers: str = "all",
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: Sequence[str] = TARGETS,
+    epochs: float = 2,
+    dropout: float | None = None,
+    max_new_tokens: int = 256,
+    device: str = "auto",
+    show_progress: bool = True,
+    **train_overrides: Any,
+) -> InstructResult:
+    """Fine-tune the language model run `model` on the instructions in `data` into the run directory `out`."""
+    if resume:
+        config = checkpoint.read_run_config(Path(out))
+        options = {**config["options"], "resume": True, "device": device, "show_progress": show_progress}
+        return _run(Path(out), options, resumed_train_config(config, train_overrides))
+    get_template(template)  # fail fast
+    run_dir, created = start_run_dir(out)
+    try:
+        if data is None:
+            raise OwnLLMError("--data is required for a new run (Alpaca JSON/JSONL or chat JSONL)")
+        options = dict(model=str(Path(model).resolve()) if model else None, data=str(Path(data).resolve()),
+                       val_file=str(Path(val_file).resolve()) if val_file else None,
+                       test_file=str(Path(test_file).resolve()) if test_file else None,
+                       val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+                       template=template, mask_prompt=mask_prompt, train_layers=train_layers, lora_rank=lora_rank,
+                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=list(lora_targets),
+                       epochs=epochs, dropout=dropout, max_new_tokens=max_new_tokens, resume=False, device=device,
+                       show_progress=show_progress)
+        return _run(run_dir, options, None, train_overrides)
+    except BaseException:
+        if not (run_dir / checkpoint.CHECKPOINT_DIR).exists():
+            discard_run_dir(run_dir, created)
+        raise
+
+
+def _run(run_dir: Path, o: dict[str, Any], train_config, train_overrides: dict[str, Any] | None = None
+         ) -> InstructResult:
+    train_set, val_set, test_set = split_conversations(o["data"], o["val_file"], o["test_file"], o["val_fraction"],
+                                                       o["test_fraction"], o["split_seed"])
+    chosen = get_template(o["template"])
+    base = load_base(o["model"])
+    model_config = with_dropout(base.config, o["dropout"])
+    lora = lora_config_from(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], o["lora_targets"])
+    batch_size = (train_config.batch_size if train_config else (train_overrides or {}).get("batch_size")) or 8
+    seed = train_config.seed if train_config else (train_overrides or {}).get("seed") or 1337
+    tokenizer = base.tokenizer
+    batches = InstructionBatches(train_set, chosen, tokenizer, model_config.block_size, batch_size,
+                                 mask_prompt=o["mask_prompt"], seed=seed)
+    if train_config is None:
+        train_config = train_config_for_finetune(train_overrides or {}, batches.plan.batches_per_epoch, o["epochs"],
+                                                 5e-4 if lora else 1e-4)
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config)
+    copy_base_weights(model, base.model)
+    del base.model
+    adapt_model(model, lora, o["train_layers"], head=())
+    if not o["resume"]:
+        tokenizer.save(run_dir / TOKENIZER_DIR)
+        checkpoint.write_run_config(
+            run_dir, model_config, task="instruct", template=chosen.name, mask_prompt=o["mask_prompt"],
+            train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
+            train=train_config.to_dict(), options={k: v for k, v in o.items()
+                                                    if k not in ("resume", "device", "show_progress")})
+    if (batches.truncated or batches.dropped) and o["show_progress"]:
+        print(f"note: {batches.truncated} training examples are longer than the context ({model_config.block_size} "
+              f"tokens) and were cut; {batches.dropped} with no response inside it were left out")
+    device = pick_device(o["device"])
+    precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
+    held_out = {name: InstructionBatches(items, chosen, tokenizer, model_config.block_size, batch_size,
+                                         mask_prompt=o["mask_prompt"]).eval_batches() if items else None
+                for name, items in (("val", val_set), ("test", test_set))}
+    on_checkpoint = None
+    if lora:
+        def on_checkpoint(directory: Path) -> None:
+            save_peft_adapter(model, lora, directory, base=o["model"], task_type="CAUSAL_LM")
+    loop = TrainLoop(model=model, config=train_config, run_dir=run_dir, micro_batch=batches.batch, loss_fn=lm_loss,
+                     eval_batches=(lambda: held_out["val"]) if held_out["val"] else None, device=device,
+                     precision=precision, flops_per_token=flops_per_token(model), tokens_in=real_tokens,
+                     save_trainable_only=lora is not None, on_checkpoint=on_checkpoint)
+    result = train(loop, resume=o["resume"], show_progress=o["show_progress"])
+    losses = {name: evaluate_loss(model, b, lm_loss, device, precision) if b else None for name, b in held_out.items()}
+    summary: dict[str, Any] = {"step": result.step, "val_loss": losses["val"], "test_loss": losses["test"],
+                               "rouge_l_f1": None, "exact_match": None}
+    test_set = [c for c in test_set if c[-1].role == "assistant" and len(c) >= 2 and c[-2].role == "user"]
+    if test_set:
+        options = SamplingOptions(max_new_tokens=o["max_new_tokens"], temperature=0.0)
+        answers = respond(model, tokenizer, chosen, [c[:-1] for c in test_set], options)
+        records = [_record(c, a) for c, a in zip(test_set, answers)]
+        write_json_atomic(run_dir / RESPONSES_FILE, records)
+        summary["rouge_l_f1"] = sum(rouge_l_f1(r["response"], r["output"]) for r in records) / len(records)
+        summary["exact_match"] = sum(exact_match(r["response"], r["output"]) for r in records) / len(records)
+    write_json_atomic(run_dir / RESULTS_FILE, summary)
+    return InstructResult(run_dir=run_dir, train=result, val_loss=losses["val"], test_loss=losses["test"],
+                          rouge_l_f1=summary["rouge_l_f1"], exact_match=summary["exact_match"])

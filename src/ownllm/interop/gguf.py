@@ -1,0 +1,252 @@
+"""GGUF export for llama.cpp (and everything built on it: llama-cpp-python, Ollama, LM Studio).
+
+    export_gguf("runs/mine", "exported/mine.gguf", quant="q8_0")     # ownllm export --to gguf --quant q8_0
+
+Needs the `gguf` package (`pip install 'ownllm[gguf]'`). What is written:
+- architecture `gpt2` for the GPT-2 flavour, `llama` for the Llama flavour (Qwen2-style qkv biases included), with
+  the hyperparameters under `{arch}.*` (context_length, embedding_length, block_count, feed_forward_length,
+  attention.head_count(_kv), norm eps, rope.freq_base, rope.dimension_count);
+- every weight under llama.cpp's tensor names (`token_embd`, `blk.N.attn_qkv` or `blk.N.attn_q/k/v`, ...). llama.cpp
+  rotates pairs of adjacent q/k dimensions (interleaved RoPE) for `llama`, where ownllm and Hugging Face rotate the
+  two halves of each head, so the q/k rows of every head are reordered here: [x0..x(h/2-1), y0..] -> [x0, y0, x1, y1..];
+- the byte-level BPE tokenizer: tokens, token types, merges, bos/eos, the pre-tokenizer name and the chat template;
+- weight matrices as f32, f16, q8_0 or q4_0 (1-D tensors and position embeddings stay f32; a matrix whose rows are
+  not a multiple of the 32-value quantization block falls back to f16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ownllm.checkpoint import LoadedRun, load_run
+from ownllm.config import ModelConfig
+from ownllm.errors import OwnLLMError
+from ownllm.interop.hf import export_state_dict, hf_model_type
+from ownllm.tokenizer import Tokenizer, _merge_pair
+
+if TYPE_CHECKING:
+    import gguf
+
+QUANTS = ("f32", "f16", "q8_0", "q4_0")
+QUANT_BLOCK = 32  # values per q8_0 / q4_0 block
+
+# Regex fragments that tell llama.cpp's known byte-level pre-tokenizers apart (see its convert_hf_to_gguf.py).
+_PRE_TOKENIZERS = (("\\p{N}{1,3}", "llama-bpe"), ("\\p{N}|", "qwen2"))
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise OwnLLMError("export --to gguf needs the gguf package: pip install 'ownllm[gguf]'") from None
+    return gguf
+
+
+def export_gguf(run: str | Path | LoadedRun, out: str | Path, quant: str = "f16") -> Path:
+    """Write `run` (a run directory, an HF directory or a LoadedRun) as one GGUF file that llama.cpp loads."""
+    gguf = _import_gguf()
+    if quant not in QUANTS:
+        raise OwnLLMError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
+    run = run if isinstance(run, LoadedRun) else load_run(run)
+    config, tokenizer = run.config, run.tokenizer
+    arch = "gpt2" if hf_model_type(config) == "gpt2" else "llama"
+    vocab = _vocabulary(tokenizer, config, gguf)  # checks the tokenizer before anything is written
+    state = export_state_dict(run.model)
+    tensors = _gpt2_tensors(state, config) if arch == "gpt2" else _llama_tensors(state, config)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        _write_metadata(writer, gguf, arch, config, quant, name=Path(run.path).name or "ownllm")
+        _write_tokenizer(writer, gguf, tokenizer, vocab)
+        for name, tensor in tensors.items():
+            _add_tensor(writer, gguf, name, tensor, quant)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    os.replace(tmp, out)
+    return out
+
+
+# ---- metadata -----------------------------------------------------------------------------------------------------
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+
+
+def _write_metadata(writer: gguf.GGUFWriter, gguf: Any, arch: str, config: ModelConfig, quant: str,
+                    name: str) -> None:
+    writer.add_name(name)
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[quant])))
+    if quant in ("q8_0", "q4_0"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.mlp_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.kv_heads)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(config.norm_eps)
+        return
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_size)
+    if config.head_size * config.n_head != config.n_embd:
+        writer.add_key_length(config.head_size)
+        writer.add_value_length(config.head_size)
+
+
+def _vocabulary(tokenizer: Tokenizer, config: ModelConfig, gguf: Any) -> dict[str, Any]:
+    """Tokens, token types, merges and the pre-tokenizer name of a byte-level BPE tokenizer, padded to the model's
+    vocabulary; an OwnLLMError for tokenizers llama.cpp's `gpt2` tokenizer model cannot reproduce."""
+    if tokenizer.hf is None:
+        raise OwnLLMError("export --to gguf needs a byte-level BPE tokenizer; this run uses a char tokenizer")
+    spec = json.loads(tokenizer.hf.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise OwnLLMError(f"export --to gguf supports byte-level BPE tokenizers, not {model.get('type')} "
+                          f"{'with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}".strip())
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    size = tokenizer.vocab_size
+    if size > config.vocab_size:
+        raise OwnLLMError(f"the tokenizer has {size} tokens but the model only {config.vocab_size} embeddings")
+    added = {token["id"]: token for token in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for index in range(size):
+        tokens.append(tokenizer.token(index))
+        if index in added:
+            types.append(gguf.TokenType.CONTROL if added[index].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    for index in range(size, config.vocab_size):  # embedding rows no token uses (vocabularies padded for speed)
+        tokens.append(f"[PAD{index}]")
+        types.append(gguf.TokenType.UNUSED)
+    merges = [" ".join(_merge_pair(merge)) for merge in model.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
+
+
+def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
+    """llama.cpp's name for the split-before-BPE rule: `gpt-2` for a plain ByteLevel one (ownllm's own)."""
+    steps = (pre.get("pretokenizers") or []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
+        return "gpt-2"
+    splits = [step for step in steps if step.get("type") == "Split"]
+    byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
+    if len(splits) == 1 and len(byte_level) == 1:
+        pattern = (splits[0].get("pattern") or {}).get("Regex", "")
+        for fragment, name in _PRE_TOKENIZERS:
+            if fragment in pattern:
+                return name
+    kinds = "+".join(str(step.get("type")) for step in steps) or "none"
+    raise OwnLLMError(f"export --to gguf: the tokenizer's pre-tokenizer ({kinds}) is not one llama.cpp knows "
+                      "(GPT-2, Llama 3 or Qwen2 byte-level)")
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, gguf: Any, tokenizer: Tokenizer, vocab: dict[str, Any]) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types([int(t) for t in vocab["types"]])
+    writer.add_token_merges(vocab["merges"])
+    if tokenizer.eot_id is not None:
+        writer.add_eos_token_id(tokenizer.eot_id)
+        writer.add_bos_token_id(tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id)
+    writer.add_add_bos_token(tokenizer.add_bos)
+    writer.add_add_eos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# ---- tensors ------------------------------------------------------------------------------------------------------
+
+def _zeros_if_missing(state: dict[str, Tensor], name: str, size: int) -> Tensor:
+    return state[name] if name in state else torch.zeros(size)
+
+
+def _gpt2_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """llama.cpp's gpt2 graph: every norm and linear layer has a bias (zeros where ownllm has none)."""
+    out = {"token_embd.weight": state["tok_emb.weight"], "position_embd.weight": state["pos_emb.weight"],
+           "output_norm.weight": state["norm.weight"],
+           "output_norm.bias": _zeros_if_missing(state, "norm.bias", config.n_embd)}
+    if not config.tie_embeddings:
+        out["output.weight"] = state["lm_head.weight"]
+    names = {"norm1": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output", "norm2": "ffn_norm",
+             "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
+    for i in range(config.n_layer):
+        for ours, theirs in names.items():
+            weight = state[f"blocks.{i}.{ours}.weight"]
+            out[f"blk.{i}.{theirs}.weight"] = weight
+            out[f"blk.{i}.{theirs}.bias"] = _zeros_if_missing(state, f"blocks.{i}.{ours}.bias", weight.shape[0])
+    return out
+
+
+def interleave_rope_rows(weight: Tensor, n_heads: int) -> Tensor:
+    """Reorder each head's rows from the rotate-half layout (HF, ownllm) to llama.cpp's adjacent-pairs layout."""
+    head_size = weight.shape[0] // n_heads
+    rest = weight.shape[1:]
+    return weight.reshape(n_heads, 2, head_size // 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+def _llama_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    out = {"token_embd.weight": state["tok_emb.weight"], "output_norm.weight": state["norm.weight"]}
+    if not config.tie_embeddings:
+        out["output.weight"] = state["lm_head.weight"]
+    q_size, kv_size = config.n_head * config.head_size, config.kv_heads * config.head_size
+    for i in range(config.n_layer):
+        ours, blk = f"blocks.{i}.", f"blk.{i}."
+        out[f"{blk}attn_norm.weight"] = state[f"{ours}norm1.weight"]
+        out[f"{blk}ffn_norm.weight"] = state[f"{ours}norm2.weight"]
+        for kind in ("weight", "bias"):
+            fused = state.get(f"{ours}attn.qkv.{kind}")
+            if fused is None:
+                continue
+            q, k, v = fused.split([q_size, kv_size, kv_size])
+            out[f"{blk}attn_q.{kind}"] = interleave_rope_rows(q, config.n_head)
+            out[f"{blk}attn_k.{kind}"] = interleave_rope_rows(k, config.kv_heads)
+            out[f"{blk}attn_v.{kind}"] = v
+        out[f"{blk}attn_output.weight"] = state[f"{ours}attn.proj.weight"]
+        if f"{ours}attn.proj.bias" in state:
+            out[f"{blk}attn_output.bias"] = state[f"{ours}attn.proj.bias"]
+        for kind in ("weight", "bias"):
+            fused = state.get(f"{ours}mlp.fc.{kind}")
+            if fused is None:
+                continue
+            gate, up = fused.chunk(2)
+            out[f"{blk}ffn_gate.{kind}"], out[f"{blk}ffn_up.{kind}"] = gate, up
+            if f"{ours}mlp.proj.{kind}" in state:
+                out[f"{blk}ffn_down.{kind}"] = state[f"{ours}mlp.proj.{kind}"]
+    return out
+
+
+def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
+    """The GGML type a tensor is stored as for a given --quant: matrices follow it, the rest stays f32."""
+    if len(shape) < 2 or quant == "f32" or name == "position_embd.weight":
+        return "F32"
+    if quant == "f16" or shape[-1] % QUANT_BLOCK:
+        return "F16"
+    return quant.upper()
+
+
+def _add_tensor(writer: gguf.GGUFWriter, gguf: Any, name: str, tensor: Tensor, quant: str) -> None:
+    data = tensor.numpy().astype(np.float32)
+    kind = tensor_type(name, tuple(data.shape), quant)
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    if kind in ("F32", "F16"):
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+
+__all__ = ["export_gguf", "interleave_rope_rows", "tensor_type", "QUANTS"]

@@ -1,0 +1,97 @@
+"""Shared by the fine-tuning tests: a tiny pretrained base run (made once per session), small data, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+_BASE: dict[str, Path] = {}
+
+
+def python_docs(chars: int) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))[:chars]
+
+
+def tiny_base(tmp_path_factory) -> Path:
+    """A `tiny` GPT (block 128) pretrained for a few hundred steps on Python's docs with a 400-token BPE."""
+    if "base" not in _BASE:
+        from ownllm.pretrain import pretrain
+
+        root = tmp_path_factory.mktemp("base")
+        corpus = root / "docs.txt"
+        corpus.write_text(python_docs(150_000), encoding="utf-8")
+        with single_thread():
+            pretrain(out=root / "run", data=corpus, preset="tiny", tokenizer="bpe", vocab_size=400,
+                     model_overrides=dict(block_size=128), show_progress=False, max_steps=200, batch_size=16,
+                     eval_interval=0, precision="fp32")
+        _BASE["base"] = root / "run"
+    return _BASE["base"]
+
+
+class single_thread:
+    """Tiny models train several times faster on one thread than on two busy ones (and tests share machines)."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads)
+
+
+def sentiment_lines(n: int, seed: int = 0) -> list[str]:
+    """`text<TAB>label` lines: label 1 texts hold a positive word, label 0 texts a negative one."""
+    rng = random.Random(seed)
+    good, bad = ["great", "excellent", "lovely", "superb"], ["awful", "terrible", "broken", "poor"]
+    filler = ["the", "phone", "was", "really", "and", "it", "is", "battery", "screen"]
+    lines = []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(filler) for _ in range(rng.randint(2, 10))]
+        words.insert(rng.randint(0, len(words)), rng.choice(good if label else bad))
+        lines.append(f"{' '.join(words)}\t{label}")
+    return lines
+
+
+def instruction_records(n: int) -> list[dict[str, str]]:
+    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
+    records = []
+    for i in range(n):
+        word = words[i % len(words)]
+        if i % 3 == 0:
+            records.append({"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"})
+        else:
+            records.append({"instruction": f"Say {word}.", "input": "", "output": word})
+    return records
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ownllm", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=timeout, env=env)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("ownllm: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,62 @@
+"""Shared by test_hf.py and test_gguf.py: a small BPE tokenizer, random weights, left-padded batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ownllm.generation import _left_pad
+from ownllm.model import GPT
+from ownllm.tokenizer import Tokenizer, train_bpe
+
+PROMPTS = ["def main():\n    return", "The", "Python's for statement iterates over the items of any sequence"]
+
+
+def python_docs(chars: int) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))[:chars]
+
+
+def small_bpe(folder: Path, vocab_size: int = 320) -> Tokenizer:
+    """A byte-level BPE trained on 40k characters of Python's docs (a fraction of a second)."""
+    corpus = folder / "corpus.txt"
+    corpus.write_text(python_docs(40_000), encoding="utf-8")
+    return train_bpe([corpus], vocab_size=vocab_size, show_progress=False)
+
+
+def randomize(model: nn.Module, seed: int = 0, std: float = 0.25) -> nn.Module:
+    """Large random weights (norm gains near 1) so logits are spread out and greedy choices are never near-ties."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm = "norm" in name or ".ln_" in name or name.startswith("ln_")
+            param.copy_(1.0 + 0.1 * noise if is_norm and name.endswith("weight") else std * noise)
+    return model.eval()
+
+
+def padded_logits(model: GPT, rows: list[list[int]]) -> torch.Tensor:
+    """ownllm logits [batch, width, vocab] for left-padded rows (padding masked via the cache's key_valid)."""
+    ids, valid, positions = _left_pad(rows, 0, torch.device("cpu"))
+    cache = model.new_cache(len(rows), ids.shape[1])
+    cache.key_valid[:, : ids.shape[1]] = valid
+    with torch.no_grad():
+        return model(ids, cache=cache, positions=positions)
+
+
+def hf_padded_logits(hf_model: nn.Module, rows: list[list[int]]) -> torch.Tensor:
+    """transformers logits for the same left-padded batch (attention_mask and explicit position_ids)."""
+    ids, valid, positions = _left_pad(rows, 0, torch.device("cpu"))
+    with torch.no_grad():
+        return hf_model(input_ids=ids, attention_mask=valid.long(), position_ids=positions).logits
+
+
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor, rows: list[list[int]], atol: float = 1e-5) -> None:
+    """Equal at every real (non-padding) position."""
+    width = ours.shape[1]
+    for i, row in enumerate(rows):
+        a, b = ours[i, width - len(row):], theirs[i, width - len(row):]
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)

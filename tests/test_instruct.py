@@ -1,0 +1,201 @@
+"""Instruction fine-tuning: templates (golden strings), the collate's -100 mask, length-aware batches, reading
+Alpaca and chat files, chat over the template, and the CLI end to end (finetune instruct, chat, generate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune_helpers import (assert_user_error, instruction_records, metrics_rows, run_cli, single_thread,
+                              tiny_base, write_json)
+from ownllm.cli import main
+from ownllm.data.batching import EpochBatches
+from ownllm.data.instructions import (IGNORE, Message, collate, encode_conversation, encode_prompt, get_template,
+                                      read_instructions)
+from ownllm.errors import OwnLLMError
+from ownllm.tokenizer import EOT, char_tokenizer_from_text
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tiny_base(tmp_path_factory)
+
+
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\nName a fruit.\n\n### Response:\nA pear.<|endoftext|>")
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+    "\n\n### Instruction:\nRewrite the sentence using a simile.\n\n### Input:\nThe car is very fast."
+    "\n\n### Response:\nThe car is as fast as lightning.<|endoftext|>")
+CHATML = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+          "Hello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nSee you.<|im_end|>\n")
+
+
+def test_templates_render_golden_strings():
+    alpaca, chatml = get_template("alpaca"), get_template("chatml")
+    assert alpaca.render([Message("user", "Name a fruit."), Message("assistant", "A pear.")]) == ALPACA_NO_INPUT
+    simile = [Message("user", "Rewrite the sentence using a simile.", "The car is very fast."),
+              Message("assistant", "The car is as fast as lightning.")]
+    assert alpaca.render(simile) == ALPACA_INPUT
+    assert alpaca.prompt(simile[:1]) == ALPACA_INPUT.split("The car is as fast as lightning.")[0]
+    assert alpaca.prompt(simile[:1]).endswith("### Response:\n")
+    chat = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"),
+            Message("user", "Bye"), Message("assistant", "See you.")]
+    assert chatml.render(chat) == CHATML
+    assert chatml.prompt(chat[:4]) == CHATML.split("See you.")[0]
+    assert chatml.prompt([Message("user", "x", "y")]) == "<|im_start|>user\nx\n\ny<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(OwnLLMError):
+        get_template("vicuna")
+
+
+def test_collate_masks_prompt_and_padding_but_not_the_response_and_one_end_token():
+    template = get_template("alpaca")
+    tok = char_tokenizer_from_text(ALPACA_INPUT.replace(EOT, "") + "Say hi.Hi!")
+    short = [Message("user", "Say hi."), Message("assistant", "Hi!")]
+    long = [Message("user", "Rewrite the sentence using a simile.", "The car is very fast."),
+            Message("assistant", "The car is as fast as lightning.")]
+    rows = [encode_conversation(c, template, tok) for c in (short, long)]
+    inputs, targets, lengths = collate(rows, pad_id=tok.eot_id, block_size=1000)
+    assert inputs.shape == targets.shape == (2, len(rows[1][0]) - 1)
+    for row, conversation in enumerate((short, long)):
+        response = tok.encode(conversation[-1].content)
+        learned = [t for t in targets[row].tolist() if t != IGNORE]
+        assert learned == response + [tok.eot_id]  # the response and exactly one end token
+        prompt_len = len(tok.encode(template.prompt(conversation[:1])))
+        assert targets[row, : prompt_len - 1].eq(IGNORE).all()  # the prompt
+        assert targets[row, lengths[row]:].eq(IGNORE).all()  # the padding
+        assert inputs[row, : lengths[row]].tolist() == rows[row][0][:-1]
+    assert lengths.tolist() == [len(rows[0][0]) - 1, len(rows[1][0]) - 1]
+    _, unmasked = encode_conversation(short, template, tok, mask_prompt=False)
+    assert IGNORE not in unmasked
+    # the prompt used at inference is the training prompt, token for token
+    assert encode_prompt(short[:1], template, tok) == rows[0][0][: len(rows[0][0]) - len(tok.encode("Hi!")) - 1]
+
+
+def test_chatml_learns_every_assistant_turn_and_its_end_marker():
+    template = get_template("chatml")
+    tok = char_tokenizer_from_text(CHATML)
+    conversation = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"),
+                    Message("user", "Bye"), Message("assistant", "See you.")]
+    ids, labels = encode_conversation(conversation, template, tok)
+    learned = tok.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+    assert learned == "Hello!<|im_end|>See you.<|im_end|>"
+    assert template.stop == ["<|im_end|>"] and get_template("alpaca").stop == []
+
+
+def test_length_aware_batches_are_a_pure_function_of_the_step():
+    lengths = [1 + (i * 37) % 200 for i in range(500)]
+    plan = EpochBatches(lengths, batch_size=8, seed=3)
+    again = EpochBatches(lengths, batch_size=8, seed=3)
+    steps = [plan.indices(s) for s in range(plan.batches_per_epoch)]
+    assert sorted(i for batch in steps for i in batch) == list(range(500))  # one epoch: each example once
+    n = plan.batches_per_epoch + 7  # into the second epoch, asked in reverse order
+    assert [again.indices(s) for s in reversed(range(n))][::-1] == [plan.indices(s) for s in range(n)]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in steps) / len(steps)
+    assert spread < 30  # neighbours in length, not random (a random batch of 8 spans ~150)
+    assert plan.indices(plan.batches_per_epoch) != steps[0]  # a new epoch, a new order
+
+
+def test_reading_alpaca_json_jsonl_and_chat(tmp_path):
+    alpaca = write_json(tmp_path / "a.json", instruction_records(3))
+    conversations = read_instructions(alpaca)
+    assert conversations[0] == [Message("user", "Repeat the word.", "apple"), Message("assistant", "apple apple")]
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n\n"
+                    + json.dumps({"instruction": "i", "output": "o"}) + "\n", encoding="utf-8")
+    assert [len(c) for c in read_instructions(chat)] == [3, 2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "i", "output": "o"}\n{"instruction": "i"}\n', encoding="utf-8")
+    with pytest.raises(OwnLLMError, match=r"bad.jsonl:2: missing field 'output'"):
+        read_instructions(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "i", "output": "o"}\n{"instruction": \n', encoding="utf-8")
+    with pytest.raises(OwnLLMError, match=r"broken.jsonl:2: unreadable line"):
+        read_instructions(broken)
+    roles = tmp_path / "roles.jsonl"
+    roles.write_text(json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(OwnLLMError, match=r"roles.jsonl:1: each message needs a role"):
+        read_instructions(roles)
+
+
+def test_chat_keeps_the_history_in_the_prompt(monkeypatch):
+    from ownllm import generation
+    from ownllm.config import model_config_from_preset
+    from ownllm.model import GPT
+
+    template = get_template("chatml")
+    tok = char_tokenizer_from_text(CHATML + "abcdefghijklmnopqrstuvwxyz ")
+    model = GPT(model_config_from_preset("tiny", vocab_size=tok.vocab_size, block_size=512))
+    prompts = []
+    replies = iter(["hello there", "bye now"])
+
+    def fake_generate_ids(model, rows, options, eot_id=None, on_token=None):
+        prompts.append(tok.decode(rows[0]))
+        for token in tok.encode(next(replies) + "<|im_end|>tail"):
+            if on_token(0, token):
+                break
+        return [[]]
+
+    monkeypatch.setattr(generation, "generate_ids", fake_generate_ids)
+    lines = iter(["hi\n", "/reset\n", "bye\n", None])
+    out = []
+    conversation = generation.chat_loop(model, tok, template, generation.SamplingOptions(max_new_tokens=20),
+                                        lambda: next(lines), out.append, system="Be brief.")
+    assert prompts[0] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
+                         "<|im_start|>assistant\n"
+    assert "hi" not in prompts[1] and prompts[1].endswith("user\nbye<|im_end|>\n<|im_start|>assistant\n")
+    assert "".join(out) == "hello there\nbye now\n"  # streamed, cut at the end marker
+    assert [m.content for m in conversation] == ["Be brief.", "bye", "bye now"]
+
+
+def test_finetune_instruct_chat_and_generate_from_the_cli(base, tmp_path, capsys):
+    data = write_json(tmp_path / "instructions.json", instruction_records(96))
+    run = tmp_path / "assistant"
+    result = run_cli("finetune", "instruct", "--model", base, "--data", data, "--out", run, "--max-steps", "60",
+                     "--batch-size", "8", "--lr", "3e-3", "--eval-interval", "30", "--max-new-tokens", "12",
+                     "--precision", "fp32")
+    assert result.returncode == 0, result.stderr
+    assert "test loss" in result.stdout and "ROUGE-L" in result.stdout
+    rows = metrics_rows(run)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["task"] == "instruct" and config["template"] == "alpaca" and config["mask_prompt"] is True
+    responses = json.loads((run / "responses.json").read_text())
+    assert len(responses) == 10 and set(responses[0]) == {"instruction", "input", "output", "response"}
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["test_loss"] is not None and 0.0 <= summary["rouge_l_f1"] <= 1.0
+
+    chat = run_cli("chat", run, "--max-new-tokens", "8", "--temperature", "0", stdin="Say plum.\nSay fig.\n")
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.splitlines()) == 2  # one streamed answer per line of input
+    gen = run_cli("generate", run, "--instruction", "Repeat the word.", "--input", "kiwi", "--max-new-tokens", "8",
+                  "--temperature", "0")
+    assert gen.returncode == 0, gen.stderr
+    assert "### Response" not in gen.stdout  # only the answer is printed
+    assert main(["chat", str(base)]) == 2
+    assert "has no prompt template" in capsys.readouterr().err
+
+
+def test_bad_instruction_input_gets_one_line_and_exit_2(base, tmp_path, capsys):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"instruction": "x", "output": "y"}, {"output": "z"}]), encoding="utf-8")
+    assert main(["finetune", "instruct", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ownllm: error: {data} item 1: missing field 'instruction' (Alpaca records need instruction "
+                   "and output)"]
+    assert not (tmp_path / "r").exists()
+    good = write_json(tmp_path / "good.json", instruction_records(4))
+    assert_user_error(run_cli("finetune", "instruct", "--model", tmp_path / "nothing", "--data", good, "--out",
+                              tmp_path / "r2"), "nothing: no such run directory")
+    assert not (tmp_path / "r2").exists()
