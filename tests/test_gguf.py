@@ -4,6 +4,7 @@ llama.cpp computes the same logits and greedy tokens as ownllm."""
 
 from __future__ import annotations
 
+import gguf  # a test dependency (pip install -e ".[test]"): missing, the tests fail loudly
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,6 @@ from ownllm.errors import OwnLLMError
 from ownllm.interop.gguf import export_gguf, interleave_rope_rows
 from ownllm.model import GPT, apply_rope, rope_tables
 
-gguf = pytest.importorskip("gguf")  # a test dependency: pip install -e ".[test]"
 
 EXTRA_ROWS = 3  # the model's vocabulary is padded beyond the tokenizer's, as many released models are
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a test dependency (pip install -e ".[test]"): missing, the tests fail loudly
 from interop_helpers import PROMPTS, assert_same_logits, hf_padded_logits, padded_logits, randomize, small_bpe
 from safetensors.torch import load_file, save_file
 
@@ -21,7 +22,6 @@ from ownllm.generation import SamplingOptions, _left_pad, generate_ids
 from ownllm.interop.hf import export_hf, hf_model_type, import_hf
 from ownllm.model import GPT
 
-transformers = pytest.importorskip("transformers")  # a test dependency: pip install -e ".[test]"
 
 NEW_TOKENS = 24
 
