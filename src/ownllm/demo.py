@@ -20,7 +20,7 @@ from ownllm.pretrain import pretrain
 
 PROMPTS = ["The with statement", "A class definition", "Exceptions are"]
 DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=192, block_size=128)
-DEMO_TRAIN = dict(batch_size=12, lr=2e-3, min_lr=2e-4, warmup_steps=30, max_steps=400, eval_interval=100,
+DEMO_TRAIN = dict(batch_size=12, lr=2e-3, min_lr=2e-4, warmup_steps=50, max_steps=800, eval_interval=200,
                   eval_steps=10, weight_decay=0.1)
 TRAIN_MINUTES = 3.0  # a budget, so the demo ends in time on a slow or busy machine
 
