@@ -4,12 +4,11 @@ and one clear line (exit 2) for bad data."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from finetune_helpers import metrics_rows, run_cli, sentiment_lines, single_thread, tiny_base
+from finetune_helpers import metrics_rows, run_cli, sentiment_lines
 from ownllm.cli import main
 from ownllm.config import model_config_from_preset
 from ownllm.data.labelled import (class_weights, pad_right, read_labelled, split_examples, undersample)
@@ -18,15 +17,7 @@ from ownllm.finetune.classify import GPTClassifier
 from ownllm.finetune.common import select_trainable
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return tiny_base(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- reading --------------------------------------------------------------------------------------------------

@@ -4,12 +4,11 @@ Alpaca and chat files, chat over the template, and the CLI end to end (finetune 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from finetune_helpers import (assert_user_error, instruction_records, metrics_rows, run_cli, single_thread,
-                              tiny_base, write_json)
+from finetune_helpers import (assert_user_error, instruction_records, metrics_rows, run_cli,
+                              write_json)
 from ownllm.cli import main
 from ownllm.data.batching import EpochBatches
 from ownllm.data.instructions import (IGNORE, Message, collate, encode_conversation, encode_prompt, get_template,
@@ -18,15 +17,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import EOT, char_tokenizer_from_text
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return tiny_base(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ALPACA_NO_INPUT = (

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import (instruction_records, run_cli, sentiment_lines, single_thread, tiny_base, write_json)
+from finetune_helpers import (instruction_records, run_cli, sentiment_lines, write_json)
 from ownllm.checkpoint import load_run
 from ownllm.config import model_config_from_preset
 from ownllm.finetune import finetune_classify, finetune_instruct
@@ -19,15 +19,7 @@ from ownllm.lora import (LoRAConfig, LoRALinear, apply_lora, from_peft_tensors, 
 from ownllm.model import GPT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return tiny_base(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_adapters(model: torch.nn.Module) -> None:

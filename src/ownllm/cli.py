@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ownllm.config import PRESETS, TrainConfig
+from ownllm.config import PRESETS
 from ownllm.errors import OwnLLMError
 
 MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
