@@ -55,6 +55,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     _fsync_and_replace(tmp, path)
 
 
+def read_json(path: Path, advice: str = "") -> Any:
+    """Parse a JSON file; invalid JSON or text is an OwnLLMError naming the file (and `advice`, when given)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise OwnLLMError(f"{path}: not valid JSON ({error}){advice}") from None
+
+
 def weights_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors for saving: tied weights stored once, no `_orig_mod.` prefix from torch.compile."""
     state: dict[str, torch.Tensor] = {}
@@ -110,11 +118,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise OwnLLMError(f"{run_dir}: not an ownllm run (no {CONFIG_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OwnLLMError(f"{path}: not valid JSON ({error})") from None
-    if data.get("format") != RUN_FORMAT or "model" not in data:
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != RUN_FORMAT or "model" not in data:
         raise OwnLLMError(f"{path}: not an ownllm run config (expected \"format\": \"{RUN_FORMAT}\")")
     return data
 

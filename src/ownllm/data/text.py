@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ownllm.checkpoint import read_json
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import Tokenizer, iter_text_chunks
 
@@ -286,10 +287,7 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         raise OwnLLMError(f"{directory} is not a prepared dataset (no meta.json): run `ownllm prepare` first")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OwnLLMError(f"{meta_path}: not valid JSON ({error}): run `ownllm prepare` again") from error
+    meta = read_json(meta_path, advice=": run `ownllm prepare` again")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise OwnLLMError(f"{meta_path}: not an {FORMAT} dataset: run `ownllm prepare` again")
     missing = [key for key in ("dtype", "vocab_size", "train_tokens", "val_tokens") if key not in meta]

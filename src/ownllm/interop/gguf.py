@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from ownllm.checkpoint import LoadedRun, load_run
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
-from ownllm.interop.hf import export_state_dict, hf_model_type
+from ownllm.interop.hf import bias_or_zeros, export_state_dict, hf_model_type
 from ownllm.tokenizer import Tokenizer, _merge_pair
 
 if TYPE_CHECKING:
@@ -171,15 +170,11 @@ def _write_tokenizer(writer: gguf.GGUFWriter, gguf: Any, tokenizer: Tokenizer, v
 
 # ---- tensors ------------------------------------------------------------------------------------------------------
 
-def _zeros_if_missing(state: dict[str, Tensor], name: str, size: int) -> Tensor:
-    return state[name] if name in state else torch.zeros(size)
-
-
 def _gpt2_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """llama.cpp's gpt2 graph: every norm and linear layer has a bias (zeros where ownllm has none)."""
     out = {"token_embd.weight": state["tok_emb.weight"], "position_embd.weight": state["pos_emb.weight"],
            "output_norm.weight": state["norm.weight"],
-           "output_norm.bias": _zeros_if_missing(state, "norm.bias", config.n_embd)}
+           "output_norm.bias": bias_or_zeros(state, "norm.bias", config.n_embd)}
     if not config.tie_embeddings:
         out["output.weight"] = state["lm_head.weight"]
     names = {"norm1": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output", "norm2": "ffn_norm",
@@ -188,7 +183,7 @@ def _gpt2_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Te
         for ours, theirs in names.items():
             weight = state[f"blocks.{i}.{ours}.weight"]
             out[f"blk.{i}.{theirs}.weight"] = weight
-            out[f"blk.{i}.{theirs}.bias"] = _zeros_if_missing(state, f"blocks.{i}.{ours}.bias", weight.shape[0])
+            out[f"blk.{i}.{theirs}.bias"] = bias_or_zeros(state, f"blocks.{i}.{ours}.bias", weight.shape[0])
     return out
 
 

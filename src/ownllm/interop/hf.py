@@ -32,6 +32,7 @@ from ownllm.checkpoint import (
     WEIGHTS_FILE,
     LoadedRun,
     load_run,
+    read_json,
     save_weights,
     weights_state_dict,
     write_json_atomic,
@@ -82,11 +83,8 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise OwnLLMError(f"{directory}: no {CONFIG_FILE}; not a Hugging Face model directory")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OwnLLMError(f"{path}: not valid JSON ({error})") from None
-    model_type = data.get("model_type")
+    data = read_json(path)
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise OwnLLMError(f"{path}: model_type {model_type!r} is not supported "
                           f"(ownllm reads {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -349,10 +347,7 @@ def _first_id(value: Any) -> int | None:
 def _read_optional_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OwnLLMError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 
@@ -464,24 +459,25 @@ def hf_state_dict(model: torch.nn.Module, config: ModelConfig) -> dict[str, Tens
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
-def _bias_or_zeros(state: dict[str, Tensor], name: str, size: int) -> Tensor:
+def bias_or_zeros(state: dict[str, Tensor], name: str, size: int) -> Tensor:
+    """`state[name]`, or zeros of `size` where ownllm's layer has no bias but the target format wants one."""
     return state[name] if name in state else torch.zeros(size)
 
 
 def _to_gpt2(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     out = {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"],
            "transformer.ln_f.weight": state["norm.weight"],
-           "transformer.ln_f.bias": _bias_or_zeros(state, "norm.bias", config.n_embd)}
+           "transformer.ln_f.bias": bias_or_zeros(state, "norm.bias", config.n_embd)}
     conv1d = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
     for i in range(config.n_layer):
         ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
         for our_norm, hf_norm in (("norm1", "ln_1"), ("norm2", "ln_2")):
             out[f"{hf}{hf_norm}.weight"] = state[f"{ours}{our_norm}.weight"]
-            out[f"{hf}{hf_norm}.bias"] = _bias_or_zeros(state, f"{ours}{our_norm}.bias", config.n_embd)
+            out[f"{hf}{hf_norm}.bias"] = bias_or_zeros(state, f"{ours}{our_norm}.bias", config.n_embd)
         for our_name, hf_name in conv1d.items():
             weight = state[f"{ours}{our_name}.weight"]
             out[f"{hf}{hf_name}.weight"] = weight.t()
-            out[f"{hf}{hf_name}.bias"] = _bias_or_zeros(state, f"{ours}{our_name}.bias", weight.shape[0])
+            out[f"{hf}{hf_name}.bias"] = bias_or_zeros(state, f"{ours}{our_name}.bias", weight.shape[0])
     return out
 
 
@@ -494,14 +490,14 @@ def _to_llama(state: dict[str, Tensor], config: ModelConfig, model_type: str) ->
         out[f"{hf}input_layernorm.weight"] = state[f"{ours}norm1.weight"]
         out[f"{hf}post_attention_layernorm.weight"] = state[f"{ours}norm2.weight"]
         qkv = state[f"{ours}attn.qkv.weight"].split([q_size, kv_size, kv_size])
-        qkv_bias = _bias_or_zeros(state, f"{ours}attn.qkv.bias", q_size + 2 * kv_size).split([q_size, kv_size, kv_size])
+        qkv_bias = bias_or_zeros(state, f"{ours}attn.qkv.bias", q_size + 2 * kv_size).split([q_size, kv_size, kv_size])
         for part, weight, bias in zip("qkv", qkv, qkv_bias):
             out[f"{hf}self_attn.{part}_proj.weight"] = weight
             if attention_bias:
                 out[f"{hf}self_attn.{part}_proj.bias"] = bias
         out[f"{hf}self_attn.o_proj.weight"] = state[f"{ours}attn.proj.weight"]
         if attention_bias and model_type == "llama":
-            out[f"{hf}self_attn.o_proj.bias"] = _bias_or_zeros(state, f"{ours}attn.proj.bias", config.n_embd)
+            out[f"{hf}self_attn.o_proj.bias"] = bias_or_zeros(state, f"{ours}attn.proj.bias", config.n_embd)
         gate, up = state[f"{ours}mlp.fc.weight"].chunk(2)
         out[f"{hf}mlp.gate_proj.weight"], out[f"{hf}mlp.up_proj.weight"] = gate, up
         out[f"{hf}mlp.down_proj.weight"] = state[f"{ours}mlp.proj.weight"]
