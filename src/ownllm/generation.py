@@ -117,7 +117,7 @@ class _Decoder:
         return logits
 
 
-class _RowText:
+class IncrementalText:
     """Incremental text of one row: holds back incomplete UTF-8 and anything that may start a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
@@ -197,7 +197,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: str | Sequence[str], opt
         encoded = [[tokenizer.bos_id, *ids] for ids in encoded]
     if tokenizer.eot_id is not None:
         encoded = [ids or [tokenizer.eot_id] for ids in encoded]
-    rows = [_RowText(tokenizer, options.stop) for _ in prompt_list]
+    rows = [IncrementalText(tokenizer, options.stop) for _ in prompt_list]
 
     def on_token(row: int, token: int) -> bool:
         piece = rows[row].add(token)
@@ -233,7 +233,7 @@ def chat_reply(model: GPT, tokenizer: Tokenizer, template: "Template", conversat
             break  # one message that is too long by itself: the decoder keeps its end
         del conversation[first:later_user]
         prompt = encode_prompt(conversation, template, tokenizer)
-    row = _RowText(tokenizer, options.stop)
+    row = IncrementalText(tokenizer, options.stop)
 
     def on_token(_: int, token: int) -> bool:
         piece = row.add(token)

@@ -58,7 +58,9 @@ class KVCache:
     """Pre-allocated keys and values of every layer for `batch_size` sequences of up to `max_len` tokens.
 
     `length` counts the positions written so far (the same for every row; rows shorter than others are
-    left-padded and marked False in `key_valid`).
+    left-padded and marked False in `key_valid`). The model talks to a cache through `length`, `max_len`,
+    `store`, `attention_mask` and `advance`; the server's slot pool (ownllm.serve.slots) keeps the same protocol
+    with a length per row.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
@@ -70,12 +72,40 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    @classmethod
+    def over(cls, keys: Tensor, values: Tensor) -> "KVCache":
+        """An empty cache writing into existing storage [layers, batch, kv_heads, max_len, head_size] (views of a
+        larger pool, say) instead of allocating its own."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = keys, values
+        cache.max_len = keys.shape[3]
+        cache.key_valid = torch.ones(keys.shape[1], cache.max_len, dtype=torch.bool, device=keys.device)
+        cache.length = 0
+        return cache
+
     def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's k/v for `layer` after the cached ones; return all keys and values so far."""
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def attention_mask(self, time: int, device: torch.device) -> Tensor | None:
+        """Boolean [batch, 1, time, keys] mask for `time` new queries, or None where SDPA's causal path applies."""
+        start = self.length
+        key_valid = self.key_valid[:, : start + time]
+        if (time == 1 or start == 0) and bool(key_valid.all()):
+            return None  # SDPA's causal path (prefill) or one new token that sees every cached key
+        query_pos = torch.arange(start, start + time, device=device).view(time, 1)
+        key_pos = torch.arange(start + time, device=device).view(1, start + time)
+        causal = key_pos <= query_pos
+        # A query always sees itself, so rows that are pure padding stay finite.
+        allowed = (causal & key_valid[:, None, :]) | (key_pos == query_pos)
+        return allowed.unsqueeze(1)
+
+    def advance(self, time: int) -> None:
+        """Count `time` newly stored positions (called by the model after every layer has stored them)."""
+        self.length += time
 
 
 class Attention(nn.Module):
@@ -195,32 +225,16 @@ class GPT(nn.Module):
         rope = None
         if self.config.position == "rope":
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
-        mask = self._attention_mask(cache, time, ids.device)
+        mask = cache.attention_mask(time, ids.device) if cache is not None else None
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, layer)
         if cache is not None:
-            cache.length += time
+            cache.advance(time)
         return self.norm(x)
 
     def forward(self, ids: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
         """Next-token logits [batch, time, vocab] for every position of `ids` [batch, time]."""
         return self.lm_head(self.hidden_states(ids, cache=cache, positions=positions))
-
-    @staticmethod
-    def _attention_mask(cache: KVCache | None, time: int, device: torch.device) -> Tensor | None:
-        """Boolean [batch, 1, time, keys] mask, or None where SDPA's own causal path applies."""
-        if cache is None:
-            return None
-        start = cache.length
-        key_valid = cache.key_valid[:, : start + time]
-        if (time == 1 or start == 0) and bool(key_valid.all()):
-            return None  # SDPA's causal path (prefill) or one new token that sees every cached key
-        query_pos = torch.arange(start, start + time, device=device).view(time, 1)
-        key_pos = torch.arange(start + time, device=device).view(1, start + time)
-        causal = key_pos <= query_pos
-        # A query always sees itself, so rows that are pure padding stay finite.
-        allowed = (causal & key_valid[:, None, :]) | (key_pos == query_pos)
-        return allowed.unsqueeze(1)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (tied weights counted once); optionally without the embedding tables."""

@@ -1,0 +1,37 @@
+"""`ownllm serve`: the OpenAI-compatible server and chat page (see ownllm.serve)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ownllm.quantize import QUANTIZE_MODES
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="serve a model: OpenAI-compatible API, chat page at /, /v1/classify",
+                         description="Serve a model on localhost. Any OpenAI client works with "
+                                     "base_url=http://HOST:PORT/v1; the chat page is at http://HOST:PORT/.")
+    srv.add_argument("model", help="run directory or Hugging Face model directory")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--model-name", help="the model id clients use (default: the directory's name)")
+    srv.add_argument("--api-key-file", help="require 'Authorization: Bearer <key>' with the key in this file")
+    srv.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                     help="int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
+    srv.add_argument("--context", type=int, default=None,
+                     help="tokens per request kept in the KV cache (default: the model's context window)")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ownllm.serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, model_name=args.model_name, api_key_file=args.api_key_file,
+          quantize=args.quantize, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
+          device=args.device, log_level=args.log_level)
+
+
+COMMANDS = {"serve": cmd_serve}

@@ -1,0 +1,220 @@
+"""The inference engine behind the server: concurrent requests decoded together, one token per step each.
+
+    engine = Engine(model, tokenizer, max_batch=16, max_queue=64)
+    engine.start()
+    request = engine.submit(prompt_ids, SamplingOptions(max_new_tokens=50, temperature=0), on_event=print)
+    # on_event gets ("text", piece) as text becomes final, then ("done", finish_reason, usage) or ("error", message)
+
+A worker thread owns the model. Each loop it prefills newly arrived requests (alone, into a free slot of the KV
+pool) and then runs one batched decoding step over every running request: decoding a token reads every weight
+once whatever the batch, so 16 requests cost little more than one. Every request samples with its own options and
+its own random generator, so its tokens do not depend on what else is running. Requests finish at the end-of-text
+token, at a stop string, after max tokens, or when the context window is full; a cancelled request (a client that
+went away) frees its slot at the next step. `on_event` is called on the worker thread and must not block: the
+server hands events to its event loop, so a slow client never stalls the others.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ownllm.errors import OwnLLMError
+from ownllm.generation import IncrementalText, SamplingOptions, sample_next
+from ownllm.model import GPT
+from ownllm.quantize import model_dtype
+from ownllm.serve.slots import SlotPool
+from ownllm.tokenizer import Tokenizer
+
+Event = tuple[Any, ...]
+
+
+class EngineBusy(OwnLLMError):
+    """Too many requests are running and queued; the client should retry later."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    options: SamplingOptions
+    on_event: Callable[[Event], None]
+    text: IncrementalText
+    generator: torch.Generator
+    generated: int = 0
+    next_token: int = -1  # sampled, not yet fed to the model
+    slot: int = -1
+    cancelled: bool = False
+    finished: bool = False
+    output: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Continuous batching over a pool of `max_batch` KV-cache slots, with at most `max_queue` requests waiting."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 context: int | None = None) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise OwnLLMError("--max-batch must be at least 1 and --max-queue at least 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.context = min(context or model.config.block_size, model.config.block_size)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.pool = SlotPool(model, max_batch, self.context, model_dtype(model))
+        self.device = self.pool.device
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="ownllm-engine", daemon=True)
+        self.steps = 0  # decoding steps run, for /health and the benchmarks
+
+    # ---- the caller's side -----------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def submit(self, prompt: list[int], options: SamplingOptions, on_event: Callable[[Event], None]) -> Request:
+        """Queue a request; raises EngineBusy when max_queue requests already wait for a slot."""
+        if not prompt:
+            raise OwnLLMError("the prompt has no tokens")
+        if len(prompt) >= self.context:
+            raise OwnLLMError(f"the prompt is {len(prompt)} tokens; the context window is {self.context}")
+        seed = options.seed if options.seed is not None else random.getrandbits(63)
+        request = Request(prompt=list(prompt), options=options, on_event=on_event,
+                          text=IncrementalText(self.tokenizer, options.stop),
+                          generator=torch.Generator(device=self.device).manual_seed(seed))
+        with self._wake:
+            if self._closing:
+                raise EngineBusy("the server is shutting down")
+            free = self.max_batch - len(self._running)
+            if len(self._waiting) + 1 - free > self.max_queue:  # this one would wait beyond the queue's room
+                raise EngineBusy(f"the server is busy ({len(self._running)} running, {len(self._waiting)} queued): "
+                                 "retry later")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (its client went away); its slot is freed at the next step."""
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._running), "queued": len(self._waiting), "slots": self.max_batch,
+                "context": self.context, "steps": self.steps}
+
+    # ---- the worker thread -----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closing and not self._waiting and not self._running:
+                        self._wake.wait()
+                    if self._closing:
+                        break
+                    admitted = []
+                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                        request = self._waiting.popleft()
+                        if not request.cancelled:
+                            admitted.append(request)
+                try:
+                    for request in admitted:
+                        self._prefill(request)
+                    self._drop_finished()
+                    if self._running:
+                        self._decode_step()
+                        self._drop_finished()
+                except Exception as error:  # a bug or out of memory: fail the requests in flight, keep serving
+                    for request in [*self._running, *admitted]:
+                        if not request.finished:
+                            request.finished = True
+                            self._emit(request, ("error", f"{type(error).__name__}: {error}"))
+                    self._running = []
+        for request in [*self._running, *self._waiting]:
+            self._emit(request, ("error", "the server is shutting down"))
+
+    def _prefill(self, request: Request) -> None:
+        request.slot = len(self._running)
+        self._running.append(request)
+        ids = torch.tensor([request.prompt], device=self.device)
+        logits = self.model(ids, cache=self.pool.prefill_view(request.slot))[:, -1]
+        self.pool.lengths[request.slot] = len(request.prompt)
+        self._accept(request, int(sample_next(logits, request.options, request.generator)))
+
+    def _decode_step(self) -> None:
+        running = self._running
+        view = self.pool.decode_view(len(running))
+        tokens = torch.tensor([[r.next_token] for r in running], device=self.device)
+        logits = self.model(tokens, cache=view, positions=view.positions.view(-1, 1))[:, -1]
+        self.steps += 1
+        for row, request in enumerate(running):
+            self._accept(request, int(sample_next(logits[row:row + 1], request.options, request.generator)))
+
+    def _accept(self, request: Request, token: int) -> None:
+        """Take a sampled token: emit its text, or finish the request."""
+        if request.cancelled:
+            request.finished = True
+            return
+        if request.options.stop_at_eot and token == self.tokenizer.eot_id:
+            return self._finish(request, "stop")
+        request.generated += 1
+        request.output.append(token)
+        piece = request.text.add(token)
+        if piece:
+            self._emit(request, ("text", piece))
+        if request.text.finished:
+            return self._finish(request, "stop")
+        if request.generated >= request.options.max_new_tokens or self.pool.lengths[request.slot] >= self.context:
+            return self._finish(request, "length")
+        request.next_token = token
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finished = True
+        rest = request.text.flush()
+        if rest:
+            self._emit(request, ("text", rest))
+        self._emit(request, ("done", reason, Usage(len(request.prompt), request.generated)))
+
+    def _emit(self, request: Request, event: Event) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # the receiver is gone (its event loop closed): nobody to tell
+            request.cancelled = True
+
+    def _drop_finished(self) -> None:
+        """Free the slots of finished and cancelled requests, moving the last rows into the gaps."""
+        for slot in range(len(self._running) - 1, -1, -1):
+            request = self._running[slot]
+            if not (request.finished or request.cancelled):
+                continue
+            last = len(self._running) - 1
+            if slot != last:
+                self.pool.move(last, slot)
+                self._running[slot] = self._running[last]
+                self._running[slot].slot = slot
+            self._running.pop()

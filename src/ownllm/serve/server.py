@@ -1,0 +1,62 @@
+"""`ownllm serve`: load a run, optionally quantize it, and serve it with uvicorn on localhost.
+
+    from ownllm.serve.server import serve
+    serve("runs/assistant", port=8000, quantize="int8", api_key_file="key.txt")
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+from ownllm.errors import OwnLLMError
+
+
+def read_api_key(path: str | Path) -> str:
+    """The API key in a file (its first line); a missing or empty file is an error."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    except OSError as error:
+        raise OwnLLMError(f"{path}: cannot read the API key file ({error.strerror})") from error
+    if not key or not key[0].strip():
+        raise OwnLLMError(f"{path}: the API key file is empty")
+    return key[0].strip()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+          api_key_file: str | Path | None = None, quantize: str = "none", max_batch: int = 16, max_queue: int = 64,
+          context: int | None = None, device: str = "auto", log_level: str = "info") -> None:
+    """Serve `model` (a run or Hugging Face directory) until Ctrl-C."""
+    import uvicorn
+
+    from ownllm.checkpoint import load_run
+    from ownllm.device import pick_device
+    from ownllm.quantize import quantize_model
+    from ownllm.serve.app import create_app
+
+    api_key = read_api_key(api_key_file) if api_key_file else None
+    if not 0 < port < 65536:
+        raise OwnLLMError(f"--port {port} is not a TCP port (1-65535)")
+    target = pick_device("cpu" if quantize == "int8" else device)
+    run = load_run(model, device=target)
+    run.model = quantize_model(run.model, quantize)
+    name = model_name or Path(model).resolve().name
+    app = create_app(run, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     context=context)
+    if not is_loopback(host) and api_key is None:
+        print(f"warning: serving on {host} without --api-key-file: anyone who can reach this port can use it",
+              file=sys.stderr)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {name} ({run.config.n_layer} layers, context {run.config.block_size}, quantize {quantize}) "
+          f"at http://{shown}:{port}/  (OpenAI API at http://{shown}:{port}/v1)", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

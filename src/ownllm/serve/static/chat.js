@@ -1,0 +1,164 @@
+// The chat page: keeps the conversation, streams answers from /v1/chat/completions (server-sent events).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { model: null, conversation: [], busy: false, controller: null };
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function addBubble(role, text) {
+  const div = document.createElement("div");
+  div.className = "message " + role;
+  div.textContent = text;
+  $("messages").appendChild(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return { message: (body.error && body.error.message) || response.statusText, code: body.error && body.error.code };
+  } catch (e) {
+    return { message: response.status + " " + response.statusText, code: null };
+  }
+}
+
+async function loadModel() {
+  const response = await fetch("/v1/models", { headers: headers() });
+  if (!response.ok) {
+    const error = await errorMessage(response);
+    showError(error.message + (response.status === 401 ? " (enter the API key under Settings)" : ""));
+    return;
+  }
+  const body = await response.json();
+  state.model = body.data[0].id;
+  $("model-name").textContent = state.model;
+  showError("");
+}
+
+function requestMessages() {
+  const system = $("system").value.trim();
+  return (system ? [{ role: "system", content: system }] : []).concat(state.conversation);
+}
+
+// One streamed answer; returns the text, or throws {message, code}.
+async function streamAnswer(bubble) {
+  state.controller = new AbortController();
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: headers(),
+    signal: state.controller.signal,
+    body: JSON.stringify({
+      model: state.model,
+      messages: requestMessages(),
+      stream: true,
+      temperature: Number($("temperature").value),
+      max_tokens: Number($("max-tokens").value),
+    }),
+  });
+  if (!response.ok) throw await errorMessage(response);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "", text = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, { stream: true });
+    const events = buffered.split("\n\n");
+    buffered = events.pop();
+    for (const event of events) {
+      const data = event.replace(/^data: /, "").trim();
+      if (!data || data === "[DONE]") continue;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw { message: chunk.error.message, code: chunk.error.code };
+      const delta = chunk.choices.length ? chunk.choices[0].delta : {};
+      if (delta.content) {
+        text += delta.content;
+        bubble.textContent = text;
+        bubble.scrollIntoView({ block: "end" });
+      }
+    }
+  }
+  return text;
+}
+
+async function send(content) {
+  if (state.busy || !content.trim()) return;
+  if (!state.model) await loadModel();
+  if (!state.model) return;
+  state.busy = true;
+  $("send").disabled = true;
+  showError("");
+  addBubble("user", content);
+  state.conversation.push({ role: "user", content: content });
+  const bubble = addBubble("assistant streaming", "");
+  try {
+    for (;;) {
+      try {
+        const text = await streamAnswer(bubble);
+        state.conversation.push({ role: "assistant", content: text });
+        if (!text) bubble.textContent = "(no answer)";
+        break;
+      } catch (error) {
+        // Too long for the context window: forget the oldest exchange and ask again.
+        if (error.code === "context_length_exceeded" && state.conversation.length > 2) {
+          state.conversation.splice(0, 2);
+          continue;
+        }
+        throw error;
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") {
+      showError(error.message || String(error));
+      state.conversation.pop();  // the question that got no answer
+      bubble.remove();
+    }
+  } finally {
+    bubble.classList.remove("streaming");
+    state.busy = false;
+    state.controller = null;
+    $("send").disabled = false;
+    $("input").focus();
+  }
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const content = $("input").value;
+  $("input").value = "";
+  send(content);
+});
+
+$("input").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+$("new-chat").addEventListener("click", () => {
+  if (state.controller) state.controller.abort();
+  state.conversation = [];
+  $("messages").replaceChildren();
+  showError("");
+});
+
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem("ownllm-api-key", $("api-key").value);
+  loadModel();
+});
+
+$("api-key").value = localStorage.getItem("ownllm-api-key") || "";
+loadModel();
