@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                        help="bf16 autocast where the hardware has it (auto), or force one")
     group.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    scale = parser.add_argument_group("several processes (docs/scaling.md)")
+    scale.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default=None,
+                       help="under torchrun: DDP (auto) or FSDP; --batch-size stays the global batch")
+    scale.add_argument("--nproc", type=int, default=None,
+                       help="train on N processes of this machine: ownllm starts torchrun itself")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -155,13 +161,21 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     train_values = {name: getattr(args, name) for name in TRAIN_FLAGS}
     train_values["precision"], train_values["compile"] = args.precision, args.compile
+    train_values["strategy"] = args.strategy
     result = pretrain(out=args.out, data=args.data, preset=args.model, resume=args.resume, tokenizer=args.tokenizer,
                       vocab_size=args.vocab_size, val_fraction=args.val_fraction, device=args.device,
                       model_overrides={name: getattr(args, name) for name in MODEL_OVERRIDES}, **train_values)
+    if not _is_main_process():
+        return
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
     state = "stopped (resume with --resume)" if result.stopped_early else "finished"
     print(f"{state} at step {result.step}: train loss {train_loss}{val}; run saved in {args.out}")
+
+
+def _is_main_process() -> bool:
+    """False on the torchrun processes other than rank 0 (which print nothing)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -234,19 +248,32 @@ COMMANDS = {"tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "pretrain": cmd_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc", None) is not None:
+            from ownllm.distributed import launch
+
+            exit_code = launch(args.nproc, argv)
+            if exit_code is not None:
+                return exit_code
         if args.command not in COMMANDS:
             from ownllm.cli_finetune import COMMANDS as FINETUNE_COMMANDS
 
             return FINETUNE_COMMANDS[args.command](args) or 0
         COMMANDS[args.command](args)
     except OwnLLMError as error:
-        print(f"ownllm: error: {error}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"ownllm: error{where}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ownllm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # leave a torchrun job's process group cleanly
+            from ownllm.distributed import shutdown
+
+            shutdown()
     return 0
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ownllm.cli import TRAIN_FLAGS, _add_sampling_flags, _add_train_flags
+from ownllm.cli import TRAIN_FLAGS, _add_sampling_flags, _add_train_flags, _is_main_process
 from ownllm.errors import OwnLLMError
 from ownllm.lora import TARGETS
 
@@ -93,6 +93,7 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
 def _train_values(args: argparse.Namespace) -> dict:
     values = {name: getattr(args, name) for name in TRAIN_FLAGS}
     values["precision"], values["compile"] = args.precision, args.compile
+    values["strategy"] = args.strategy
     return values
 
 
@@ -115,6 +116,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         result = finetune_classify(text_column=args.text_column, label_column=args.label_column,
                                    balance=args.balance, pooling=args.pooling, max_length=args.max_length,
                                    **_common(args))
+        if not _is_main_process():
+            return
         for name, metrics in (("val", result.val), ("test", result.test)):
             if metrics:
                 print(format_classification_table(metrics, name))
@@ -125,6 +128,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     result = finetune_instruct(template=args.template, mask_prompt=args.mask_prompt,
                                max_new_tokens=args.max_new_tokens, **_common(args))
+    if not _is_main_process():
+        return
     parts = [f"{name} loss {value:.4f}" for name, value in (("val", result.val_loss), ("test", result.test_loss))
              if value is not None]
     if result.rouge_l_f1 is not None:

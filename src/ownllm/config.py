@@ -176,11 +176,14 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     device: str = "auto"
+    strategy: str = "auto"  # with several processes (torchrun): "ddp" (auto) or "fsdp"; ignored alone
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise OwnLLMError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.strategy not in ("auto", "ddp", "fsdp"):
+            raise OwnLLMError(f"--strategy must be auto, ddp or fsdp, not {self.strategy!r}")
         for name in ("batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise OwnLLMError(f"--{name.replace('_', '-')} must be at least 1")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ownllm import checkpoint
+from ownllm import checkpoint, distributed
 from ownllm.config import ModelConfig, TrainConfig, model_config_from_preset, train_config_for
 from ownllm.data.text import PreparedData, WindowSampler, eval_windows, find_text_files, load_prepared, prepare_corpus
 from ownllm.device import pick_device, pick_precision
@@ -74,6 +74,10 @@ def pretrain(
     run_dir = Path(out)
     if resume:
         return _resume(run_dir, device, show_progress, train_overrides)
+    distributed.init(pick_device(device))
+    if not distributed.is_main():  # under torchrun: rank 0 prepares the run (tokenizer, dataset, config) meanwhile
+        distributed.barrier()
+        return _resume(run_dir, device, show_progress, train_overrides, new_run=True)
     if (run_dir / checkpoint.CONFIG_FILE).exists():
         raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
     if data is None:
@@ -81,6 +85,7 @@ def pretrain(
     inputs = [data] if isinstance(data, (str, Path)) else list(data)
     model_config = model_config_from_preset(preset, **(model_overrides or {}))  # fail fast on a bad preset
     train_config = train_config_for(preset, **train_overrides)
+    distributed.check_batch_size(train_config.batch_size)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -99,10 +104,13 @@ def pretrain(
     checkpoint.write_run_config(run_dir, model_config, task="lm", preset=preset,
                                 train=train_config.to_dict(), data=str(prepared.directory.resolve()),
                                 tokenizer=tok.kind)
+    distributed.barrier()
     return _run(run_dir, model_config, train_config, prepared, device, show_progress, resume=False)
 
 
-def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: dict[str, Any]) -> TrainResult:
+def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: dict[str, Any],
+            new_run: bool = False) -> TrainResult:
+    """Continue the run in `run_dir`; `new_run`: start the run rank 0 has just prepared (other torchrun ranks)."""
     config = checkpoint.read_run_config(run_dir)
     model_config = ModelConfig.from_dict(config["model"])
     stored = dict(config.get("train", {}))
@@ -111,16 +119,16 @@ def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: di
     stored.update({k: v for k, v in train_overrides.items() if v is not None})
     train_config = TrainConfig.from_dict(stored)
     prepared = load_prepared(config["data"])
-    if train_config.to_dict() != config.get("train"):
+    if train_config.to_dict() != config.get("train") and distributed.is_main():
         checkpoint.write_run_config(run_dir, model_config, **{**{k: v for k, v in config.items()
                                                                   if k not in ("format", "model")},
                                                                "train": train_config.to_dict()})
-    return _run(run_dir, model_config, train_config, prepared, device, show_progress, resume=True)
+    return _run(run_dir, model_config, train_config, prepared, device, show_progress, resume=not new_run)
 
 
 def _run(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, prepared: PreparedData,
          device_name: str, show_progress: bool, resume: bool) -> TrainResult:
-    device = pick_device(device_name)
+    device = distributed.init(pick_device(device_name))
     precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
     sampler = WindowSampler(prepared.train, model_config.block_size, train_config.batch_size, seed=train_config.seed)
     eval_batches = None

@@ -8,10 +8,13 @@ optional torch.compile, periodic evaluation, a progress bar with loss, tokens/s,
 RNG and step are restored from the checkpoint).
 
 Ctrl-C once: the current step finishes, a checkpoint is written and the run stops; resume with `--resume`.
+
+Launched by torchrun, the same loop trains on several processes (ownllm.distributed, docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ownllm import checkpoint
+from ownllm import checkpoint, distributed
 from ownllm.config import TrainConfig
 from ownllm.device import autocast, matmul_peak_flops
 
@@ -119,19 +122,32 @@ class TrainLoop:
     on_checkpoint: Callable[[Path], None] | None = None
     tokens_in: Callable[[Batch], int] | None = None  # real tokens of a batch (default: every position of batch[0])
     save_trainable_only: bool = False  # checkpoint only parameters that train (LoRA adapters, a head)
+    # what the loss of a batch averages over (default: rows; lm_loss with -100 targets: the counted targets), so that
+    # a batch split over processes gives exactly the full batch's mean (see ownllm.distributed.shard)
+    loss_weight: Callable[[Batch], float] = distributed.rows
+
+
+def counted_targets(batch: Batch) -> float:
+    """The weight of an lm_loss batch: targets that are not -100."""
+    return float((batch[1] != -100).sum())
 
 
 def evaluate_loss(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn, device: torch.device,
-                  precision: str) -> float:
-    """Mean loss over `batches` with the model in eval mode and no gradients."""
+                  precision: str, split_by: Callable[[Batch], float] | None = None) -> float:
+    """Mean loss over `batches` with the model in eval mode and no gradients, in this process alone; or, given
+    `split_by` (a `TrainLoop.loss_weight`), together: every process evaluates its rows of each batch."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast(device, precision):
         for batch in batches:
-            total += loss_fn(model, [t.to(device) for t in batch]).item()
+            part, scale = distributed.shard(batch, split_by) if split_by else (batch, 1.0)
+            loss = loss_fn(model, [t.to(device) for t in part])  # every process runs a pass (FSDP needs them all)
+            total += scale * loss.item() if scale else 0.0
             count += 1
     model.train(was_training)
+    if split_by:
+        total = distributed.all_reduce_sum([total], device)[0] / distributed.world_size()
     return total / max(count, 1)
 
 
@@ -178,26 +194,42 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Run (or resume) the loop until max_steps, --stop-at, --max-minutes or Ctrl-C; checkpoint at the end."""
-    cfg, model, device = loop.config, loop.model, loop.device
+    """Run (or resume) the loop until max_steps, --stop-at, --max-minutes or Ctrl-C; checkpoint at the end.
+
+    Under torchrun every process calls this with the same loop: each trains on its rows of every global batch
+    (DDP or FSDP, `cfg.strategy`); rank 0 alone shows progress, logs and writes the checkpoints. After it returns,
+    `loop.model` holds the final weights on rank 0 (and, under DDP, on every process).
+    """
+    cfg, model = loop.config, loop.model
+    strategy = distributed.resolve_strategy(cfg.strategy)
+    device = distributed.init(loop.device)
+    main = distributed.is_main()
+    if strategy != "none":
+        distributed.check_batch_size(cfg.batch_size)
     run_dir = Path(loop.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model.to(device).train()
-    optimizer = make_optimizer(model, cfg, device)
-    start_step = 0
-    if resume:
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    start_step, state = 0, None
+    if resume:  # into the plain model, before wrapping: every process reads the same full checkpoint
         state, info = checkpoint.load_checkpoint(run_dir, model, strict=not loop.save_trainable_only)
-        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(info["step"])
+    net = distributed.wrap(model, strategy, device)
+    net.train()
+    optimizer = make_optimizer(net, cfg, device)
+    if state is not None:
+        distributed.load_optimizer_state(optimizer, net, strategy, state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
-        start_step = int(info["step"])
+    distributed.seed_for_rank(cfg.seed, start_step)
     metrics_path = run_dir / METRICS_FILE
-    rows = _read_metrics(metrics_path, start_step) if resume else []
-    _rewrite_metrics(metrics_path, rows)  # drop rows logged after the checkpoint we resume from
+    rows = _read_metrics(metrics_path, start_step) if resume and main else []
+    if main:
+        _rewrite_metrics(metrics_path, rows)  # drop rows logged after the checkpoint we resume from
 
-    forward_model = torch.compile(model) if cfg.compile else model
-    peak = matmul_peak_flops(device.type, loop.precision) if loop.flops_per_token else 0.0
+    forward_model = torch.compile(net) if cfg.compile else net
+    world = distributed.world_size()
+    peak = world * matmul_peak_flops(device.type, loop.precision) if loop.flops_per_token and main else 0.0
     last_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
     train_loss = val_loss = None
@@ -205,12 +237,16 @@ def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> 
     step = start_step
     stopped_early = False
 
-    def save() -> None:
-        trainer_state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
+    def save() -> None:  # every process calls it (FSDP gathers the full state); rank 0 writes
+        distributed.gather_full_model(net, model, strategy)
+        optimizer_state = distributed.full_optimizer_state(optimizer, net, strategy)
+        if not main:
+            return
+        trainer_state = {"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
         info = {"step": step, "max_steps": cfg.max_steps, "train_loss": train_loss, "val_loss": val_loss,
-                **(loop.run_info or {})}
+                "world_size": world, "strategy": strategy, **(loop.run_info or {})}
         weights = None
         if loop.save_trainable_only:
             weights = {name.replace(checkpoint.COMPILED_PREFIX, ""): p.detach().contiguous()
@@ -220,28 +256,35 @@ def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> 
         if loop.on_checkpoint:
             loop.on_checkpoint(run_dir)
 
-    bar = tqdm(total=last_step, initial=start_step, disable=not show_progress, unit="step", dynamic_ncols=True,
-               desc=run_dir.name)
+    bar = tqdm(total=last_step, initial=start_step, disable=not (show_progress and main), unit="step",
+               dynamic_ncols=True, desc=run_dir.name)
     window_tokens, window_start = 0, time.perf_counter()
-    with _GracefulStop() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext()
+    with distributed.lost_peers_as_error(), _GracefulStop() as stop, metrics_file as metrics:
         while step < last_step:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
-                batch = [t.to(device, non_blocking=True) for t in loop.micro_batch(step * cfg.grad_accum + micro)]
-                with autocast(device, loop.precision):
-                    loss = loop.loss_fn(forward_model, batch) / cfg.grad_accum
-                loss.backward()
+                full = loop.micro_batch(step * cfg.grad_accum + micro)
+                part, scale = distributed.shard(full, loop.loss_weight)
+                batch = [t.to(device, non_blocking=True) for t in part]
+                with distributed.gradient_sync(net, strategy, sync=micro == cfg.grad_accum - 1):
+                    with autocast(device, loop.precision):
+                        loss = loop.loss_fn(forward_model, batch) * scale / cfg.grad_accum
+                    loss.backward()
                 step_loss += loss.item()
-                window_tokens += (loop.tokens_in or _tokens_in)(batch)
+                window_tokens += (loop.tokens_in or _tokens_in)(full)
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            train_loss = step_loss
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            # one collective per step: the loss of the whole batch, and a stop that every process agrees on
+            loss_sum, stops = distributed.all_reduce_sum([step_loss, float(stop.requested or out_of_time)], device)
+            train_loss = loss_sum / world
             bar.update(1)
 
             evaluate_now = loop.eval_batches is not None and cfg.eval_interval and (
@@ -253,12 +296,14 @@ def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> 
                 row: dict[str, Any] = {"step": step, "train_loss": train_loss, "lr": lr,
                                        "tokens_per_sec": round(tokens_per_sec, 1)}
                 if evaluate_now:
-                    val_loss = evaluate_loss(forward_model, loop.eval_batches(), loop.loss_fn, device, loop.precision)
+                    val_loss = evaluate_loss(forward_model, loop.eval_batches(), loop.loss_fn, device, loop.precision,
+                                             split_by=loop.loss_weight)
                     row["val_loss"] = val_loss
                     window_start = time.perf_counter()  # evaluation time is not training throughput
-                rows.append(row)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                if main:
+                    rows.append(row)
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
                 mfu = tokens_per_sec * loop.flops_per_token / peak if peak else 0.0
                 postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_sec:,.0f}"}
                 if peak:
@@ -267,14 +312,16 @@ def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> 
                     postfix["val"] = f"{val_loss:.3f}"
                 bar.set_postfix(postfix, refresh=False)
 
-            out_of_time = deadline is not None and time.monotonic() > deadline
-            if stop.requested or out_of_time:
+            if stops > 0:
                 stopped_early = step < cfg.max_steps
                 break
             if step < last_step and (evaluate_now or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
                 save()
         bar.close()
         save()
+    if strategy == "fsdp" and main:
+        model.to(device)  # the full copy, for what the stage does after training (on rank 0)
+    distributed.barrier()  # the checkpoint is on disk before any process moves on
     stopped_early = stopped_early or step < cfg.max_steps
     return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss, stopped_early=stopped_early,
                        tokens_per_sec=tokens_per_sec)

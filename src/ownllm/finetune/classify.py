@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ownllm import checkpoint
+from ownllm import checkpoint, distributed
 from ownllm.checkpoint import LoadedRun, write_json_atomic
 from ownllm.config import ModelConfig
 from ownllm.data.batching import fixed_batches
@@ -236,16 +236,19 @@ def _run(run_dir: Path, o: dict[str, Any], train_config, created: bool,
     copy_base_weights(model, base.model)
     del base.model
     adapt_model(model, lora, o["train_layers"], head=("score",))
-    if not o["resume"]:
+    if model.lm_head.weight is not model.tok_emb.weight:
+        model.lm_head.weight.requires_grad_(False)  # the classifier never reads the LM head (DDP needs every grad)
+    if not o["resume"] and distributed.is_main():
         base.tokenizer.save(run_dir / TOKENIZER_DIR)
         checkpoint.write_run_config(
             run_dir, model_config, task="classify", labels=labels, pooling=o["pooling"], max_length=max_length,
             append_eot=True, train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
             train=train_config.to_dict(), options={k: v for k, v in o.items()
                                                     if k not in ("resume", "device", "show_progress")})
-    device = pick_device(o["device"])
+    device = distributed.init(pick_device(o["device"]))
     precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
-    weights = (torch.tensor(class_weights(train_set, labels), device=device) if o["balance"] == "weight" else None)
+    host_weights = torch.tensor(class_weights(train_set, labels)) if o["balance"] == "weight" else None
+    weights = host_weights.to(device) if host_weights is not None else None
 
     def loss_fn(net: torch.nn.Module, batch) -> Tensor:
         return F.cross_entropy(net(batch[0], batch[1]).float(), batch[2], weight=weights)
@@ -260,8 +263,12 @@ def _run(run_dir: Path, o: dict[str, Any], train_config, created: bool,
     loop = TrainLoop(model=model, config=train_config, run_dir=run_dir, micro_batch=batches.batch, loss_fn=loss_fn,
                      eval_batches=(lambda: fixed) if fixed else None, device=device, precision=precision,
                      flops_per_token=flops_per_token(model), tokens_in=lambda b: int(b[1].sum()),
-                     save_trainable_only=lora is not None, on_checkpoint=on_checkpoint)
+                     save_trainable_only=lora is not None, on_checkpoint=on_checkpoint,
+                     loss_weight=(lambda b: float(host_weights[b[2]].sum())) if host_weights is not None
+                     else distributed.rows)
     result = train(loop, resume=o["resume"], show_progress=o["show_progress"])
+    if not distributed.is_main():  # rank 0 evaluates and writes the results
+        return ClassifyResult(run_dir=run_dir, train=result, labels=labels, val=None, test=None)
     model.eval()
     val_metrics = evaluate_examples(model, val_set, base.tokenizer, labels, max_length)
     test_metrics = evaluate_examples(model, test_set, base.tokenizer, labels, max_length)

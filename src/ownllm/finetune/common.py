@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ownllm import checkpoint
+from ownllm import checkpoint, distributed
 from ownllm.checkpoint import LoadedRun
 from ownllm.config import ModelConfig, TrainConfig
 from ownllm.errors import OwnLLMError
@@ -104,8 +104,11 @@ def resumed_train_config(run_config: dict[str, Any], overrides: dict[str, Any]) 
 
 
 def start_run_dir(out: str | Path) -> tuple[Path, bool]:
-    """The new run's directory (refusing to overwrite a run) and whether it was created here."""
+    """The new run's directory (refusing to overwrite a run) and whether it was created here. Under torchrun,
+    rank 0 alone checks and creates it."""
     run_dir = Path(out)
+    if not distributed.is_main():
+        return run_dir, False
     if (run_dir / checkpoint.CONFIG_FILE).exists():
         raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
     created = not run_dir.exists()

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ownllm import checkpoint
+from ownllm import checkpoint, distributed
 from ownllm.checkpoint import write_json_atomic
 from ownllm.data.instructions import (Conversation, InstructionBatches, Template, encode_prompt, get_template,
                                       read_instructions, real_tokens)
@@ -38,7 +38,7 @@ from ownllm.generation import SamplingOptions, generate_ids
 from ownllm.lora import TARGETS, save_peft_adapter
 from ownllm.model import GPT, flops_per_token
 from ownllm.tokenizer import Tokenizer
-from ownllm.training import TrainLoop, TrainResult, evaluate_loss, lm_loss, train
+from ownllm.training import TrainLoop, TrainResult, counted_targets, evaluate_loss, lm_loss, train
 
 RESPONSES_FILE = "responses.json"
 
@@ -183,17 +183,17 @@ def _run(run_dir: Path, o: dict[str, Any], train_config, train_overrides: dict[s
     copy_base_weights(model, base.model)
     del base.model
     adapt_model(model, lora, o["train_layers"], head=())
-    if not o["resume"]:
+    if not o["resume"] and distributed.is_main():
         tokenizer.save(run_dir / TOKENIZER_DIR)
         checkpoint.write_run_config(
             run_dir, model_config, task="instruct", template=chosen.name, mask_prompt=o["mask_prompt"],
             train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
             train=train_config.to_dict(), options={k: v for k, v in o.items()
                                                     if k not in ("resume", "device", "show_progress")})
-    if (batches.truncated or batches.dropped) and o["show_progress"]:
+    if (batches.truncated or batches.dropped) and o["show_progress"] and distributed.is_main():
         print(f"note: {batches.truncated} training examples are longer than the context ({model_config.block_size} "
               f"tokens) and were cut; {batches.dropped} with no response inside it were left out")
-    device = pick_device(o["device"])
+    device = distributed.init(pick_device(o["device"]))
     precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
     held_out = {name: InstructionBatches(items, chosen, tokenizer, model_config.block_size, batch_size,
                                          mask_prompt=o["mask_prompt"]).eval_batches() if items else None
@@ -205,8 +205,11 @@ def _run(run_dir: Path, o: dict[str, Any], train_config, train_overrides: dict[s
     loop = TrainLoop(model=model, config=train_config, run_dir=run_dir, micro_batch=batches.batch, loss_fn=lm_loss,
                      eval_batches=(lambda: held_out["val"]) if held_out["val"] else None, device=device,
                      precision=precision, flops_per_token=flops_per_token(model), tokens_in=real_tokens,
-                     save_trainable_only=lora is not None, on_checkpoint=on_checkpoint)
+                     save_trainable_only=lora is not None, on_checkpoint=on_checkpoint, loss_weight=counted_targets)
     result = train(loop, resume=o["resume"], show_progress=o["show_progress"])
+    if not distributed.is_main():  # rank 0 evaluates, answers the test prompts and writes the results
+        return InstructResult(run_dir=run_dir, train=result, val_loss=None, test_loss=None, rouge_l_f1=None,
+                              exact_match=None)
     losses = {name: evaluate_loss(model, b, lm_loss, device, precision) if b else None for name, b in held_out.items()}
     summary: dict[str, Any] = {"step": result.step, "val_loss": losses["val"], "test_loss": losses["test"],
                                "rouge_l_f1": None, "exact_match": None}
