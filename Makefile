@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; on a machine with a GPU, install the torch you want into .venv first and set TORCH= .
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install browser clean
 
 $(BIN)/ownllm: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,17 @@ install: $(BIN)/ownllm
 demo: install
 	$(BIN)/ownllm demo --out runs/demo
 
-test: install
+# The chat-page test drives Debian's headless chromium; install it with apt when it is missing.
+browser:
+	@command -v chromium >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "make test needs chromium (the chat-page test): install it"; exit 1; }; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
-test-all: install
+test-all: install browser
 	$(BIN)/python -m pytest -q -m ""
 
 clean:

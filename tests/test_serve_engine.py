@@ -1,0 +1,160 @@
+"""The serving engine: batched decoding equals decoding alone, cancelled requests free their slots, a full queue
+says so, and the slot pool keeps rows of different lengths apart."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+import torch
+
+from ownllm.errors import OwnLLMError
+from ownllm.generation import SamplingOptions, generate_ids
+from ownllm.serve.engine import Engine, EngineBusy
+
+PROMPTS = ["The list", "def f(x):\n    return", "In Python, a", "import", "class A:\n", "Return the value of x",
+           "A string", "x"]
+
+
+@pytest.fixture(scope="module")
+def run(base):
+    import ownllm
+
+    torch.set_num_threads(1)
+    return ownllm.load(base)
+
+
+class Collector:
+    """Events of several requests, by request index."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+
+    def receiver(self, index: int):
+        return lambda event: self.events.put((index, event))
+
+    def wait(self, count: int, timeout: float = 120) -> dict[int, tuple[str, str, int]]:
+        """{index: (text, finish_reason, completion_tokens)} once `count` requests are done."""
+        texts: dict[int, str] = {}
+        done: dict[int, tuple[str, str, int]] = {}
+        deadline = time.monotonic() + timeout
+        while len(done) < count:
+            index, event = self.events.get(timeout=max(0.1, deadline - time.monotonic()))
+            if event[0] == "text":
+                texts[index] = texts.get(index, "") + event[1]
+            elif event[0] == "done":
+                done[index] = (texts.get(index, ""), event[1], event[2].completion_tokens)
+            else:
+                raise AssertionError(event)
+        return done
+
+
+def alone(run, prompt: str, max_tokens: int) -> list[int]:
+    return generate_ids(run.model, [run.tokenizer.encode(prompt)], SamplingOptions(max_new_tokens=max_tokens,
+                                                                                   temperature=0),
+                        eot_id=run.tokenizer.eot_id)[0]
+
+
+def test_batched_greedy_tokens_equal_decoding_each_alone(run):
+    # Different prompt lengths and budgets, so rows finish at different steps and later ones move into their slots;
+    # half the requests arrive while the others are already decoding.
+    budgets = [40, 7, 25, 3, 33, 12, 18, 29]
+    engine = Engine(run.model, run.tokenizer, max_batch=5, max_queue=8).start()
+    outputs = {}
+    try:
+        collector = Collector()
+        requests = []
+        for index, (prompt, budget) in enumerate(zip(PROMPTS, budgets)):
+            requests.append(engine.submit(run.tokenizer.encode(prompt),
+                                          SamplingOptions(max_new_tokens=budget, temperature=0),
+                                          collector.receiver(index)))
+            if index == 3:
+                time.sleep(0.05)
+        done = collector.wait(len(PROMPTS))
+        outputs = {i: r.output for i, r in enumerate(requests)}
+        assert engine.steps < sum(budgets)  # requests really shared decoding steps
+    finally:
+        engine.close()
+    for index, (prompt, budget) in enumerate(zip(PROMPTS, budgets)):
+        expected = alone(run, prompt, budget)
+        assert outputs[index] == expected, prompt
+        assert done[index][0] == run.tokenizer.decode(expected)
+        assert done[index][2] == len(expected)
+        assert done[index][1] == ("length" if len(expected) == budget else "stop")
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(run):
+    options = SamplingOptions(max_new_tokens=20, temperature=1.0, top_k=50, seed=3)
+    engine = Engine(run.model, run.tokenizer, max_batch=4).start()
+    try:
+        collector = Collector()
+        engine.submit(run.tokenizer.encode("The list"), options, collector.receiver(0))
+        solo = collector.wait(1)[0]
+        collector = Collector()
+        for index, prompt in enumerate(["The list", "import", "x", "def "]):
+            engine.submit(run.tokenizer.encode(prompt), options, collector.receiver(index))
+        crowd = collector.wait(4)[0]
+    finally:
+        engine.close()
+    assert solo == crowd
+
+
+def test_cancelled_request_frees_its_slot(run):
+    engine = Engine(run.model, run.tokenizer, max_batch=2).start()
+    try:
+        events: list = []
+        holder: dict = {}
+
+        def receive(event):  # the client goes away as soon as its first text arrives
+            events.append(event)
+            engine.cancel(holder["request"])
+
+        holder["request"] = request = engine.submit(
+            run.tokenizer.encode("x"), SamplingOptions(max_new_tokens=100, temperature=1.0, seed=1,
+                                                       stop_at_eot=False), receive)
+        deadline = time.monotonic() + 30
+        while not (events and engine.stats()["running"] == 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events and engine.stats()["running"] == 0
+        assert request.generated <= 2  # the slot was freed at the next step, not after 100 tokens
+        assert all(event[0] == "text" for event in events)
+        collector = Collector()  # the engine serves on
+        engine.submit(run.tokenizer.encode("The list"), SamplingOptions(max_new_tokens=5, temperature=0),
+                      collector.receiver(0))
+        assert collector.wait(1)[0][2] == len(alone(run, "The list", 5))
+    finally:
+        engine.close()
+
+
+def test_full_queue_is_refused_and_limits_are_checked(run):
+    engine = Engine(run.model, run.tokenizer, max_batch=1, max_queue=1)  # not started: nothing leaves the queue
+    ids = run.tokenizer.encode("x")
+    options = SamplingOptions(max_new_tokens=5)
+    engine.submit(ids, options, lambda event: None)  # takes the free slot
+    engine.submit(ids, options, lambda event: None)  # waits in the queue
+    with pytest.raises(EngineBusy, match="busy"):
+        engine.submit(ids, options, lambda event: None)
+    with pytest.raises(OwnLLMError, match="context window"):
+        engine.submit(list(range(run.config.block_size)), options, lambda event: None)
+    with pytest.raises(OwnLLMError, match="no tokens"):
+        engine.submit([], options, lambda event: None)
+
+
+def test_slot_pool_rows_of_different_lengths_match_separate_caches(run):
+    """One decode step over rows of lengths 3 and 9 gives each row the logits it gets with a cache of its own."""
+    from ownllm.serve.slots import SlotPool
+
+    model = run.model
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    pool = SlotPool(model, slots=2, max_len=32, dtype=torch.float32)
+    with torch.no_grad():
+        for slot, ids in enumerate(rows):
+            model(torch.tensor([ids]), cache=pool.prefill_view(slot))
+            pool.lengths[slot] = len(ids)
+        view = pool.decode_view(2)
+        batched = model(torch.tensor([[20], [21]]), cache=view, positions=view.positions.view(-1, 1))[:, -1]
+        for row, (ids, token) in enumerate(zip(rows, [20, 21])):
+            separate = model(torch.tensor([ids + [token]]))[:, -1]
+            torch.testing.assert_close(batched[row:row + 1], separate, atol=1e-5, rtol=1e-5)
+    assert pool.lengths == [4, 10]
