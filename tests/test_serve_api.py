@@ -144,7 +144,7 @@ def _stream_then_hang_up(server: str) -> None:
     """Start a streamed chat, read its first event, and close the connection."""
     connection = http_client.HTTPConnection(server.removeprefix("http://"), timeout=60)
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story"}],
-                       "stream": True, "max_tokens": 80, "temperature": 1.0})
+                       "stream": True, "max_tokens": 60, "temperature": 1.0})
     connection.request("POST", "/v1/chat/completions", body=body,
                        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
     response = connection.getresponse()
@@ -197,6 +197,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": M}, 400, "prompt"),
     ("/v1/completions", {"model": M, "prompt": "word " * 2000}, 400, "prompt"),
     ("/v1/completions", {"model": M, "prompt": [10**6]}, 400, "prompt"),
+    ("/v1/completions", {"model": M, "prompt": "word " * 20, "max_tokens": 100}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/v1/chat/completions", {"model": M, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": M, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
@@ -288,3 +289,13 @@ def test_classify_endpoint(classifier):
         code, answer = http("POST", url + "/v1/chat/completions",
                             {"model": "sentiment", "messages": [{"role": "user", "content": "hi"}]}, key=None)
         assert code == 400 and "classify" in assert_openai_error(answer)["message"]
+
+
+def test_serve_refuses_bad_input_in_one_line(base, tmp_path):
+    from finetune_helpers import assert_user_error, run_cli
+
+    assert_user_error(run_cli("serve", tmp_path / "nothing"), "nothing")
+    assert_user_error(run_cli("serve", base, "--api-key-file", tmp_path / "missing.txt"), "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n")
+    assert_user_error(run_cli("serve", base, "--api-key-file", tmp_path / "empty.txt"), "empty")
+    assert_user_error(run_cli("serve", base, "--port", "70000"), "70000")

@@ -8,6 +8,7 @@
     ownllm finetune classify|instruct ..., ownllm classify, ownllm chat, ownllm merge-lora   (see cli_finetune)
     ownllm import path/to/hf-model --out runs/base          # or pass the HF directory to any verb directly
     ownllm export runs/my-model --to hf --out exported/hf   # or --to gguf --out m.gguf --quant q8_0
+    ownllm serve runs/my-model --port 8000 [--quantize int8]  # OpenAI-compatible API + chat page (cli_serve)
     ownllm demo
 
 A user mistake (bad file, unknown preset, corrupt checkpoint) prints one line and exits with code 2.
@@ -22,8 +23,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ownllm import cli_serve
 from ownllm.config import PRESETS
 from ownllm.errors import OwnLLMError
+from ownllm.quantize import QUANTIZE_MODES, quantize_model
 
 MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 TRAIN_FLAGS: dict[str, tuple[type, str]] = {
@@ -108,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(gen)
     cli_finetune.add_generate_flags(gen)
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                     help="int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
 
     ev = sub.add_parser("evaluate", help="loss, perplexity and bits per byte on a text file")
     ev.add_argument("model", help="run directory or Hugging Face model directory")
@@ -115,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                    help="measure the model with int8 or bf16 weights (the quality cost of `serve --quantize`)")
 
     imp = sub.add_parser("import", help="convert a Hugging Face model directory (GPT-2, Llama, Qwen2) into a run")
     imp.add_argument("source", help="HF directory: config.json, *.safetensors, tokenizer files")
@@ -128,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GGUF weight type (default f16; 1-D tensors stay f32)")
 
     cli_finetune.add_parsers(sub)  # finetune classify|instruct, classify, chat, merge-lora
+    cli_serve.add_parser(sub)  # serve
 
     demo = sub.add_parser("demo", help="train a small model on Python's own docs (offline) and print samples")
     demo.add_argument("--out", default="runs/demo")
@@ -187,9 +195,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from ownllm.cli_finetune import generate_instruction
 
         return generate_instruction(args)
-    run = load_run(args.model, device=pick_device(args.device))
+    run = load_run(args.model, device=pick_device("cpu" if args.quantize == "int8" else args.device))
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{args.model}: is a classifier run; use `ownllm classify`")
+    run.model = quantize_model(run.model, args.quantize)
     options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=args.stop)
     prompts = args.prompt or [""]
@@ -208,7 +217,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ownllm.device import pick_device
     from ownllm.evaluation import evaluate_text
 
-    run = load_run(args.model, device=pick_device(args.device))
+    run = load_run(args.model, device=pick_device("cpu" if args.quantize == "int8" else args.device))
+    run.model = quantize_model(run.model, args.quantize)
     result = evaluate_text(run.model, run.tokenizer, args.text, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -257,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exit_code = launch(args.nproc, argv)
             if exit_code is not None:
                 return exit_code
+        if args.command in cli_serve.COMMANDS:
+            return cli_serve.COMMANDS[args.command](args) or 0
         if args.command not in COMMANDS:
             from ownllm.cli_finetune import COMMANDS as FINETUNE_COMMANDS
 
