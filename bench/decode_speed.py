@@ -7,7 +7,8 @@
 The model is the `gpt2` preset with random weights (no download), written once as an HF directory (for
 transformers) and as f32 / q8_0 GGUF files (for llama.cpp, when `llama_cpp` is importable). Each engine decodes
 `--new-tokens` tokens greedily after a 16-token prompt, with no stop token; the time counts the prompt too (one
-forward pass). `matvec-chain` is the floor for fp32 PyTorch: only the model's weight matrix-vector products (every
+forward pass). `ownllm-int8` and `ownllm-bf16` are ownllm on the weights of `ownllm serve --quantize int8|bf16`
+(ownllm.quantize); their greedy tokens may differ from fp32's where two logits are close. `matvec-chain` is the floor for fp32 PyTorch: only the model's weight matrix-vector products (every
 layer's four matrices and the head) for each token, no attention, norms or sampling.
 
 The engines are timed in turns, one run each per round, after a warm-up run each, so that load from other work on
@@ -18,6 +19,7 @@ every engine's thread count (default: all cores). Results for this machine type:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -34,10 +36,11 @@ from ownllm.checkpoint import LoadedRun
 from ownllm.config import model_config_from_preset
 from ownllm.generation import SamplingOptions, generate_ids
 from ownllm.model import GPT
+from ownllm.quantize import quantize_model
 from ownllm.tokenizer import train_bpe
 
 PROMPT_LENGTH = 16
-ENGINES = ("ownllm", "transformers", "llama.cpp-f32", "llama.cpp-q8_0", "matvec-chain")
+ENGINES = ("ownllm", "ownllm-int8", "ownllm-bf16", "transformers", "llama.cpp-f32", "llama.cpp-q8_0", "matvec-chain")
 Decode = Callable[[int], list[int]]
 
 
@@ -53,10 +56,13 @@ def build_run(preset: str, folder: Path) -> LoadedRun:
     return LoadedRun(path=folder / preset, model=model, tokenizer=tokenizer, config=model.config, run_config={})
 
 
-def ownllm_decoder(run: LoadedRun, prompt: list[int]) -> Decode:
+def ownllm_decoder(run: LoadedRun, prompt: list[int], quantize: str = "none") -> Decode:
+    """ownllm's decoding, on the model as it is or on a copy quantized like `ownllm serve --quantize`."""
+    model = quantize_model(copy.deepcopy(run.model), quantize) if quantize != "none" else run.model
+
     def decode(n: int) -> list[int]:
         options = SamplingOptions(max_new_tokens=n, temperature=0, stop_at_eot=False)
-        return generate_ids(run.model, [prompt], options)[0]
+        return generate_ids(model, [prompt], options)[0]
 
     return decode
 
@@ -140,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                                generator=torch.Generator().manual_seed(1)).tolist()
         decoders: dict[str, Decode] = {}
         for engine in engines:
-            if engine == "ownllm":
-                decoders[engine] = ownllm_decoder(run, prompt)
+            if engine.startswith("ownllm"):
+                decoders[engine] = ownllm_decoder(run, prompt, engine.split("-")[1] if "-" in engine else "none")
             elif engine == "transformers":
                 decoders[engine] = transformers_decoder(run, prompt, folder)
             elif engine == "matvec-chain":

@@ -1,0 +1,142 @@
+"""Server throughput: generated tokens per second, in total, with 1, 4 and 16 concurrent clients.
+
+    .venv/bin/python bench/serve_throughput.py                          # gpt2 shape (124M), fp32
+    .venv/bin/python bench/serve_throughput.py --quantize int8 --clients 1,16
+    .venv/bin/python bench/serve_throughput.py --preset mini --tokens 64 --requests-per-client 2 --json
+
+Starts `ownllm serve` as a user would (its own process, on 127.0.0.1) on a run of the preset's shape with random
+weights and GPT-2's tokenizer (read from `--tokenizer`, default ../shared/data/rasbt). For each concurrency C, C
+client threads each stream `--requests-per-client` completions (greedy, `--tokens` new tokens, a 16-token prompt)
+one after another with the `openai` client; the figure is all completion tokens (as the server's `usage` counts
+them) divided by the wall time. C = 1 is the sequential baseline; the speedup at C is its ratio to C = 1, measured
+in the same run against the same server. A decoding step reads every weight once whatever the batch, so a batch
+of 16 costs little more than one token: the target is >= 8x at 16 clients. Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_TOKENIZER = HERE.parent.parent / "shared" / "data" / "rasbt"
+
+
+def write_run(preset: str, tokenizer_dir: Path, folder: Path) -> Path:
+    """A run directory with the preset's shape, random weights and the given tokenizer."""
+    from ownllm.checkpoint import WEIGHTS_FILE, save_weights, write_run_config
+    from ownllm.config import ModelConfig, model_config_from_preset
+    from ownllm.model import GPT
+    from ownllm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = model_config_from_preset(preset)
+    config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(0)
+    run = folder / preset
+    run.mkdir(parents=True)
+    save_weights(GPT(config), run / WEIGHTS_FILE)
+    tokenizer.save(run / "tokenizer")
+    write_run_config(run, config, task="lm", preset=preset)
+    return run
+
+
+def start_server(run: Path, port: int, quantize: str, max_batch: int, threads: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "ownllm", "serve", str(run), "--port", str(port), "--model-name", "bench",
+               "--quantize", quantize, "--max-batch", str(max_batch), "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    import urllib.request
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: {process.stderr.read()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit("the server did not start in 5 minutes")
+
+
+def measure(base_url: str, clients: int, requests_per_client: int, tokens: int, prompt: list[int]) -> dict:
+    from openai import OpenAI
+
+    counts: list[int] = []
+    errors: list[str] = []
+
+    def client_thread() -> None:
+        client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+        for _ in range(requests_per_client):
+            try:
+                stream = client.completions.create(model="bench", prompt=prompt, max_tokens=tokens, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True})
+                usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+                counts.append(usage[-1].completion_tokens)
+            except Exception as error:  # noqa: BLE001 - reported in the results
+                errors.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=client_thread) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    return {"clients": clients, "requests": len(counts), "errors": len(errors), "completion_tokens": sum(counts),
+            "seconds": round(seconds, 2), "tokens_per_sec": round(sum(counts) / seconds, 1),
+            "first_error": errors[0] if errors else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+                        help="GPT-2 tokenizer files (encoder.json + vocab.bpe) or any tokenizer directory")
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--quantize", default="none", choices=["none", "bf16", "int8"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+    prompt = torch.randint(0, 50_000, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = write_run(args.preset, args.tokenizer, Path(tmp))
+        server = start_server(run, args.port, args.quantize, max(levels), args.threads)
+        base_url = f"http://127.0.0.1:{args.port}/v1"
+        try:
+            measure(base_url, 1, 1, 8, prompt)  # warm-up
+            results = [measure(base_url, c, args.requests_per_client, args.tokens, prompt) for c in levels]
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    baseline = results[0]["tokens_per_sec"]
+    for result in results:
+        result.update(preset=args.preset, quantize=args.quantize, tokens=args.tokens,
+                      speedup_vs_first=round(result["tokens_per_sec"] / baseline, 2))
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(f"{result['clients']:>3} clients: {result['tokens_per_sec']:7.1f} tok/s in total "
+                  f"({result['completion_tokens']} tokens, {result['requests']} requests, {result['seconds']} s), "
+                  f"{result['speedup_vs_first']}x vs {levels[0]} client(s); errors {result['errors']}"
+                  + (f" ({result['first_error']})" if result["first_error"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
