@@ -233,8 +233,12 @@ def _sse(data: Any) -> str:
 # ---- the application ----------------------------------------------------------------------------------------------
 
 def create_app(run: LoadedRun, *, model_name: str, api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 64, context: int | None = None, max_body_bytes: int = 4 << 20) -> FastAPI:
-    """The server for one loaded model. A classifier run answers /v1/classify; a language model the rest."""
+               max_queue: int = 64, context: int | None = None, max_body_bytes: int = 4 << 20,
+               start_engine: bool = True) -> FastAPI:
+    """The server for one loaded model. A classifier run answers /v1/classify; a language model the rest.
+
+    The engine (`app.state.engine`) runs on a thread of its own while the app is up; with `start_engine=False`
+    the caller runs it (`engine.run()`, what `ownllm serve` does on the main thread)."""
     is_classifier = run.run_config.get("task") == "classify"
     engine = None if is_classifier else Engine(run.model, run.tokenizer, max_batch, max_queue, context)
     chat_format = None if is_classifier else chat_format_for(run.run_config, run.tokenizer)
@@ -243,7 +247,7 @@ def create_app(run: LoadedRun, *, model_name: str, api_key: str | None = None, m
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if engine is not None:
+        if engine is not None and start_engine:
             engine.start()
         yield
         if engine is not None:

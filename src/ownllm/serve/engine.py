@@ -5,7 +5,7 @@
     request = engine.submit(prompt_ids, SamplingOptions(max_new_tokens=50, temperature=0), on_event=print)
     # on_event gets ("text", piece) as text becomes final, then ("done", finish_reason, usage) or ("error", message)
 
-A worker thread owns the model. Each loop it prefills newly arrived requests (alone, into a free slot of the KV
+A worker thread owns the model. Each loop it prefills newly arrived requests (together, into free slots of the KV
 pool) and then runs one batched decoding step over every running request: decoding a token reads every weight
 once whatever the batch, so 16 requests cost little more than one. Every request samples with its own options and
 its own random generator, so its tokens do not depend on what else is running. Requests finish at the end-of-text
@@ -81,19 +81,27 @@ class Engine:
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="ownllm-engine", daemon=True)
+        self.cancelled = 0  # requests dropped because their client went away
         self.steps = 0  # decoding steps run, for /health and the benchmarks
 
     # ---- the caller's side -----------------------------------------------------------------------------------
 
     def start(self) -> "Engine":
+        """Run the engine on a thread of its own."""
         self._thread.start()
         return self
+
+    def run(self, keep_going: Callable[[], bool] = lambda: True) -> None:
+        """Run the engine on the calling thread until `close()` or until `keep_going()` is false (checked twice a
+        second while idle). `ownllm serve` runs it on the main thread: PyTorch's CPU kernels ran ~20% slower here
+        on a secondary thread, whose OpenMP team competes with the main thread's."""
+        self._loop(keep_going)
 
     def close(self) -> None:
         with self._wake:
             self._closing = True
             self._wake.notify()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
     def submit(self, prompt: list[int], options: SamplingOptions, on_event: Callable[[Event], None]) -> Request:
@@ -125,17 +133,17 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self._running), "queued": len(self._waiting), "slots": self.max_batch,
-                "context": self.context, "steps": self.steps}
+                "context": self.context, "steps": self.steps, "cancelled": self.cancelled}
 
     # ---- the worker thread -----------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, keep_going: Callable[[], bool] = lambda: True) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._closing and not self._waiting and not self._running:
-                        self._wake.wait()
-                    if self._closing:
+                    while not self._closing and not self._waiting and not self._running and keep_going():
+                        self._wake.wait(timeout=0.5)
+                    if self._closing or not keep_going():
                         break
                     admitted = []
                     while self._waiting and len(self._running) + len(admitted) < self.max_batch:
@@ -143,8 +151,8 @@ class Engine:
                         if not request.cancelled:
                             admitted.append(request)
                 try:
-                    for request in admitted:
-                        self._prefill(request)
+                    for group in _prefill_groups(admitted):
+                        self._prefill(group)
                     self._drop_finished()
                     if self._running:
                         self._decode_step()
@@ -158,13 +166,22 @@ class Engine:
         for request in [*self._running, *self._waiting]:
             self._emit(request, ("error", "the server is shutting down"))
 
-    def _prefill(self, request: Request) -> None:
-        request.slot = len(self._running)
-        self._running.append(request)
-        ids = torch.tensor([request.prompt], device=self.device)
-        logits = self.model(ids, cache=self.pool.prefill_view(request.slot))[:, -1]
-        self.pool.lengths[request.slot] = len(request.prompt)
-        self._accept(request, int(sample_next(logits, request.options, request.generator)))
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prompts into consecutive free slots in one forward pass (right-padded), and each one's first token."""
+        first = len(self._running)
+        for offset, request in enumerate(requests):
+            request.slot = first + offset
+            self._running.append(request)
+        width = max(len(r.prompt) for r in requests)
+        ids = torch.zeros(len(requests), width, dtype=torch.long)
+        for row, request in enumerate(requests):
+            ids[row, : len(request.prompt)] = torch.tensor(request.prompt)
+        hidden = self.model.hidden_states(ids.to(self.device), cache=self.pool.prefill_view(first, len(requests)))
+        last = torch.tensor([len(r.prompt) - 1 for r in requests], device=self.device)
+        logits = self.model.lm_head(hidden[torch.arange(len(requests), device=self.device), last])  # last only
+        for row, request in enumerate(requests):
+            self.pool.lengths[request.slot] = len(request.prompt)
+            self._accept(request, int(sample_next(logits[row:row + 1], request.options, request.generator)))
 
     def _decode_step(self) -> None:
         running = self._running
@@ -172,8 +189,12 @@ class Engine:
         tokens = torch.tensor([[r.next_token] for r in running], device=self.device)
         logits = self.model(tokens, cache=view, positions=view.positions.view(-1, 1))[:, -1]
         self.steps += 1
-        for row, request in enumerate(running):
-            self._accept(request, int(sample_next(logits[row:row + 1], request.options, request.generator)))
+        if all(r.options.temperature == 0 for r in running):  # all greedy: one argmax for the batch
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = [int(sample_next(logits[row:row + 1], r.options, r.generator)) for row, r in enumerate(running)]
+        for request, token in zip(running, tokens):
+            self._accept(request, token)
 
     def _accept(self, request: Request, token: int) -> None:
         """Take a sampled token: emit its text, or finish the request."""
@@ -212,9 +233,26 @@ class Engine:
             request = self._running[slot]
             if not (request.finished or request.cancelled):
                 continue
+            if request.cancelled:
+                self.cancelled += 1
             last = len(self._running) - 1
             if slot != last:
                 self.pool.move(last, slot)
                 self._running[slot] = self._running[last]
                 self._running[slot].slot = slot
             self._running.pop()
+
+
+def _prefill_groups(requests: list[Request], max_padding: float = 0.5) -> list[list[Request]]:
+    """Requests sorted by prompt length, cut into groups whose right-padding adds at most `max_padding` of their
+    real tokens (so one long prompt does not make many short ones pay for its length)."""
+    groups: list[list[Request]] = []
+    for request in sorted(requests, key=lambda r: len(r.prompt)):
+        if groups:
+            group = groups[-1]
+            real = sum(len(r.prompt) for r in group) + len(request.prompt)
+            if len(request.prompt) * (len(group) + 1) <= (1 + max_padding) * real:
+                group.append(request)
+                continue
+        groups.append([request])
+    return groups

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
+import threading
 from pathlib import Path
 
 from ownllm.errors import OwnLLMError
@@ -45,6 +47,10 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
     from ownllm.serve.app import create_app
 
     api_key = read_api_key(api_key_file) if api_key_file else None
+    # The engine thread runs the model while the event loop thread serves the clients; both need the GIL between
+    # torch ops. Python's default 5 ms switch interval would let a busy event loop hold the engine up that long at
+    # each of a decoding step's ~300 op boundaries.
+    sys.setswitchinterval(float(os.environ.get("OWNLLM_SWITCH_INTERVAL", "0.0005")))
     if not 0 < port < 65536:
         raise OwnLLMError(f"--port {port} is not a TCP port (1-65535)")
     target = pick_device("cpu" if quantize == "int8" else device)
@@ -52,11 +58,29 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
     run.model = quantize_model(run.model, quantize)
     name = model_name or Path(model).resolve().name
     app = create_app(run, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     context=context)
+                     context=context, start_engine=False)
     if not is_loopback(host) and api_key is None:
         print(f"warning: serving on {host} without --api-key-file: anyone who can reach this port can use it",
               file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} ({run.config.n_layer} layers, context {run.config.block_size}, quantize {quantize}) "
           f"at http://{shown}:{port}/  (OpenAI API at http://{shown}:{port}/v1)", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    http_thread = threading.Thread(target=server.run, name="ownllm-http", daemon=True)
+    http_thread.start()
+    engine = app.state.engine
+    try:
+        if engine is not None:
+            engine.run(keep_going=http_thread.is_alive)  # the model on the main thread, HTTP beside it
+        else:
+            while http_thread.is_alive():
+                http_thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http_thread.join(timeout=30)
+        if engine is not None:
+            engine.close()
+    if not server.started:
+        raise OwnLLMError(f"could not listen on {host}:{port} (is another server using the port?)")

@@ -2,9 +2,10 @@
 
 Rows 0..active-1 are the requests being decoded; a request that finishes hands its slot to the last active row
 (one row copied), so a decoding step always works on the contiguous rows [0, active) without gathering.
-A new request is prefilled alone into a free slot through `prefill_view`; then `decode_view` lets one model call
-append one token to every active row, at each row's own position, with a mask that hides the other rows' unused
-tail of the cache.
+Requests arriving together are prefilled together into free slots through `prefill_view`; then `decode_view`
+lets one model call
+append one token to every active row, at each row's own position, with a mask that hides the other rows'
+unused tail of the cache.
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ class SlotPool:
         self.lengths = [0] * slots
         self.slots, self.max_len, self.device = slots, max_len, device
 
-    def prefill_view(self, slot: int) -> KVCache:
-        """An empty batch-1 cache writing straight into `slot` (its earlier contents are overwritten)."""
-        self.lengths[slot] = 0
-        return KVCache.over(self.keys[:, slot:slot + 1], self.values[:, slot:slot + 1])
+    def prefill_view(self, first: int, count: int = 1) -> KVCache:
+        """An empty cache for slots [first, first + count) writing straight into them (earlier contents are
+        overwritten). Prompts of different lengths go in right-padded: under the causal mask a real token never
+        sees the padding after it, and the padding's keys lie beyond the row's length, hidden and then
+        overwritten by decoding."""
+        for slot in range(first, first + count):
+            self.lengths[slot] = 0
+        return KVCache.over(self.keys[:, first:first + count], self.values[:, first:first + count])
 
     def decode_view(self, active: int) -> "DecodeView":
         return DecodeView(self, active)
@@ -48,22 +53,28 @@ class DecodeView:
 
     def __init__(self, pool: SlotPool, active: int) -> None:
         self.pool, self.active = pool, active
-        self.positions = torch.tensor(pool.lengths[:active], device=pool.device)  # where each row's token goes
-        self.end = max(pool.lengths[:active]) + 1
+        lengths = pool.lengths[:active]
+        self.positions = torch.tensor(lengths, device=pool.device)  # where each row's token goes
+        self.end = max(lengths) + 1
         self.length = self.end - 1  # for the model's bounds check: the longest row
         self.max_len = pool.max_len
+        self.aligned = min(lengths) == self.length  # every row at the same position: plain slices, no mask
         self._rows = torch.arange(active, device=pool.device)
 
     def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         keys, values = self.pool.keys[layer], self.pool.values[layer]
-        keys[self._rows, :, self.positions] = k[:, :, 0]
-        values[self._rows, :, self.positions] = v[:, :, 0]
+        if self.aligned:
+            keys[: self.active, :, self.length] = k[:, :, 0]
+            values[: self.active, :, self.length] = v[:, :, 0]
+        else:
+            keys[self._rows, :, self.positions] = k[:, :, 0]
+            values[self._rows, :, self.positions] = v[:, :, 0]
         return keys[: self.active, :, : self.end], values[: self.active, :, : self.end]
 
     def attention_mask(self, time: int, device: torch.device) -> Tensor | None:
         if time != 1:
             raise ValueError("a decode step appends exactly one token per row")
-        if all(length == self.length for length in self.pool.lengths[: self.active]):
+        if self.aligned:
             return None  # every row sees every key: no mask needed
         key_pos = torch.arange(self.end, device=device)
         return (key_pos[None, :] <= self.positions[:, None]).view(self.active, 1, 1, self.end)
