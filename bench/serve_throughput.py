@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve_throughput.py                          # gpt2 shape (124M), fp32
     .venv/bin/python bench/serve_throughput.py --quantize int8 --clients 1,16
     .venv/bin/python bench/serve_throughput.py --preset mini --tokens 64 --requests-per-client 2 --json
+    .venv/bin/python bench/serve_throughput.py --step-cost --clients 1,16   # and the model's step cost by rows
 
 Starts `ownllm serve` as a user would (its own process, on 127.0.0.1) on a run of the preset's shape with random
 weights and GPT-2's tokenizer (read from `--tokenizer`, default ../shared/data/rasbt). For each concurrency C, C
@@ -115,6 +116,30 @@ def measure(port: int, clients: int, requests_per_client: int, tokens: int, prom
             "first_error": errors[0] if errors else None}
 
 
+def step_costs(run_dir: Path, batches: list[int], quantize: str, steps: int = 10) -> dict[int, float]:
+    """Milliseconds per decoding step of the engine's model call with `b` rows, in this process (no HTTP)."""
+    import ownllm
+    from ownllm.quantize import model_dtype, quantize_model
+    from ownllm.serve.slots import SlotPool
+
+    run = ownllm.load(run_dir)
+    model = quantize_model(run.model, quantize)
+    costs = {}
+    with torch.inference_mode():
+        for rows in batches:
+            pool = SlotPool(model, rows, 256, model_dtype(model))
+            model.hidden_states(torch.randint(0, 50_000, (rows, 16)), cache=pool.prefill_view(0, rows))
+            pool.lengths[:rows] = [16] * rows
+            ids = torch.randint(0, 50_000, (rows, 1))
+            for step in range(steps + 2):
+                if step == 2:
+                    start = time.perf_counter()
+                view = pool.decode_view(rows)
+                model(ids, cache=view, positions=view.positions.view(-1, 1)).argmax(-1)
+            costs[rows] = round(1000 * (time.perf_counter() - start) / steps, 1)
+    return costs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2")
@@ -126,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", default="none", choices=["none", "bf16", "int8"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--step-cost", action="store_true",
+                        help="also time one decoding step of the model with 1 row and with the largest --clients rows")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -133,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run = write_run(args.preset, args.tokenizer, Path(tmp))
         server = start_server(run, args.port, args.quantize, max(levels), args.threads)
+        if args.step_cost:
+            costs = step_costs(run, [1, max(levels)], args.quantize)
+            print(f"one decoding step: {costs[1]} ms with 1 row, {costs[max(levels)]} ms with {max(levels)} rows "
+                  f"(the most the batch can gain: {max(levels) * costs[1] / costs[max(levels)]:.1f}x)")
         try:
             measure(args.port, 1, 1, 8, prompt)  # warm-up
             results = [measure(args.port, c, args.requests_per_client, args.tokens, prompt) for c in levels]

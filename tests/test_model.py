@@ -110,3 +110,11 @@ def test_presets_and_overrides():
     with pytest.raises(OwnLLMError, match="divisible"):
         ModelConfig(n_embd=100, n_head=3)
     assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_last_only_logits_equal_the_last_position_of_all_logits():
+    torch.manual_seed(0)
+    model = GPT(model_config_from_preset("tiny", vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (3, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, last_only=True), model(ids)[:, -1:])

@@ -105,8 +105,7 @@ class _Decoder:
         self.cache = self.model.new_cache(len(rows), min(self.window, needed))
         self.cache.key_valid[:, : ids.shape[1]] = valid
         self.next_pos = positions[:, -1] + 1
-        hidden = self.model.hidden_states(ids, cache=self.cache, positions=positions)
-        return self.model.lm_head(hidden[:, -1])  # the head on the last position only: prompts can be long
+        return self.model(ids, cache=self.cache, positions=positions, last_only=True)[:, -1]
 
     def step(self, tokens: Tensor, history: Sequence[Sequence[int]]) -> Tensor:
         assert self.cache is not None and self.next_pos is not None

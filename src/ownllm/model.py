@@ -232,9 +232,12 @@ class GPT(nn.Module):
             cache.advance(time)
         return self.norm(x)
 
-    def forward(self, ids: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
-        """Next-token logits [batch, time, vocab] for every position of `ids` [batch, time]."""
-        return self.lm_head(self.hidden_states(ids, cache=cache, positions=positions))
+    def forward(self, ids: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Next-token logits [batch, time, vocab] for every position of `ids` [batch, time]; with `last_only`, for
+        the last position only ([batch, 1, vocab]: what decoding needs after a long prompt)."""
+        hidden = self.hidden_states(ids, cache=cache, positions=positions)
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (tied weights counted once); optionally without the embedding tables."""
