@@ -299,3 +299,28 @@ def test_serve_refuses_bad_input_in_one_line(base, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     assert_user_error(run_cli("serve", base, "--api-key-file", tmp_path / "empty.txt"), "empty")
     assert_user_error(run_cli("serve", base, "--port", "70000"), "70000")
+
+
+def test_a_full_server_answers_503_with_retry_after(loaded):
+    """One slot and no queue: while a request runs, the next one is refused at once, not queued without bound."""
+    import urllib.error
+    import urllib.request
+
+    from ownllm.serve.app import create_app
+
+    with serve_in_thread(create_app(loaded, model_name="tiny", max_batch=1, max_queue=0)) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert greedy_completion(loaded, "The list", 100)[1] == 100  # greedy runs the whole budget, no early end
+        stream = client.completions.create(model="tiny", prompt="The list", max_tokens=100, temperature=0,
+                                           stream=True)
+        next(iter(stream))  # the first request now holds the only slot
+        request = urllib.request.Request(url + "/v1/completions", method="POST",
+                                         data=json.dumps({"model": "tiny", "prompt": "x"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert assert_openai_error(json.loads(refused.value.read()))["code"] == "server_busy"
+        assert "".join(chunk.choices[0].text for chunk in stream)  # the running request is unharmed
+        assert http("POST", url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2},
+                    key=None)[0] == 200  # and the slot is free again
