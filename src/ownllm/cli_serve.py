@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
     srv.add_argument("--context", type=int, default=None,
-                     help="tokens per request kept in the KV cache (default: the model's context window)")
+                     help="tokens per request kept in the KV cache (default: the model's context window, at most "
+                          "4096; the cache holds --max-batch x --context positions)")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 

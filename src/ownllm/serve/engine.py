@@ -33,6 +33,7 @@ from ownllm.serve.slots import SlotPool
 from ownllm.tokenizer import Tokenizer
 
 Event = tuple[Any, ...]
+DEFAULT_CONTEXT = 4096  # tokens per slot unless --context says otherwise: open models declare windows of 32k+
 
 
 class EngineBusy(OwnLLMError):
@@ -72,7 +73,9 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise OwnLLMError("--max-batch must be at least 1 and --max-queue at least 0")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.context = min(context or model.config.block_size, model.config.block_size)
+        if context is not None and context < 2:
+            raise OwnLLMError("--context must be at least 2 tokens")
+        self.context = min(context or min(model.config.block_size, DEFAULT_CONTEXT), model.config.block_size)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.pool = SlotPool(model, max_batch, self.context, model_dtype(model))
         self.device = self.pool.device
@@ -130,6 +133,10 @@ class Engine:
         request.cancelled = True
         with self._wake:
             self._wake.notify()
+
+    def pool_bytes(self) -> int:
+        """Memory held by the KV-cache pool."""
+        return 2 * self.pool.keys.numel() * self.pool.keys.element_size()
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self._running), "queued": len(self._waiting), "slots": self.max_batch,

@@ -63,12 +63,14 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
         print(f"warning: serving on {host} without --api-key-file: anyone who can reach this port can use it",
               file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name} ({run.config.n_layer} layers, context {run.config.block_size}, quantize {quantize}) "
+    engine = app.state.engine
+    pool = f", KV cache {engine.pool_bytes() / 2**20:,.0f} MiB for {engine.max_batch}x{engine.context} tokens" \
+        if engine is not None else ""
+    print(f"serving {name} ({run.config.n_layer} layers, context {run.config.block_size}, quantize {quantize}{pool}) "
           f"at http://{shown}:{port}/  (OpenAI API at http://{shown}:{port}/v1)", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     http_thread = threading.Thread(target=server.run, name="ownllm-http", daemon=True)
     http_thread.start()
-    engine = app.state.engine
     try:
         if engine is not None:
             engine.run(keep_going=http_thread.is_alive)  # the model on the main thread, HTTP beside it
