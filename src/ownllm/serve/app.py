@@ -171,6 +171,8 @@ def sampling_options(body: _Sampling, context: int, default_max_tokens: int, sto
         temperature, top_p = 0.0, None  # nothing but the most likely token
     if body.top_k is not None and body.top_k < 1:
         raise BadRequest(f"top_k must be at least 1; got {body.top_k}", "top_k")
+    if body.seed is not None and not -(2**63) <= body.seed < 2**63:
+        raise BadRequest(f"seed must be a 64-bit integer; got {body.seed}", "seed")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
         raise BadRequest(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings", "stop")
