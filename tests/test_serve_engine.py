@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from finetune_helpers import single_thread
 from ownllm.errors import OwnLLMError
 from ownllm.generation import SamplingOptions, generate_ids
 from ownllm.serve.engine import Engine, EngineBusy
@@ -21,8 +22,8 @@ PROMPTS = ["The list", "def f(x):\n    return", "In Python, a", "import", "class
 def run(base):
     import ownllm
 
-    torch.set_num_threads(1)
-    return ownllm.load(base)
+    with single_thread():
+        yield ownllm.load(base)
 
 
 class Collector:

@@ -120,7 +120,9 @@ class Engine:
         with self._wake:
             if self._closing:
                 raise EngineBusy("the server is shutting down")
-            free = self.max_batch - len(self._running)
+            # A finished request's slot is free: it is dropped before the next admission (its client may already
+            # have its answer and be sending the next request).
+            free = self.max_batch - sum(not r.finished for r in list(self._running))
             if len(self._waiting) + 1 - free > self.max_queue:  # this one would wait beyond the queue's room
                 raise EngineBusy(f"the server is busy ({len(self._running)} running, {len(self._waiting)} queued): "
                                  "retry later")
