@@ -4,16 +4,17 @@
     .venv/bin/python bench/decode_speed.py --rounds 3 --threads 1
     .venv/bin/python bench/decode_speed.py --preset mini --only ownllm,transformers --json
 
-The model is the `gpt2` preset with random weights (no download), written once as an HF directory (for
-transformers) and as f32 / q8_0 GGUF files (for llama.cpp, when `llama_cpp` is importable). Each engine decodes
-`--new-tokens` tokens greedily after a 16-token prompt, with no stop token; the time counts the prompt too (one
-forward pass). `ownllm-int8` and `ownllm-bf16` are ownllm on the weights of `ownllm serve --quantize int8|bf16`
-(ownllm.quantize); their greedy tokens may differ from fp32's where two logits are close. `matvec-chain` is the floor for fp32 PyTorch: only the model's weight matrix-vector products (every
-layer's four matrices and the head) for each token, no attention, norms or sampling.
+The model is the `gpt2` preset with random weights (no download), written once as an HF directory (for transformers)
+and as f32 / q8_0 GGUF files (for llama.cpp, when `llama_cpp` is importable). Each engine decodes `--new-tokens`
+tokens greedily after a 16-token prompt, with no stop token; the time counts the prompt too (one forward pass).
+`ownllm-int8` and `ownllm-bf16` are ownllm on the weights of `ownllm serve --quantize int8|bf16` (ownllm.quantize);
+their greedy tokens may differ from fp32's where two logits are close. `matvec-chain` is the floor for fp32 PyTorch:
+only the model's weight matrix-vector products (every layer's four matrices and the head) for each token, no
+attention, norms or sampling.
 
-The engines are timed in turns, one run each per round, after a warm-up run each, so that load from other work on
-a shared machine falls on all of them alike; the report gives the median and the best round. `--threads` sets
-every engine's thread count (default: all cores). Results for this machine type: docs/benchmarks.md.
+The engines are timed in turns, one run each per round, after a warm-up run each, so that load from other work on a
+shared machine falls on all of them alike; the report gives the median and the best round. `--threads` sets every
+engine's thread count (default: all cores). Results for this machine type: docs/benchmarks.md.
 """
 
 from __future__ import annotations

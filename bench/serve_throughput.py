@@ -9,10 +9,11 @@ Starts `ownllm serve` as a user would (its own process, on 127.0.0.1) on a run o
 weights and GPT-2's tokenizer (read from `--tokenizer`, default ../shared/data/rasbt). For each concurrency C, C
 client threads each stream `--requests-per-client` completions (greedy, `--tokens` new tokens, a 16-token prompt)
 one after another over plain HTTP (a light load generator: the `openai` client parsing every chunk would take CPU
-the server needs on a 2-core machine; the tests use the real client); the figure is all completion tokens (as the server's `usage` counts
-them) divided by the wall time. C = 1 is the sequential baseline; the speedup at C is its ratio to C = 1, measured
-in the same run against the same server. A decoding step reads every weight once whatever the batch, so a batch
-of 16 costs little more than one token: the target is >= 8x at 16 clients. Results: docs/benchmarks.md.
+the server needs on a 2-core machine; the tests use the real client); the figure is all completion tokens (as the
+server's `usage` counts them) divided by the wall time. C = 1 is the sequential baseline; the speedup at C is its
+ratio to C = 1, measured in the same run against the same server. A decoding step reads every weight once whatever
+the batch, which is why batching pays (`--step-cost` shows what 16 rows cost here): the target is >= 8x at 16
+clients. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

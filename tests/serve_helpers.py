@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from finetune_helpers import single_thread
+
 API_KEY = "test-key-123"
 
 
@@ -88,6 +90,18 @@ def http(method: str, url: str, body: Any = None, key: str | None = API_KEY, raw
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def greedy_chat(run: Any, conversation: list[str], max_tokens: int) -> str:
+    """The greedy answer to alternating user/assistant messages, decoded alone in this process with the run's
+    template (ChatML for a base model, as the server falls back to)."""
+    from ownllm.data.instructions import Message, get_template
+    from ownllm.generation import SamplingOptions, chat_reply
+
+    messages = [Message("user" if i % 2 == 0 else "assistant", text) for i, text in enumerate(conversation)]
+    with single_thread():
+        return chat_reply(run.model, run.tokenizer, get_template(run.run_config.get("template") or "chatml"),
+                          messages, SamplingOptions(max_new_tokens=max_tokens, temperature=0))
 
 
 def assert_openai_error(body: Any) -> dict:

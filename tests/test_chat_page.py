@@ -6,8 +6,10 @@ import shutil
 
 import pytest
 
+import ownllm
+
 from finetune_helpers import instruction_records, single_thread, write_json
-from serve_helpers import API_KEY, serve_process
+from serve_helpers import API_KEY, greedy_chat, serve_process
 
 FRUITS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]  # finetune_helpers.instruction_records
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -47,17 +49,6 @@ def browser():
         browser.close()
 
 
-def greedy_reply(run_dir, conversation: list[str], max_tokens: int) -> str:
-    import ownllm
-    from ownllm.data.instructions import Message, get_template
-    from ownllm.generation import SamplingOptions, chat_reply
-
-    run = ownllm.load(run_dir)
-    messages = [Message("user" if i % 2 == 0 else "assistant", text) for i, text in enumerate(conversation)]
-    return chat_reply(run.model, run.tokenizer, get_template(run.run_config["template"]), messages,
-                      SamplingOptions(max_new_tokens=max_tokens, temperature=0))
-
-
 def test_chat_page_streams_answers_and_keeps_the_conversation(page_server, browser, assistant, tmp_path):
     page = browser.new_page()
     page.goto(page_server + "/")
@@ -77,7 +68,7 @@ def test_chat_page_streams_answers_and_keeps_the_conversation(page_server, brows
     page.wait_for_selector(".message.assistant:not(.streaming)", timeout=60_000)
     first = page.text_content(".message.assistant")
     assert page.inner_text(".message.user") == "Say plum."
-    assert first == greedy_reply(assistant, ["Say plum."], 24)
+    assert first == greedy_chat(ownllm.load(assistant), ["Say plum."], 24)
     assert any(word in first for word in FRUITS)  # a real answer of the kind it was taught, not noise
 
     page.fill("#input", "Say fig.")
@@ -86,7 +77,8 @@ def test_chat_page_streams_answers_and_keeps_the_conversation(page_server, brows
                            timeout=60_000)
     assert page.locator(".message.user").all_inner_texts() == ["Say plum.", "Say fig."]
     second = page.locator(".message.assistant").nth(1).text_content()
-    assert second == greedy_reply(assistant, ["Say plum.", first, "Say fig."], 24)  # the whole conversation went
+    # the whole conversation went to the server (trimmed to fit its context, as the page does)
+    assert second == greedy_chat(ownllm.load(assistant), ["Say plum.", first, "Say fig."], 24)
     page.screenshot(path=str(tmp_path / "chat.png"))
 
     # An error from the server shows on the page and the question goes back out of the conversation.

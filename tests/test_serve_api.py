@@ -5,13 +5,12 @@ from __future__ import annotations
 import http.client as http_client
 import json
 import threading
-from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
 from finetune_helpers import sentiment_lines, single_thread
-from serve_helpers import API_KEY, assert_openai_error, http, serve_in_thread, serve_process
+from serve_helpers import API_KEY, assert_openai_error, greedy_chat, http, serve_in_thread, serve_process
 
 PROMPTS = ["The list", "def ", "Return the", "In Python,", "class A", "import", "A string", "for x in"]
 
@@ -47,15 +46,6 @@ def greedy_completion(run, prompt: str, max_tokens: int) -> tuple[str, int]:
     return run.tokenizer.decode(ids), len(ids)
 
 
-def greedy_chat(run, content: str, max_tokens: int) -> str:
-    from ownllm.data.instructions import Message, get_template
-    from ownllm.generation import SamplingOptions, chat_reply
-
-    with single_thread():  # a base model without a template is served with ChatML, like llama.cpp's server
-        return chat_reply(run.model, run.tokenizer, get_template("chatml"), [Message("user", content)],
-                          SamplingOptions(max_new_tokens=max_tokens, temperature=0))
-
-
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
@@ -85,7 +75,7 @@ def test_chat_streamed_equals_not_streamed(client, loaded):
     messages = [{"role": "user", "content": "What is a list?"}]
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
     assert plain.choices[0].message.role == "assistant"
-    assert plain.choices[0].message.content == greedy_chat(loaded, "What is a list?", 20)
+    assert plain.choices[0].message.content == greedy_chat(loaded, ["What is a list?"], 20)
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"

@@ -26,7 +26,7 @@ from pathlib import Path
 from ownllm import cli_serve
 from ownllm.config import PRESETS
 from ownllm.errors import OwnLLMError
-from ownllm.quantize import QUANTIZE_MODES, quantize_model
+from ownllm.quantize import QUANTIZE_MODES, load_quantized
 
 MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 TRAIN_FLAGS: dict[str, tuple[type, str]] = {
@@ -187,18 +187,15 @@ def _is_main_process() -> bool:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from ownllm.checkpoint import load_run
-    from ownllm.device import pick_device
     from ownllm.generation import SamplingOptions, generate
 
     if args.instruction is not None:
         from ownllm.cli_finetune import generate_instruction
 
         return generate_instruction(args)
-    run = load_run(args.model, device=pick_device("cpu" if args.quantize == "int8" else args.device))
+    run = load_quantized(args.model, args.quantize, args.device)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{args.model}: is a classifier run; use `ownllm classify`")
-    run.model = quantize_model(run.model, args.quantize)
     options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=args.stop)
     prompts = args.prompt or [""]
@@ -213,12 +210,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from ownllm.checkpoint import load_run
-    from ownllm.device import pick_device
     from ownllm.evaluation import evaluate_text
 
-    run = load_run(args.model, device=pick_device("cpu" if args.quantize == "int8" else args.device))
-    run.model = quantize_model(run.model, args.quantize)
+    run = load_quantized(args.model, args.quantize, args.device)
     result = evaluate_text(run.model, run.tokenizer, args.text, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result.to_dict()))

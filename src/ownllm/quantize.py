@@ -15,11 +15,16 @@ natively, i.e. with AMX; on other CPUs it mostly halves memory). The quality cos
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ownllm.errors import OwnLLMError
+
+if TYPE_CHECKING:
+    from ownllm.checkpoint import LoadedRun
 
 QUANTIZE_MODES = ("none", "bf16", "int8")
 
@@ -43,6 +48,16 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+
+def load_quantized(path: str | Path, mode: str, device: str = "auto") -> "LoadedRun":
+    """`ownllm.load(path)` with its model in `mode` (int8 loads on the CPU, where its kernels run)."""
+    from ownllm.checkpoint import load_run
+    from ownllm.device import pick_device
+
+    run = load_run(path, device=pick_device("cpu" if mode == "int8" else device))
+    run.model = quantize_model(run.model, mode)
+    return run
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

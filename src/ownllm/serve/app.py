@@ -350,9 +350,8 @@ def create_app(run: LoadedRun, *, model_name: str, api_key: str | None = None, m
             raise BadRequest("echo, logprobs and best_of are not supported", "echo")
         prompts = _completion_prompts(body.prompt)
         ids = [encode_completion_prompt(run.tokenizer, p) for p in prompts]
-        _check_context(ids, engine.context, "prompt")
         options = sampling_options(body, engine.context, default_max_tokens=16)
-        _check_room(ids, options.max_new_tokens, engine.context)
+        _check_fits(ids, options.max_new_tokens, engine.context, "prompt")
         job = Job(engine, ids, options)
         response_id, stamp = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": response_id, "object": "text_completion", "created": stamp, "model": model_name,
@@ -383,10 +382,9 @@ def create_app(run: LoadedRun, *, model_name: str, api_key: str | None = None, m
         if body.response_format and body.response_format.get("type") not in (None, "text"):
             raise BadRequest("only response_format type 'text' is supported", "response_format")
         prompt = chat_format.encode(parse_messages(body.messages))
-        _check_context([prompt], engine.context, "messages")
-        options = sampling_options(body, engine.context, default_max_tokens=engine.context - len(prompt),
+        options = sampling_options(body, engine.context, default_max_tokens=max(1, engine.context - len(prompt)),
                                    stop=chat_format.stop, max_tokens=body.max_completion_tokens or body.max_tokens)
-        _check_room([prompt], options.max_new_tokens, engine.context)
+        _check_fits([prompt], options.max_new_tokens, engine.context, "messages")
         job = Job(engine, [prompt], options)
         response_id, stamp = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": response_id, "created": stamp, "model": model_name, "system_fingerprint": None}
@@ -437,16 +435,12 @@ def _completion_prompts(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _check_context(prompts: Sequence[list[int]], context: int, param: str) -> None:
+def _check_fits(prompts: Sequence[list[int]], max_tokens: int, context: int, param: str) -> None:
+    """As the OpenAI API: each prompt, and the prompt with the tokens asked for, must fit the context window."""
     longest = max(len(p) for p in prompts)
     if longest >= context:
         raise BadRequest(f"this model's context window is {context} tokens, but the {param} take {longest} tokens "
                          "(leave room for at least one new token)", param, code="context_length_exceeded")
-
-
-def _check_room(prompts: Sequence[list[int]], max_tokens: int, context: int) -> None:
-    """As the OpenAI API: the prompt and the tokens asked for must fit the context window together."""
-    longest = max(len(p) for p in prompts)
     if longest + max_tokens > context:
         raise BadRequest(f"this model's context window is {context} tokens, but {longest + max_tokens} were asked "
                          f"for ({longest} in the prompt, {max_tokens} to generate): ask for fewer tokens or send a "

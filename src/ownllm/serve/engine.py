@@ -57,12 +57,15 @@ class Request:
     on_event: Callable[[Event], None]
     text: IncrementalText
     generator: torch.Generator
-    generated: int = 0
     next_token: int = -1  # sampled, not yet fed to the model
     slot: int = -1
     cancelled: bool = False
     finished: bool = False
-    output: list[int] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)  # the tokens generated so far
+
+    @property
+    def generated(self) -> int:
+        return len(self.output)
 
 
 class Engine:
@@ -212,7 +215,6 @@ class Engine:
             return
         if request.options.stop_at_eot and token == self.tokenizer.eot_id:
             return self._finish(request, "stop")
-        request.generated += 1
         request.output.append(token)
         piece = request.text.add(token)
         if piece:

@@ -59,7 +59,7 @@ class DecodeView:
         self.length = self.end - 1  # for the model's bounds check: the longest row
         self.max_len = pool.max_len
         self.aligned = min(lengths) == self.length  # every row at the same position: plain slices, no mask
-        self._rows = torch.arange(active, device=pool.device)
+        self._rows = None if self.aligned else torch.arange(active, device=pool.device)
 
     def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         keys, values = self.pool.keys[layer], self.pool.values[layer]
