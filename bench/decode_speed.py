@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ownllm.checkpoint import LoadedRun
+from ownllm.runs import LoadedRun
 from ownllm.config import model_config_from_preset
 from ownllm.generation import SamplingOptions, generate_ids
 from ownllm.model import GPT

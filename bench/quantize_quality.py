@@ -21,7 +21,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ownllm.checkpoint import load_run
+    from ownllm.runs import load_run
     from ownllm.evaluation import encode_file, evaluate_ids
     from ownllm.quantize import quantize_model
 

@@ -37,7 +37,7 @@ DEFAULT_TOKENIZER = HERE.parent.parent / "shared" / "data" / "rasbt"
 
 def write_run(preset: str, tokenizer_dir: Path, folder: Path) -> Path:
     """A run directory with the preset's shape, random weights and the given tokenizer."""
-    from ownllm.checkpoint import WEIGHTS_FILE, save_weights, write_run_config
+    from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, save_weights, write_run_config
     from ownllm.config import ModelConfig, model_config_from_preset
     from ownllm.model import GPT
     from ownllm.tokenizer import load_tokenizer
@@ -49,7 +49,7 @@ def write_run(preset: str, tokenizer_dir: Path, folder: Path) -> Path:
     run = folder / preset
     run.mkdir(parents=True)
     save_weights(GPT(config), run / WEIGHTS_FILE)
-    tokenizer.save(run / "tokenizer")
+    tokenizer.save(run / TOKENIZER_DIR)
     write_run_config(run, config, task="lm", preset=preset)
     return run
 

@@ -13,7 +13,7 @@ from ownllm.cli import main
 from ownllm.config import model_config_from_preset
 from ownllm.data.labelled import (class_weights, pad_right, read_labelled, split_examples, undersample)
 from ownllm.evaluation import classification_metrics
-from ownllm.finetune.classify import GPTClassifier
+from ownllm.model import GPTClassifier
 from ownllm.finetune.common import select_trainable
 
 

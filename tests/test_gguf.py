@@ -10,12 +10,12 @@ import pytest
 import torch
 from interop_helpers import PROMPTS, randomize, small_bpe
 
-from ownllm.checkpoint import LoadedRun
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
 from ownllm.interop.gguf import export_gguf, interleave_rope_rows
 from ownllm.model import GPT, apply_rope, rope_tables
+from ownllm.runs import LoadedRun
 
 
 EXTRA_ROWS = 3  # the model's vocabulary is padded beyond the tokenizer's, as many released models are

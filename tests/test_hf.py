@@ -14,13 +14,13 @@ from interop_helpers import PROMPTS, assert_same_logits, hf_padded_logits, padde
 from safetensors.torch import load_file, save_file
 
 import ownllm
-from ownllm.checkpoint import LoadedRun
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
 from ownllm.generation import SamplingOptions, _left_pad, generate_ids
 from ownllm.interop.hf import export_hf, hf_model_type, import_hf
 from ownllm.model import GPT
+from ownllm.runs import LoadedRun
 
 
 NEW_TOKENS = 24
@@ -144,7 +144,7 @@ def test_eos_bos_and_chat_template_come_from_the_tokenizer_files(tokenizer, tmp_
     out = import_hf(tmp_path, tmp_path / "run")  # kept through an import ...
     again = ownllm.load(out).tokenizer
     assert (again.eot_id, again.bos_id, again.chat_template) == (run.tokenizer.eot_id, run.tokenizer.bos_id, template)
-    exported = export_hf(out, tmp_path / "exported")  # ... and an export
+    exported = export_hf(ownllm.load(out), tmp_path / "exported")  # ... and an export
     hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
     assert (hf_tok.eos_token, hf_tok.bos_token) == ("<|im_end|>", "<s>")
     assert hf_tok.chat_template == template

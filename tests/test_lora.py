@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune_helpers import (instruction_records, run_cli, sentiment_lines, write_json)
-from ownllm.checkpoint import load_run
+from ownllm.runs import load_run
 from ownllm.config import model_config_from_preset
 from ownllm.finetune import finetune_classify, finetune_instruct
 from ownllm.lora import (LoRAConfig, LoRALinear, apply_lora, from_peft_tensors, hf_target_modules,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ownllm.checkpoint import load_run
+from ownllm.runs import load_run
 from ownllm.config import TrainConfig, model_config_from_preset
 from ownllm.model import GPT
 from ownllm.pretrain import pretrain

@@ -4,8 +4,8 @@
     run = ownllm.load("runs/my-model")          # run.model, run.tokenizer, run.config
     print(ownllm.generate(run.model, run.tokenizer, "To be or", max_new_tokens=50)[0])
 
-Stages, one module each: `tokenizer`, `data.text`, `model`, `training`, `pretrain`, `checkpoint`, `generation`,
-`evaluation`; the `ownllm` command (`cli`) is a thin layer over them.
+Stages, one module each: `tokenizer`, `data.text`, `model`, `training`, `pretrain`, `checkpoint` (storage),
+`runs` (loading), `generation`, `evaluation`; the `ownllm` command (`cli`) is a thin layer over them.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ __version__ = "0.1.0"
 __all__ = ["load", "generate", "pretrain", "GPT", "ModelConfig", "TrainConfig", "OwnLLMError", "__version__"]
 
 if TYPE_CHECKING:
-    from ownllm.checkpoint import LoadedRun
+    from ownllm.runs import LoadedRun
 
 
-def load(path: str, device: str = "cpu") -> "LoadedRun":
+def load(path: str, device: str = "cpu", quantize: str = "none") -> "LoadedRun":
     """Load a run directory, or a Hugging Face model directory (GPT-2, Llama, Qwen2), for inference: `.model`,
-    `.tokenizer`, `.config`."""
-    from ownllm.checkpoint import load_run
+    `.tokenizer`, `.config` (ownllm.runs.load_run)."""
+    from ownllm.runs import load_run
 
-    return load_run(path, device=device)
+    return load_run(path, device=device, quantize=quantize)
 
 
 def __getattr__(name: str) -> Any:  # import heavy modules (torch) only when used

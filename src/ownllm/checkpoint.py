@@ -7,6 +7,9 @@
     RUN/metrics.jsonl        one JSON object per logged step
     RUN/loss.png             train and val loss curves
 
+This module is storage only: it knows no training stage and no foreign format. Turning a path into a model is
+ownllm.runs (`load_run`).
+
 Every write goes to a temporary name first and is renamed into place, so a kill at any moment leaves the last
 good checkpoint readable. Weights are safetensors; the trainer state is read with `torch.load(weights_only=True)`.
 """
@@ -16,9 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,13 +29,10 @@ from torch import nn
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 
-if TYPE_CHECKING:
-    from ownllm.model import GPT
-    from ownllm.tokenizer import Tokenizer
-
 RUN_FORMAT = "ownllm-run-v1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE_FILE = "trainer_state.pt"
 STATE_FILE = "state.json"
@@ -190,44 +189,3 @@ def load_checkpoint(run_dir: Path, model: nn.Module, strict: bool = True) -> tup
         raise OwnLLMError(f"{directory / TRAINER_STATE_FILE}: unreadable trainer state ({error})") from None
     info = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
     return trainer_state, info
-
-
-# ---- loading a trained run ----------------------------------------------------------------------------------------
-
-@dataclass
-class LoadedRun:
-    """A model ready to use: `model(ids) -> logits`, `tokenizer.encode/decode`, `config` (ModelConfig)."""
-
-    path: Path
-    model: "GPT"
-    tokenizer: "Tokenizer"
-    config: ModelConfig
-    run_config: dict[str, Any]
-
-
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load an ownllm run directory (config.json + model.safetensors + tokenizer/) for inference, in eval mode.
-
-    A Hugging Face model directory (config.json with `model_type`) is converted on the fly (ownllm.interop.hf).
-    """
-    from ownllm.interop.hf import is_hf_model_dir, load_hf
-    from ownllm.model import GPT
-    from ownllm.tokenizer import load_tokenizer
-
-    run_dir = Path(path)
-    if is_hf_model_dir(run_dir):
-        return load_hf(run_dir, device=device)
-    run_config = read_run_config(run_dir)
-    if run_config.get("task") == "classify" or run_config.get("lora"):
-        from ownllm.finetune.common import load_finetuned  # a classifier, or a base model + LoRA adapters
-
-        return load_finetuned(run_dir, run_config, device=device)
-    model_config = ModelConfig.from_dict(run_config["model"])
-    weights = run_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise OwnLLMError(f"{run_dir}: no {WEIGHTS_FILE} yet (the run has not saved a checkpoint)")
-    model = GPT(model_config)
-    load_weights(model, weights)
-    model.to(device).eval()
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    return LoadedRun(path=run_dir, model=model, tokenizer=tokenizer, config=model_config, run_config=run_config)

@@ -23,59 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ownllm import cli_serve
-from ownllm.config import PRESETS
+from ownllm import cli_finetune, cli_serve
+from ownllm.cli_options import (MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN, add_options, add_sampling_flags, option_values,
+                                sampling_options)
 from ownllm.errors import OwnLLMError
-from ownllm.quantize import QUANTIZE_MODES, load_quantized
-
-MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
-TRAIN_FLAGS: dict[str, tuple[type, str]] = {
-    "batch_size": (int, "sequences per micro-batch"),
-    "grad_accum": (int, "micro-batches per optimizer step"),
-    "lr": (float, "peak learning rate"),
-    "min_lr": (float, "learning rate at the end of the cosine decay (default lr/10)"),
-    "warmup_steps": (int, "linear warmup steps"),
-    "max_steps": (int, "optimizer steps of the whole schedule"),
-    "weight_decay": (float, "AdamW weight decay on weight matrices"),
-    "beta1": (float, "AdamW beta1"),
-    "beta2": (float, "AdamW beta2"),
-    "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
-    "eval_interval": (int, "evaluate on validation data every N steps (0 = never)"),
-    "eval_steps": (int, "validation batches per evaluation"),
-    "log_interval": (int, "write a metrics.jsonl row every N steps"),
-    "checkpoint_interval": (int, "also checkpoint every N steps (checkpoints are written at each evaluation)"),
-    "stop_at": (int, "end this invocation after step K with a checkpoint; the schedule still follows --max-steps"),
-    "max_minutes": (float, "stop with a checkpoint after this many minutes"),
-    "seed": (int, "random seed (model init, batches, dropout)"),
-}
-
-
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training (defaults suit the --model preset)")
-    for name, (kind, help_text) in TRAIN_FLAGS.items():
-        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=help_text)
-    group.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
-                       help="bf16 autocast where the hardware has it (auto), or force one")
-    group.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    scale = parser.add_argument_group("several processes (docs/scaling.md)")
-    scale.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default=None,
-                       help="under torchrun: DDP (auto) or FSDP; --batch-size stays the global batch")
-    scale.add_argument("--nproc", type=int, default=None,
-                       help="train on N processes of this machine: ownllm starts torchrun itself")
-
-
-def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-
+from ownllm.quantize import QUANTIZE_MODES
 
 def build_parser() -> argparse.ArgumentParser:
-    from ownllm import cli_finetune
-
     parser = argparse.ArgumentParser(prog="ownllm", description="Build your own language model, end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -93,22 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.05)
 
     pre = sub.add_parser("pretrain", help="train a model on text (next-token prediction), or --resume one")
-    pre.add_argument("--data", nargs="+", help="a prepared dataset directory, or text files/folders")
-    pre.add_argument("--out", required=True, help="run directory")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    pre.add_argument("--model", default="mini", help=f"preset: {', '.join(PRESETS)}")
-    pre.add_argument("--tokenizer", default="bpe", help="for raw text: bpe, char, or a tokenizer path")
-    pre.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size for raw text")
-    pre.add_argument("--val-fraction", type=float, default=0.05)
-    for name in MODEL_OVERRIDES:
-        pre.add_argument(f"--{name.replace('_', '-')}", type=float if name == "dropout" else int, default=None)
-    pre.add_argument("--device", default="auto")
-    _add_train_flags(pre)
+    add_options(pre, PRETRAIN, RUN, TRAIN)
 
     gen = sub.add_parser("generate", help="sample text from a model")
     gen.add_argument("model", help="run directory or Hugging Face model directory")
     gen.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
-    _add_sampling_flags(gen)
+    add_sampling_flags(gen)
     cli_finetune.add_generate_flags(gen)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
@@ -167,13 +111,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from ownllm.pretrain import pretrain
 
-    train_values = {name: getattr(args, name) for name in TRAIN_FLAGS}
-    train_values["precision"], train_values["compile"] = args.precision, args.compile
-    train_values["strategy"] = args.strategy
-    result = pretrain(out=args.out, data=args.data, preset=args.model, resume=args.resume, tokenizer=args.tokenizer,
-                      vocab_size=args.vocab_size, val_fraction=args.val_fraction, device=args.device,
-                      model_overrides={name: getattr(args, name) for name in MODEL_OVERRIDES}, **train_values)
-    if not _is_main_process():
+    from ownllm.distributed import is_main
+
+    values = option_values(args, PRETRAIN, RUN, TRAIN)
+    model_overrides = {name: values.pop(name) for name in MODEL_OVERRIDES}
+    result = pretrain(model_overrides=model_overrides, **values)
+    if not is_main():  # the other torchrun processes print nothing
         return
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
@@ -181,23 +124,16 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"{state} at step {result.step}: train loss {train_loss}{val}; run saved in {args.out}")
 
 
-def _is_main_process() -> bool:
-    """False on the torchrun processes other than rank 0 (which print nothing)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
-    from ownllm.generation import SamplingOptions, generate
+    from ownllm.generation import generate
+    from ownllm.runs import load_run
 
     if args.instruction is not None:
-        from ownllm.cli_finetune import generate_instruction
-
-        return generate_instruction(args)
-    run = load_quantized(args.model, args.quantize, args.device)
+        return cli_finetune.generate_instruction(args)
+    run = load_run(args.model, args.device, quantize=args.quantize)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{args.model}: is a classifier run; use `ownllm classify`")
-    options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=args.stop)
+    options = sampling_options(args)
     prompts = args.prompt or [""]
     if len(prompts) == 1:  # stream to the terminal as tokens come
         sys.stdout.write(prompts[0])
@@ -211,8 +147,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ownllm.evaluation import evaluate_text
+    from ownllm.runs import load_run
 
-    run = load_quantized(args.model, args.quantize, args.device)
+    run = load_run(args.model, args.device, quantize=args.quantize)
     result = evaluate_text(run.model, run.tokenizer, args.text, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -229,14 +166,16 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from ownllm.runs import load_run
+
     if args.to == "hf":
         from ownllm.interop.hf import export_hf
 
-        out = export_hf(args.model, args.out)
+        out = export_hf(load_run(args.model), args.out)
     else:
         from ownllm.interop.gguf import export_gguf
 
-        out = export_gguf(args.model, args.out, quant=args.quant)
+        out = export_gguf(load_run(args.model), args.out, quant=args.quant)
     print(f"exported {args.model} to {out} ({args.to}{'' if args.to == 'hf' else ', ' + args.quant})")
 
 
@@ -263,10 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return exit_code
         if args.command in cli_serve.COMMANDS:
             return cli_serve.COMMANDS[args.command](args) or 0
-        if args.command not in COMMANDS:
-            from ownllm.cli_finetune import COMMANDS as FINETUNE_COMMANDS
-
-            return FINETUNE_COMMANDS[args.command](args) or 0
+        if args.command in cli_finetune.COMMANDS:
+            return cli_finetune.COMMANDS[args.command](args) or 0
         COMMANDS[args.command](args)
     except OwnLLMError as error:
         where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

@@ -7,64 +7,94 @@
     ownllm chat runs/assistant
     ownllm generate runs/assistant --instruction "Rewrite the sentence using a simile." --input "The car is fast."
     ownllm merge-lora runs/assistant --out runs/assistant-merged
+
+A fine-tuning stage is a table of its own options and an entry in `STAGES`; the options every stage shares (the base
+model, the data split, LoRA, the run directory, training) come from ownllm.cli_options.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ownllm.cli import TRAIN_FLAGS, _add_sampling_flags, _add_train_flags, _is_main_process
+from ownllm.cli_options import (FINETUNE, RUN, TRAIN, Option, add_options, add_sampling_flags, opt, option_values,
+                                sampling_options)
 from ownllm.errors import OwnLLMError
-from ownllm.lora import TARGETS
 
 
-def _add_common_finetune_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="base model: an ownllm run directory (or a Hugging Face model directory)")
-    parser.add_argument("--data", help="training data file")
-    parser.add_argument("--out", required=True, help="run directory")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    parser.add_argument("--val-file", help="validation data (default: a --val-fraction of --data)")
-    parser.add_argument("--test-file", help="test data (default: a --test-fraction of --data)")
-    parser.add_argument("--split-seed", type=int, default=123, help="seed of the val/test split")
-    parser.add_argument("--train-layers", default="all", help="all | last:N | head (classification only)")
-    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = off)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--lora-targets", nargs="+", default=list(TARGETS), choices=TARGETS, metavar="MODULE",
-                        help=f"modules that get adapters (default: all of {' '.join(TARGETS)})")
-    parser.add_argument("--epochs", type=float, default=None, help="passes over the training data (unless --max-steps)")
-    parser.add_argument("--dropout", type=float, default=None, help="dropout while fine-tuning (default: the base's)")
-    parser.add_argument("--device", default="auto")
-    _add_train_flags(parser)
+@dataclass(frozen=True)
+class Stage:
+    """A fine-tuning stage of `ownllm finetune STAGE`: its own options (beside FINETUNE, RUN and TRAIN), the
+    function they are passed to ("module:name", imported when the stage runs) and what it prints at the end."""
+
+    help: str
+    options: tuple[Option, ...]
+    function: str
+    report: Callable[[Any, argparse.Namespace], None]
+
+
+def _report_classify(result: Any, args: argparse.Namespace) -> None:
+    from ownllm.evaluation import format_classification_table
+
+    for name, metrics in (("val", result.val), ("test", result.test)):
+        if metrics:
+            print(format_classification_table(metrics, name))
+    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
+          f"classifier saved in {args.out} (metrics in {args.out}/metrics.json)")
+
+
+def _report_instruct(result: Any, args: argparse.Namespace) -> None:
+    parts = [f"{name} loss {value:.4f}" for name, value in (("val", result.val_loss), ("test", result.test_loss))
+             if value is not None]
+    if result.rouge_l_f1 is not None:
+        parts.append(f"ROUGE-L F1 {result.rouge_l_f1:.3f}, exact match {100 * result.exact_match:.1f}% "
+                     f"(responses in {args.out}/responses.json)")
+    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}: "
+          f"{'; '.join(parts) or 'no held-out data'}; run saved in {args.out}")
+
+
+CLASSIFY: tuple[Option, ...] = (
+    opt("text_column", "text column name (or number, 1 = first, in a file without a header)"),
+    opt("label_column", "label column name (or number)"),
+    opt("val_fraction", type=float, default=0.1),
+    opt("test_fraction", type=float, default=0.2),
+    opt("balance", "undersample every class to the smallest, or weight the loss by inverse class frequency",
+        choices=["none", "undersample", "weight"], default="none"),
+    opt("pooling", "read the last real token (default) or the mean over the real tokens", choices=["last", "mean"],
+        default="last"),
+    opt("max_length", "tokens kept per text (default: the context)", type=int, default=None),
+)
+INSTRUCT: tuple[Option, ...] = (
+    opt("val_fraction", type=float, default=0.05),
+    opt("test_fraction", type=float, default=0.1),
+    opt("template", choices=["alpaca", "chatml"], default="alpaca"),
+    opt("mask_prompt", "learn only the responses (default) or the whole text", action=argparse.BooleanOptionalAction,
+        default=True),
+    opt("max_new_tokens", "length of the held-out responses", type=int, default=256),
+)
+STAGES: dict[str, Stage] = {
+    "classify": Stage("train a classifier head (and the model, or LoRA) on labelled texts", CLASSIFY,
+                      "ownllm.finetune.classify:finetune_classify", _report_classify),
+    "instruct": Stage("train a model to follow instructions in a prompt template", INSTRUCT,
+                      "ownllm.finetune.instruct:finetune_instruct", _report_instruct),
+}
+
+
+def _stage_tables(stage: Stage) -> Sequence[tuple[Option, ...]]:
+    return (FINETUNE, RUN, stage.options, TRAIN)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     finetune = sub.add_parser("finetune", help="fine-tune a model: classify (a label per text) or instruct")
     stages = finetune.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    cls = stages.add_parser("classify", help="train a classifier head (and the model, or LoRA) on labelled texts")
-    _add_common_finetune_flags(cls)
-    cls.add_argument("--text-column", help="text column name (or number, 1 = first, in a file without a header)")
-    cls.add_argument("--label-column", help="label column name (or number)")
-    cls.add_argument("--val-fraction", type=float, default=0.1)
-    cls.add_argument("--test-fraction", type=float, default=0.2)
-    cls.add_argument("--balance", choices=["none", "undersample", "weight"], default="none",
-                     help="undersample every class to the smallest, or weight the loss by inverse class frequency")
-    cls.add_argument("--pooling", choices=["last", "mean"], default="last",
-                     help="read the last real token (default) or the mean over the real tokens")
-    cls.add_argument("--max-length", type=int, default=None, help="tokens kept per text (default: the context)")
-
-    ins = stages.add_parser("instruct", help="train a model to follow instructions in a prompt template")
-    _add_common_finetune_flags(ins)
-    ins.add_argument("--val-fraction", type=float, default=0.05)
-    ins.add_argument("--test-fraction", type=float, default=0.1)
-    ins.add_argument("--template", choices=["alpaca", "chatml"], default="alpaca")
-    ins.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=True,
-                     help="learn only the responses (default) or the whole text")
-    ins.add_argument("--max-new-tokens", type=int, default=256, help="length of the held-out responses")
+    for name, stage in STAGES.items():
+        add_options(stages.add_parser(name, help=stage.help), *_stage_tables(stage))
 
     cl = sub.add_parser("classify", help="label texts with a classifier run")
     cl.add_argument("model", help="classifier run directory")
@@ -77,7 +107,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     chat = sub.add_parser("chat", help="multi-turn chat with an instruction-tuned run (reads stdin, streams answers)")
     chat.add_argument("model", help="instruct run directory")
     chat.add_argument("--system", help="system message")
-    _add_sampling_flags(chat)
+    add_sampling_flags(chat)
     chat.add_argument("--device", default="auto")
 
     merge = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into its base weights: a standalone run")
@@ -90,53 +120,14 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", default="", help="the instruction's input (with --instruction)")
 
 
-def _train_values(args: argparse.Namespace) -> dict:
-    values = {name: getattr(args, name) for name in TRAIN_FLAGS}
-    values["precision"], values["compile"] = args.precision, args.compile
-    values["strategy"] = args.strategy
-    return values
-
-
-def _common(args: argparse.Namespace) -> dict:
-    common = dict(out=args.out, model=args.model, data=args.data, resume=args.resume, val_file=args.val_file,
-                  test_file=args.test_file, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                  split_seed=args.split_seed, train_layers=args.train_layers, lora_rank=args.lora_rank,
-                  lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                  dropout=args.dropout, device=args.device, **_train_values(args))
-    if args.epochs is not None:
-        common["epochs"] = args.epochs
-    return common
-
-
 def cmd_finetune(args: argparse.Namespace) -> None:
-    if args.stage == "classify":
-        from ownllm.evaluation import format_classification_table
-        from ownllm.finetune import finetune_classify
+    from ownllm.distributed import is_main
 
-        result = finetune_classify(text_column=args.text_column, label_column=args.label_column,
-                                   balance=args.balance, pooling=args.pooling, max_length=args.max_length,
-                                   **_common(args))
-        if not _is_main_process():
-            return
-        for name, metrics in (("val", result.val), ("test", result.test)):
-            if metrics:
-                print(format_classification_table(metrics, name))
-        print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
-              f"classifier saved in {args.out} (metrics in {args.out}/metrics.json)")
-        return
-    from ownllm.finetune import finetune_instruct
-
-    result = finetune_instruct(template=args.template, mask_prompt=args.mask_prompt,
-                               max_new_tokens=args.max_new_tokens, **_common(args))
-    if not _is_main_process():
-        return
-    parts = [f"{name} loss {value:.4f}" for name, value in (("val", result.val_loss), ("test", result.test_loss))
-             if value is not None]
-    if result.rouge_l_f1 is not None:
-        parts.append(f"ROUGE-L F1 {result.rouge_l_f1:.3f}, exact match {100 * result.exact_match:.1f}% "
-                     f"(responses in {args.out}/responses.json)")
-    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}: "
-          f"{'; '.join(parts) or 'no held-out data'}; run saved in {args.out}")
+    stage = STAGES[args.stage]
+    module, name = stage.function.split(":")
+    result = getattr(importlib.import_module(module), name)(**option_values(args, *_stage_tables(stage)))
+    if is_main():  # the other torchrun processes print nothing
+        stage.report(result, args)
 
 
 def _lines(path: str) -> Iterator[str]:
@@ -155,13 +146,12 @@ def _open(path: str):
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    from ownllm.checkpoint import load_run
-    from ownllm.device import pick_device
     from ownllm.finetune import classify_texts
+    from ownllm.runs import load_run
 
     if not args.text and not args.input:
         raise OwnLLMError("give --text TEXT or --input FILE")
-    run = load_run(args.model, device=pick_device(args.device))
+    run = load_run(args.model, device=args.device)
     if run.run_config.get("task") != "classify":
         raise OwnLLMError(f"{args.model}: not a classifier run; train one with `ownllm finetune classify`")
     if args.text and not args.input and not args.output:
@@ -187,22 +177,14 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def _instruct_run(path: str, device: str):
-    from ownllm.checkpoint import load_run
     from ownllm.data.instructions import get_template
-    from ownllm.device import pick_device
+    from ownllm.runs import load_run
 
-    run = load_run(path, device=pick_device(device))
+    run = load_run(path, device=device)
     if not run.run_config.get("template"):
         raise OwnLLMError(f"{path}: has no prompt template (not an instruct run); fine-tune one with "
                           "`ownllm finetune instruct`, or use --prompt")
     return run, get_template(run.run_config["template"])
-
-
-def _options(args: argparse.Namespace):
-    from ownllm.generation import SamplingOptions
-
-    return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, stop=args.stop)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -221,7 +203,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    chat_loop(run.model, run.tokenizer, template, _options(args), read_line, write, system=args.system,
+    chat_loop(run.model, run.tokenizer, template, sampling_options(args), read_line, write, system=args.system,
               prompt_marker="> " if interactive else "")
 
 
@@ -234,14 +216,15 @@ def generate_instruction(args: argparse.Namespace) -> None:
         raise OwnLLMError("give either --prompt or --instruction, not both")
     run, template = _instruct_run(args.model, args.device)
     chat_reply(run.model, run.tokenizer, template, [Message("user", args.instruction, args.input or "")],
-               _options(args), on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+               sampling_options(args), on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     sys.stdout.write("\n")
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:
     from ownllm.finetune import merge_lora_run
+    from ownllm.runs import load_run
 
-    out = merge_lora_run(args.model, args.out)
+    out = merge_lora_run(load_run(args.model), args.out)
     print(f"merged the adapters of {args.model} into {Path(out)}")
 
 

@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ownllm.checkpoint import CONFIG_FILE, load_run
+from ownllm.checkpoint import CONFIG_FILE
+from ownllm.runs import load_run
 from ownllm.generation import SamplingOptions, generate
 from ownllm.pretrain import pretrain
 

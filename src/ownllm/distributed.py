@@ -124,12 +124,12 @@ def check_batch_size(batch_size: int) -> None:
                           f"processes ({world}); each process takes batch-size / {world} rows")
 
 
-def rows(batch: Sequence[Tensor]) -> float:
-    """The default weight of a batch: its rows (losses that average over rows)."""
+def weight_by_rows(batch: Sequence[Tensor]) -> float:
+    """The default loss weight of a batch: its rows (for losses that average over rows)."""
     return float(batch[0].shape[0])
 
 
-def shard(batch: Sequence[Tensor], weight: Callable[[Sequence[Tensor]], float] = rows
+def shard(batch: Sequence[Tensor], weight: Callable[[Sequence[Tensor]], float] = weight_by_rows
           ) -> tuple[list[Tensor], float]:
     """This process's rows of a global batch, and the factor its mean loss is scaled by so that the average over
     processes equals the full batch's mean: world * weight(slice) / weight(batch).

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ownllm.config import ModelConfig
+from ownllm.errors import OwnLLMError
 
 
 class RMSNorm(nn.Module):
@@ -247,6 +248,36 @@ class GPT(nn.Module):
             if self.pos_emb is not None:
                 total -= self.pos_emb.weight.numel()
         return total
+
+
+POOLINGS = ("last", "mean")
+
+
+class GPTClassifier(GPT):
+    """A classification head (`score`, as in Hugging Face's *ForSequenceClassification) on `GPT.hidden_states`:
+    class logits [batch, labels] from ids [batch, time] and lengths [batch]. `pooling="last"` reads each row's
+    last real token (right-padded rows: padding is never read), `"mean"` the mean over its real tokens."""
+
+    def __init__(self, config: ModelConfig, num_labels: int, pooling: str = "last") -> None:
+        super().__init__(config)
+        if pooling not in POOLINGS:
+            raise OwnLLMError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        self.pooling = pooling
+        self.score = nn.Linear(config.n_embd, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+
+    def forward(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Class logits; `lengths` counts each right-padded row's real tokens (default: all of them)."""
+        hidden = self.hidden_states(ids)
+        if lengths is None:
+            lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+        lengths = lengths.to(ids.device)
+        if self.pooling == "last":
+            pooled = hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+        else:
+            real = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+            pooled = (hidden * real[..., None]).sum(dim=1) / lengths[:, None].to(hidden.dtype)
+        return self.score(pooled)
 
 
 def flops_per_token(model: GPT, seq_len: int | None = None) -> float:

@@ -18,15 +18,15 @@ from typing import Any
 import torch
 
 from ownllm import checkpoint, distributed
+from ownllm.checkpoint import TOKENIZER_DIR
 from ownllm.config import ModelConfig, TrainConfig, model_config_from_preset, train_config_for
 from ownllm.data.text import PreparedData, WindowSampler, eval_windows, find_text_files, load_prepared, prepare_corpus
 from ownllm.device import pick_device, pick_precision
 from ownllm.errors import OwnLLMError
 from ownllm.model import GPT, flops_per_token
 from ownllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
-from ownllm.training import TrainLoop, TrainResult, train
-
-TOKENIZER_DIR = "tokenizer"
+from ownllm.training import (TrainJob, TrainResult, discard_run_dir, resumed_train_config, start_run_dir,
+                             train)
 
 
 def is_prepared_dataset(path: str | Path) -> bool:
@@ -78,17 +78,14 @@ def pretrain(
     if not distributed.is_main():  # under torchrun: rank 0 prepares the run (tokenizer, dataset, config) meanwhile
         distributed.barrier()
         return _resume(run_dir, device, show_progress, train_overrides, new_run=True)
-    if (run_dir / checkpoint.CONFIG_FILE).exists():
-        raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    if data is None:
-        raise OwnLLMError("--data is required for a new run (a prepared dataset or text files/folders)")
-    inputs = [data] if isinstance(data, (str, Path)) else list(data)
-    model_config = model_config_from_preset(preset, **(model_overrides or {}))  # fail fast on a bad preset
-    train_config = train_config_for(preset, **train_overrides)
-    distributed.check_batch_size(train_config.batch_size)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, created = start_run_dir(run_dir)
     try:
+        if data is None:
+            raise OwnLLMError("--data is required for a new run (a prepared dataset or text files/folders)")
+        inputs = [data] if isinstance(data, (str, Path)) else list(data)
+        model_config = model_config_from_preset(preset, **(model_overrides or {}))  # fail fast on a bad preset
+        train_config = train_config_for(preset, **train_overrides)
+        distributed.check_batch_size(train_config.batch_size)
         prepared = prepare_run_data(inputs, run_dir, tokenizer, vocab_size, val_fraction, show_progress)
         model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": prepared.vocab_size})
         WindowSampler(prepared.train, model_config.block_size, train_config.batch_size)  # enough data?
@@ -98,14 +95,13 @@ def pretrain(
             shutil.rmtree(target, ignore_errors=True)
             tok.save(target)
     except BaseException:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)  # leave nothing behind for a run that never started
+        discard_run_dir(run_dir, created)  # leave nothing behind for a run that never started
         raise
     checkpoint.write_run_config(run_dir, model_config, task="lm", preset=preset,
                                 train=train_config.to_dict(), data=str(prepared.directory.resolve()),
                                 tokenizer=tok.kind)
     distributed.barrier()
-    return _run(run_dir, model_config, train_config, prepared, device, show_progress, resume=False)
+    return _train_prepared(run_dir, model_config, train_config, prepared, device, show_progress, resume=False)
 
 
 def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: dict[str, Any],
@@ -113,20 +109,16 @@ def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: di
     """Continue the run in `run_dir`; `new_run`: start the run rank 0 has just prepared (other torchrun ranks)."""
     config = checkpoint.read_run_config(run_dir)
     model_config = ModelConfig.from_dict(config["model"])
-    stored = dict(config.get("train", {}))
-    for per_invocation in ("stop_at", "max_minutes"):  # limits of the earlier invocation, not of the run
-        stored.pop(per_invocation, None)
-    stored.update({k: v for k, v in train_overrides.items() if v is not None})
-    train_config = TrainConfig.from_dict(stored)
+    train_config = resumed_train_config(config, train_overrides)
     prepared = load_prepared(config["data"])
     if train_config.to_dict() != config.get("train") and distributed.is_main():
         checkpoint.write_run_config(run_dir, model_config, **{**{k: v for k, v in config.items()
                                                                   if k not in ("format", "model")},
                                                                "train": train_config.to_dict()})
-    return _run(run_dir, model_config, train_config, prepared, device, show_progress, resume=not new_run)
+    return _train_prepared(run_dir, model_config, train_config, prepared, device, show_progress, resume=not new_run)
 
 
-def _run(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, prepared: PreparedData,
+def _train_prepared(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, prepared: PreparedData,
          device_name: str, show_progress: bool, resume: bool) -> TrainResult:
     device = distributed.init(pick_device(device_name))
     precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
@@ -137,7 +129,7 @@ def _run(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, pr
         eval_batches = lambda: fixed  # noqa: E731 - the same batches at every evaluation
     torch.manual_seed(train_config.seed)
     model = GPT(model_config)
-    loop = TrainLoop(model=model, config=train_config, run_dir=run_dir, micro_batch=sampler.batch,
-                     eval_batches=eval_batches, device=device, precision=precision,
-                     flops_per_token=flops_per_token(model))
-    return train(loop, resume=resume, show_progress=show_progress)
+    job = TrainJob(model=model, config=train_config, run_dir=run_dir, micro_batch=sampler.batch,
+                   eval_batches=eval_batches, device=device, precision=precision,
+                   flops_per_token=flops_per_token(model))
+    return train(job, resume=resume, show_progress=show_progress)

@@ -2,6 +2,7 @@
 
     from ownllm.quantize import quantize_model
     model = quantize_model(run.model, "int8")     # for generation, chat and serving; not for training
+    run = load_run("runs/my-model", quantize="int8")   # the same at load time (ownllm.runs)
 
 Decoding one token reads every weight once, so it is bound by memory bandwidth: int8 weights are a quarter of the
 bytes of fp32. `int8` replaces each `nn.Linear` (attention, MLP, LM head) by PyTorch's dynamically quantized linear
@@ -15,16 +16,11 @@ natively, i.e. with AMX; on other CPUs it mostly halves memory). The quality cos
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ownllm.errors import OwnLLMError
-
-if TYPE_CHECKING:
-    from ownllm.checkpoint import LoadedRun
 
 QUANTIZE_MODES = ("none", "bf16", "int8")
 
@@ -48,16 +44,6 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-
-
-def load_quantized(path: str | Path, mode: str, device: str = "auto") -> "LoadedRun":
-    """`ownllm.load(path)` with its model in `mode` (int8 loads on the CPU, where its kernels run)."""
-    from ownllm.checkpoint import load_run
-    from ownllm.device import pick_device
-
-    run = load_run(path, device=pick_device("cpu" if mode == "int8" else device))
-    run.model = quantize_model(run.model, mode)
-    return run
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

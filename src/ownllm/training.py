@@ -1,7 +1,7 @@
 """The one training loop, shared by pretraining and both fine-tunings.
 
-A stage hands `train()` a model, a `TrainConfig`, a function that gives the micro-batch for a global micro-step,
-a loss function and (optionally) evaluation batches; the loop brings the rest: AdamW without weight decay on
+A stage hands `train()` a `TrainJob`: a model, a `TrainConfig`, a function that gives the micro-batch for a global
+micro-step, a loss function and (optionally) evaluation batches; the loop brings the rest: AdamW without weight decay on
 norms/biases/embeddings, linear warmup then cosine decay, gradient accumulation and clipping, bf16 autocast,
 optional torch.compile, periodic evaluation, a progress bar with loss, tokens/s, MFU and ETA, `metrics.jsonl`,
 `loss.png`, atomic checkpoints and an exact resume (batches are a pure function of the step, and the optimizer,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from ownllm import checkpoint, distributed
 from ownllm.config import TrainConfig
 from ownllm.device import autocast, matmul_peak_flops
+from ownllm.errors import OwnLLMError
 
 Batch = Sequence[Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -106,8 +108,9 @@ class _GracefulStop:
 
 
 @dataclass
-class TrainLoop:
-    """Everything a stage hands to `train`. `micro_batch(i)` must be a pure function of the micro-step index `i`."""
+class TrainJob:
+    """The settings of one training job: everything a stage hands to `train` (the loop itself is `train`).
+    `micro_batch(i)` must be a pure function of the micro-step index `i`."""
 
     model: nn.Module
     config: TrainConfig
@@ -124,7 +127,7 @@ class TrainLoop:
     save_trainable_only: bool = False  # checkpoint only parameters that train (LoRA adapters, a head)
     # what the loss of a batch averages over (default: rows; lm_loss with -100 targets: the counted targets), so that
     # a batch split over processes gives exactly the full batch's mean (see ownllm.distributed.shard)
-    loss_weight: Callable[[Batch], float] = distributed.rows
+    loss_weight: Callable[[Batch], float] = distributed.weight_by_rows
 
 
 def counted_targets(batch: Batch) -> float:
@@ -135,7 +138,7 @@ def counted_targets(batch: Batch) -> float:
 def evaluate_loss(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn, device: torch.device,
                   precision: str, split_by: Callable[[Batch], float] | None = None) -> float:
     """Mean loss over `batches` with the model in eval mode and no gradients, in this process alone; or, given
-    `split_by` (a `TrainLoop.loss_weight`), together: every process evaluates its rows of each batch."""
+    `split_by` (a `TrainJob.loss_weight`), together: every process evaluates its rows of each batch."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -193,25 +196,96 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Run (or resume) the loop until max_steps, --stop-at, --max-minutes or Ctrl-C; checkpoint at the end.
+# ---- the loop -----------------------------------------------------------------------------------------------------
 
-    Under torchrun every process calls this with the same loop: each trains on its rows of every global batch
+@dataclass
+class _Progress:
+    """What changes while a job trains, kept together: the wrapped model, its optimizer, the step, the losses and
+    the metric rows logged so far. Built by `_start`, advanced by `train`, written by `_save`."""
+
+    net: nn.Module  # the model as it trains (wrapped for DDP/FSDP)
+    optimizer: torch.optim.Optimizer
+    strategy: str
+    device: torch.device
+    main: bool
+    step: int
+    rows: list[dict[str, Any]]
+    train_loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_sec: float = 0.0
+    window_tokens: int = 0
+    window_start: float = 0.0
+
+
+def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Run (or resume) the job until max_steps, --stop-at, --max-minutes or Ctrl-C; checkpoint at the end.
+
+    Under torchrun every process calls this with the same job: each trains on its rows of every global batch
     (DDP or FSDP, `cfg.strategy`); rank 0 alone shows progress, logs and writes the checkpoints. After it returns,
-    `loop.model` holds the final weights on rank 0 (and, under DDP, on every process).
+    `job.model` holds the final weights on rank 0 (and, under DDP, on every process).
     """
-    cfg, model = loop.config, loop.model
+    cfg = job.config
+    run = _start(job, resume)
+    forward_model = torch.compile(run.net) if cfg.compile else run.net
+    last_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
+    stopped_early = False
+    bar = tqdm(total=last_step, initial=run.step, disable=not (show_progress and run.main), unit="step",
+               dynamic_ncols=True, desc=Path(job.run_dir).name)
+    metrics_file = open(Path(job.run_dir) / METRICS_FILE, "a", encoding="utf-8") if run.main \
+        else contextlib.nullcontext()
+    run.window_start = time.perf_counter()
+    with distributed.lost_peers_as_error(), _GracefulStop() as stop, metrics_file as metrics:
+        while run.step < last_step:
+            lr = lr_at(run.step, cfg)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = _accumulate_gradients(job, run, forward_model)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.net.parameters(), cfg.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            # one collective per step: the loss of the whole batch, and a stop that every process agrees on
+            loss_sum, stops = distributed.all_reduce_sum([step_loss, float(stop.requested or out_of_time)],
+                                                         run.device)
+            run.train_loss = loss_sum / distributed.world_size()
+            bar.update(1)
+            evaluate_now = job.eval_batches is not None and cfg.eval_interval and (
+                run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps)
+            if run.step % cfg.log_interval == 0 or evaluate_now or run.step == last_step:
+                _log_step(job, run, forward_model, lr, evaluate_now, metrics, bar)
+            if stops > 0:
+                stopped_early = run.step < cfg.max_steps
+                break
+            if run.step < last_step and (evaluate_now or (cfg.checkpoint_interval
+                                                          and run.step % cfg.checkpoint_interval == 0)):
+                _save(job, run)
+        bar.close()
+        _save(job, run)
+    if run.strategy == "fsdp" and run.main:
+        job.model.to(run.device)  # the full copy, for what the stage does after training (on rank 0)
+    distributed.barrier()  # the checkpoint is on disk before any process moves on
+    return TrainResult(step=run.step, train_loss=run.train_loss, val_loss=run.val_loss,
+                       stopped_early=stopped_early or run.step < cfg.max_steps, tokens_per_sec=run.tokens_per_sec)
+
+
+def _start(job: TrainJob, resume: bool) -> _Progress:
+    """Join the processes, restore the last checkpoint (resume), wrap the model, build the optimizer, and trim
+    metrics.jsonl to the step we start from."""
+    cfg, model = job.config, job.model
     strategy = distributed.resolve_strategy(cfg.strategy)
-    device = distributed.init(loop.device)
+    device = distributed.init(job.device)
     main = distributed.is_main()
     if strategy != "none":
         distributed.check_batch_size(cfg.batch_size)
-    run_dir = Path(loop.run_dir)
+    run_dir = Path(job.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     start_step, state = 0, None
     if resume:  # into the plain model, before wrapping: every process reads the same full checkpoint
-        state, info = checkpoint.load_checkpoint(run_dir, model, strict=not loop.save_trainable_only)
+        state, info = checkpoint.load_checkpoint(run_dir, model, strict=not job.save_trainable_only)
         start_step = int(info["step"])
     net = distributed.wrap(model, strategy, device)
     net.train()
@@ -226,102 +300,102 @@ def train(loop: TrainLoop, resume: bool = False, show_progress: bool = True) -> 
     rows = _read_metrics(metrics_path, start_step) if resume and main else []
     if main:
         _rewrite_metrics(metrics_path, rows)  # drop rows logged after the checkpoint we resume from
+    return _Progress(net=net, optimizer=optimizer, strategy=strategy, device=device, main=main, step=start_step,
+                     rows=rows)
 
-    forward_model = torch.compile(net) if cfg.compile else net
-    world = distributed.world_size()
-    peak = world * matmul_peak_flops(device.type, loop.precision) if loop.flops_per_token and main else 0.0
-    last_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
-    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
-    train_loss = val_loss = None
-    tokens_per_sec = 0.0
-    step = start_step
-    stopped_early = False
 
-    def save() -> None:  # every process calls it (FSDP gathers the full state); rank 0 writes
-        distributed.gather_full_model(net, model, strategy)
-        optimizer_state = distributed.full_optimizer_state(optimizer, net, strategy)
-        if not main:
-            return
-        trainer_state = {"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
-        info = {"step": step, "max_steps": cfg.max_steps, "train_loss": train_loss, "val_loss": val_loss,
-                "world_size": world, "strategy": strategy, **(loop.run_info or {})}
-        weights = None
-        if loop.save_trainable_only:
-            weights = {name.replace(checkpoint.COMPILED_PREFIX, ""): p.detach().contiguous()
-                       for name, p in model.named_parameters() if p.requires_grad}
-        checkpoint.save_checkpoint(run_dir, model, trainer_state, info, weights=weights)
-        plot_losses(rows, run_dir / PLOT_FILE)
-        if loop.on_checkpoint:
-            loop.on_checkpoint(run_dir)
+def _accumulate_gradients(job: TrainJob, run: _Progress, forward_model: nn.Module) -> float:
+    """Forward and backward over the micro-batches of one optimizer step; this process's share of its loss."""
+    cfg, step_loss = job.config, 0.0
+    for micro in range(cfg.grad_accum):
+        full = job.micro_batch(run.step * cfg.grad_accum + micro)
+        part, scale = distributed.shard(full, job.loss_weight)
+        batch = [t.to(run.device, non_blocking=True) for t in part]
+        with distributed.gradient_sync(run.net, run.strategy, sync=micro == cfg.grad_accum - 1):
+            with autocast(run.device, job.precision):
+                loss = job.loss_fn(forward_model, batch) * scale / cfg.grad_accum
+            loss.backward()
+        step_loss += loss.item()
+        run.window_tokens += (job.tokens_in or _tokens_in)(full)
+    return step_loss
 
-    bar = tqdm(total=last_step, initial=start_step, disable=not (show_progress and main), unit="step",
-               dynamic_ncols=True, desc=run_dir.name)
-    window_tokens, window_start = 0, time.perf_counter()
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext()
-    with distributed.lost_peers_as_error(), _GracefulStop() as stop, metrics_file as metrics:
-        while step < last_step:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                full = loop.micro_batch(step * cfg.grad_accum + micro)
-                part, scale = distributed.shard(full, loop.loss_weight)
-                batch = [t.to(device, non_blocking=True) for t in part]
-                with distributed.gradient_sync(net, strategy, sync=micro == cfg.grad_accum - 1):
-                    with autocast(device, loop.precision):
-                        loss = loop.loss_fn(forward_model, batch) * scale / cfg.grad_accum
-                    loss.backward()
-                step_loss += loss.item()
-                window_tokens += (loop.tokens_in or _tokens_in)(full)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            out_of_time = deadline is not None and time.monotonic() > deadline
-            # one collective per step: the loss of the whole batch, and a stop that every process agrees on
-            loss_sum, stops = distributed.all_reduce_sum([step_loss, float(stop.requested or out_of_time)], device)
-            train_loss = loss_sum / world
-            bar.update(1)
 
-            evaluate_now = loop.eval_batches is not None and cfg.eval_interval and (
-                step % cfg.eval_interval == 0 or step == cfg.max_steps)
-            if step % cfg.log_interval == 0 or evaluate_now or step == last_step:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_tokens / elapsed if elapsed > 0 else 0.0
-                window_tokens, window_start = 0, time.perf_counter()
-                row: dict[str, Any] = {"step": step, "train_loss": train_loss, "lr": lr,
-                                       "tokens_per_sec": round(tokens_per_sec, 1)}
-                if evaluate_now:
-                    val_loss = evaluate_loss(forward_model, loop.eval_batches(), loop.loss_fn, device, loop.precision,
-                                             split_by=loop.loss_weight)
-                    row["val_loss"] = val_loss
-                    window_start = time.perf_counter()  # evaluation time is not training throughput
-                if main:
-                    rows.append(row)
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                mfu = tokens_per_sec * loop.flops_per_token / peak if peak else 0.0
-                postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_sec:,.0f}"}
-                if peak:
-                    postfix["mfu"] = f"{100 * mfu:.0f}%"
-                if val_loss is not None:
-                    postfix["val"] = f"{val_loss:.3f}"
-                bar.set_postfix(postfix, refresh=False)
+def _log_step(job: TrainJob, run: _Progress, forward_model: nn.Module, lr: float, evaluate_now: bool,
+              metrics: Any, bar: tqdm) -> None:
+    """Throughput since the last row, a validation loss when due, a metrics.jsonl row and the progress bar."""
+    elapsed = time.perf_counter() - run.window_start
+    run.tokens_per_sec = run.window_tokens / elapsed if elapsed > 0 else 0.0
+    run.window_tokens, run.window_start = 0, time.perf_counter()
+    row: dict[str, Any] = {"step": run.step, "train_loss": run.train_loss, "lr": lr,
+                           "tokens_per_sec": round(run.tokens_per_sec, 1)}
+    if evaluate_now:
+        run.val_loss = evaluate_loss(forward_model, job.eval_batches(), job.loss_fn, run.device, job.precision,
+                                     split_by=job.loss_weight)
+        row["val_loss"] = run.val_loss
+        run.window_start = time.perf_counter()  # evaluation time is not training throughput
+    if run.main:
+        run.rows.append(row)
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+    peak = distributed.world_size() * matmul_peak_flops(run.device.type, job.precision) \
+        if job.flops_per_token and run.main else 0.0
+    postfix = {"loss": f"{run.train_loss:.3f}", "tok/s": f"{run.tokens_per_sec:,.0f}"}
+    if peak:
+        postfix["mfu"] = f"{100 * run.tokens_per_sec * job.flops_per_token / peak:.0f}%"
+    if run.val_loss is not None:
+        postfix["val"] = f"{run.val_loss:.3f}"
+    bar.set_postfix(postfix, refresh=False)
 
-            if stops > 0:
-                stopped_early = step < cfg.max_steps
-                break
-            if step < last_step and (evaluate_now or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
-                save()
-        bar.close()
-        save()
-    if strategy == "fsdp" and main:
-        model.to(device)  # the full copy, for what the stage does after training (on rank 0)
-    distributed.barrier()  # the checkpoint is on disk before any process moves on
-    stopped_early = stopped_early or step < cfg.max_steps
-    return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss, stopped_early=stopped_early,
-                       tokens_per_sec=tokens_per_sec)
+
+def _save(job: TrainJob, run: _Progress) -> None:
+    """Checkpoint the job. Every process calls it (FSDP gathers the full state); rank 0 writes."""
+    model = job.model
+    distributed.gather_full_model(run.net, model, run.strategy)
+    optimizer_state = distributed.full_optimizer_state(run.optimizer, run.net, run.strategy)
+    if not run.main:
+        return
+    trainer_state = {"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
+    info = {"step": run.step, "max_steps": job.config.max_steps, "train_loss": run.train_loss,
+            "val_loss": run.val_loss, "world_size": distributed.world_size(), "strategy": run.strategy,
+            **(job.run_info or {})}
+    weights = None
+    if job.save_trainable_only:
+        weights = {name.replace(checkpoint.COMPILED_PREFIX, ""): p.detach().contiguous()
+                   for name, p in model.named_parameters() if p.requires_grad}
+    run_dir = Path(job.run_dir)
+    checkpoint.save_checkpoint(run_dir, model, trainer_state, info, weights=weights)
+    plot_losses(run.rows, run_dir / PLOT_FILE)
+    if job.on_checkpoint:
+        job.on_checkpoint(run_dir)
+
+
+# ---- a training run's directory (shared by pretraining and every fine-tuning stage) --------------------------------
+
+PER_INVOCATION = ("stop_at", "max_minutes")  # limits of one invocation, not of the run: not kept on resume
+
+
+def resumed_train_config(run_config: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """The stored train settings of a run to resume, with the ones given now (not None) replacing them."""
+    stored = {k: v for k, v in run_config.get("train", {}).items() if k not in PER_INVOCATION}
+    stored.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(stored)
+
+
+def start_run_dir(out: str | Path) -> tuple[Path, bool]:
+    """The new run's directory (refusing to overwrite a run) and whether it was created here. Under torchrun,
+    rank 0 alone checks and creates it."""
+    run_dir = Path(out)
+    if not distributed.is_main():
+        return run_dir, False
+    if (run_dir / checkpoint.CONFIG_FILE).exists():
+        raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, created
+
+
+def discard_run_dir(run_dir: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)

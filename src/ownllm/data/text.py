@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ownllm.checkpoint import read_json
+from ownllm.checkpoint import TOKENIZER_DIR, read_json
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import Tokenizer, iter_text_chunks
 
@@ -187,7 +187,7 @@ def _write_dataset(
         train, val = _SplitWriter(train_file, dtype), _SplitWriter(val_file, dtype)
         for path in files:
             _tokenize_file(path, tokenizer, train, val, val_fraction, bar, chunk_chars)
-    tokenizer.save(staging / "tokenizer")
+    tokenizer.save(staging / TOKENIZER_DIR)
     meta = {
         "format": FORMAT,
         "dtype": dtype.name,
@@ -263,9 +263,9 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     (out_dir / "meta.json").unlink(missing_ok=True)
     os.replace(staging / "train.bin", out_dir / "train.bin")
     os.replace(staging / "val.bin", out_dir / "val.bin")
-    if (out_dir / "tokenizer").exists():
-        shutil.rmtree(out_dir / "tokenizer")
-    os.replace(staging / "tokenizer", out_dir / "tokenizer")
+    if (out_dir / TOKENIZER_DIR).exists():
+        shutil.rmtree(out_dir / TOKENIZER_DIR)
+    os.replace(staging / TOKENIZER_DIR, out_dir / TOKENIZER_DIR)
     os.replace(staging / "meta.json", out_dir / "meta.json")
 
 

@@ -4,14 +4,16 @@
 
 `classify` (labelled texts -> a head on the last real token) and `instruct` (prompt template, loss on the
 responses) each bring their batches, loss and metrics to the one training loop (`ownllm.training.train`);
-`common` holds what they share (the base model, which parameters train, LoRA runs, loading, merging).
+`common` holds what they share (which parameters train, LoRA runs, the run directory, merging); loading a
+fine-tuned run, or the base model a stage starts from, is ownllm.runs; the classifier model is ownllm.model's.
 """
 
 from __future__ import annotations
 
-from ownllm.finetune.classify import ClassifyResult, GPTClassifier, classify_texts, finetune_classify
-from ownllm.finetune.common import load_finetuned, merge_lora_run
+from ownllm.finetune.classify import ClassifyResult, classify_texts, finetune_classify
+from ownllm.finetune.common import merge_lora_run
 from ownllm.finetune.instruct import InstructResult, finetune_instruct
+from ownllm.model import GPTClassifier
 
-__all__ = ["finetune_classify", "finetune_instruct", "classify_texts", "merge_lora_run", "load_finetuned",
-           "GPTClassifier", "ClassifyResult", "InstructResult"]
+__all__ = ["finetune_classify", "finetune_instruct", "classify_texts", "merge_lora_run", "GPTClassifier",
+           "ClassifyResult", "InstructResult"]

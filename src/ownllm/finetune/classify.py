@@ -26,51 +26,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ownllm import checkpoint, distributed
-from ownllm.checkpoint import LoadedRun, write_json_atomic
+from ownllm import distributed
+from ownllm.checkpoint import write_json_atomic
 from ownllm.config import ModelConfig
 from ownllm.data.batching import fixed_batches
 from ownllm.data.labelled import (ClassificationBatches, Example, check_labels, class_weights, encode_texts,
                                   pad_right, read_labelled, split_examples, undersample)
-from ownllm.device import autocast, pick_device, pick_precision
+from ownllm.device import autocast
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import classification_metrics
-from ownllm.finetune.common import (RESULTS_FILE, TOKENIZER_DIR, adapt_model, copy_base_weights, discard_run_dir,
-                                    load_base, lora_config_from, resumed_train_config, start_run_dir,
-                                    train_config_for_finetune, with_dropout)
-from ownllm.lora import TARGETS, save_peft_adapter
-from ownllm.model import GPT, flops_per_token
-from ownllm.training import TrainLoop, TrainResult, train
+from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
+from ownllm.lora import TARGETS, LoRAConfig
+from ownllm.model import GPTClassifier
+from ownllm.runs import LoadedRun
+from ownllm.tokenizer import Tokenizer
+from ownllm.training import TrainResult
 
-POOLINGS = ("last", "mean")
 BALANCES = ("none", "undersample", "weight")
-
-
-class GPTClassifier(GPT):
-    """A GPT whose forward gives class logits [batch, labels] from ids [batch, time] and lengths [batch]."""
-
-    def __init__(self, config: ModelConfig, num_labels: int, pooling: str = "last") -> None:
-        super().__init__(config)
-        if pooling not in POOLINGS:
-            raise OwnLLMError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-        self.pooling = pooling
-        self.score = nn.Linear(config.n_embd, num_labels, bias=False)
-        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
-
-    def forward(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        """Class logits; `lengths` counts each right-padded row's real tokens (default: all of them)."""
-        hidden = self.hidden_states(ids)
-        if lengths is None:
-            lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
-        lengths = lengths.to(ids.device)
-        if self.pooling == "last":
-            pooled = hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
-        else:
-            real = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-            pooled = (hidden * real[..., None]).sum(dim=1) / lengths[:, None].to(hidden.dtype)
-        return self.score(pooled)
 
 
 @dataclass
@@ -188,90 +162,70 @@ def finetune_classify(
     `train_layers`: all | head | last:N; `lora_rank` > 0 trains LoRA adapters and the head instead. Train
     settings (lr, batch_size, max_steps, ...) are TrainConfig fields; by default `epochs` passes over the data.
     """
-    if resume:
-        config = checkpoint.read_run_config(Path(out))
-        options = {**config["options"], "resume": True, "device": device, "show_progress": show_progress}
-        return _run(Path(out), options, resumed_train_config(config, train_overrides), created=False)
-    run_dir, created = start_run_dir(out)
-    try:
-        if data is None:
-            raise OwnLLMError("--data is required for a new run (a CSV, TSV or JSONL file of labelled texts)")
-        options = dict(model=str(Path(model).resolve()) if model else None, data=str(Path(data).resolve()),
-                       val_file=_abs(val_file), test_file=_abs(test_file), text_column=text_column,
-                       label_column=label_column, val_fraction=val_fraction, test_fraction=test_fraction,
-                       split_seed=split_seed, balance=balance, train_layers=train_layers, pooling=pooling,
-                       max_length=max_length, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                       lora_targets=list(lora_targets), epochs=epochs, dropout=dropout, resume=False, device=device,
-                       show_progress=show_progress)
-        return _run(run_dir, options, None, created=created, train_overrides=train_overrides)
-    except BaseException:
-        if not (run_dir / checkpoint.CHECKPOINT_DIR).exists():
-            discard_run_dir(run_dir, created)
-        raise
+    stage = ClassifyStage(dict(
+        model=model, data=data, val_file=val_file, test_file=test_file, text_column=text_column,
+        label_column=label_column, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+        balance=balance, train_layers=train_layers, pooling=pooling, max_length=max_length, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, epochs=epochs, dropout=dropout))
+    return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
+                     train_overrides=train_overrides)
 
 
-def _abs(path: str | Path | None) -> str | None:
-    return str(Path(path).resolve()) if path else None
+class ClassifyStage(FinetuneStage):
+    """Labelled texts -> a `GPTClassifier` (a head on the last real token); accuracy and F1 on val and test."""
 
+    task = "classify"
+    data_kind = "a CSV, TSV or JSONL file of labelled texts"
+    peft_task_type = "SEQ_CLS"
+    head = ("score",)
 
-def _run(run_dir: Path, o: dict[str, Any], train_config, created: bool,
-         train_overrides: dict[str, Any] | None = None) -> ClassifyResult:
-    train_set, val_set, test_set, labels = load_splits(
-        o["data"], val_file=o["val_file"], test_file=o["test_file"], text_column=o["text_column"],
-        label_column=o["label_column"], val_fraction=o["val_fraction"], test_fraction=o["test_fraction"],
-        split_seed=o["split_seed"], balance=o["balance"])
-    base = load_base(o["model"])
-    model_config = with_dropout(base.config, o["dropout"])
-    max_length = min(o["max_length"] or model_config.block_size, model_config.block_size)
-    lora = lora_config_from(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], o["lora_targets"])
-    default_lr = 1e-3 if (lora or o["train_layers"] == "head") else 1e-4
-    batch_size = (train_config.batch_size if train_config else (train_overrides or {}).get("batch_size")) or 8
-    seed = train_config.seed if train_config else (train_overrides or {}).get("seed") or 1337
-    batches = ClassificationBatches(train_set, base.tokenizer, labels, max_length, batch_size, seed=seed)
-    if train_config is None:
-        train_config = train_config_for_finetune(train_overrides or {}, batches.plan.batches_per_epoch, o["epochs"],
-                                                 default_lr)
-    torch.manual_seed(train_config.seed)
-    model = GPTClassifier(model_config, len(labels), o["pooling"])
-    copy_base_weights(model, base.model)
-    del base.model
-    adapt_model(model, lora, o["train_layers"], head=("score",))
-    if model.lm_head.weight is not model.tok_emb.weight:
-        model.lm_head.weight.requires_grad_(False)  # the classifier never reads the LM head (DDP needs every grad)
-    if not o["resume"] and distributed.is_main():
-        base.tokenizer.save(run_dir / TOKENIZER_DIR)
-        checkpoint.write_run_config(
-            run_dir, model_config, task="classify", labels=labels, pooling=o["pooling"], max_length=max_length,
-            append_eot=True, train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
-            train=train_config.to_dict(), options={k: v for k, v in o.items()
-                                                    if k not in ("resume", "device", "show_progress")})
-    device = distributed.init(pick_device(o["device"]))
-    precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
-    host_weights = torch.tensor(class_weights(train_set, labels)) if o["balance"] == "weight" else None
-    weights = host_weights.to(device) if host_weights is not None else None
+    def read_data(self) -> None:
+        o = self.options
+        self.train_set, self.val_set, self.test_set, self.labels = load_splits(
+            o["data"], val_file=o["val_file"], test_file=o["test_file"], text_column=o["text_column"],
+            label_column=o["label_column"], val_fraction=o["val_fraction"], test_fraction=o["test_fraction"],
+            split_seed=o["split_seed"], balance=o["balance"])
 
-    def loss_fn(net: torch.nn.Module, batch) -> Tensor:
-        return F.cross_entropy(net(batch[0], batch[1]).float(), batch[2], weight=weights)
+    def default_lr(self, lora: LoRAConfig | None) -> float:
+        return 1e-3 if (lora or self.options["train_layers"] == "head") else 1e-4
 
-    val_batches = ClassificationBatches(val_set, base.tokenizer, labels, max_length, batch_size) if val_set else None
-    fixed = val_batches.eval_batches() if val_batches else None
-    on_checkpoint = None
-    if lora:
-        def on_checkpoint(directory: Path) -> None:
-            save_peft_adapter(model, lora, directory, base=o["model"], task_type="SEQ_CLS",
-                              extra={"score.weight": model.score.weight})
-    loop = TrainLoop(model=model, config=train_config, run_dir=run_dir, micro_batch=batches.batch, loss_fn=loss_fn,
-                     eval_batches=(lambda: fixed) if fixed else None, device=device, precision=precision,
-                     flops_per_token=flops_per_token(model), tokens_in=lambda b: int(b[1].sum()),
-                     save_trainable_only=lora is not None, on_checkpoint=on_checkpoint,
-                     loss_weight=(lambda b: float(host_weights[b[2]].sum())) if host_weights is not None
-                     else distributed.rows)
-    result = train(loop, resume=o["resume"], show_progress=o["show_progress"])
-    if not distributed.is_main():  # rank 0 evaluates and writes the results
-        return ClassifyResult(run_dir=run_dir, train=result, labels=labels, val=None, test=None)
-    model.eval()
-    val_metrics = evaluate_examples(model, val_set, base.tokenizer, labels, max_length)
-    test_metrics = evaluate_examples(model, test_set, base.tokenizer, labels, max_length)
-    write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "labels": labels, "val": val_metrics,
-                                               "test": test_metrics, "train_examples": len(train_set)})
-    return ClassifyResult(run_dir=run_dir, train=result, labels=labels, val=val_metrics, test=test_metrics)
+    def new_model(self, model_config: ModelConfig) -> GPTClassifier:
+        return GPTClassifier(model_config, len(self.labels), self.options["pooling"])
+
+    def max_length(self, model_config: ModelConfig) -> int:
+        return min(self.options["max_length"] or model_config.block_size, model_config.block_size)
+
+    def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
+        return dict(labels=self.labels, pooling=self.options["pooling"], max_length=self.max_length(model_config),
+                    append_eot=True)
+
+    def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
+                 device: torch.device) -> StageTraining:
+        max_length = self.max_length(model_config)
+        batches = ClassificationBatches(self.train_set, tokenizer, self.labels, max_length, batch_size, seed=seed)
+        host_weights = torch.tensor(class_weights(self.train_set, self.labels)) \
+            if self.options["balance"] == "weight" else None
+        weights = host_weights.to(device) if host_weights is not None else None
+
+        def loss_fn(net: torch.nn.Module, batch) -> Tensor:
+            return F.cross_entropy(net(batch[0], batch[1]).float(), batch[2], weight=weights)
+
+        fixed = ClassificationBatches(self.val_set, tokenizer, self.labels, max_length, batch_size).eval_batches() \
+            if self.val_set else None
+        return StageTraining(micro_batch=batches.batch, batches_per_epoch=batches.plan.batches_per_epoch,
+                             loss_fn=loss_fn, eval_batches=(lambda: fixed) if fixed else None,
+                             tokens_in=lambda b: int(b[1].sum()),
+                             loss_weight=(lambda b: float(host_weights[b[2]].sum())) if host_weights is not None
+                             else None)
+
+    def finish(self, model: GPTClassifier, tokenizer: Tokenizer, run_dir: Path, result: TrainResult,
+               device: torch.device, precision: str) -> ClassifyResult:
+        if not distributed.is_main():  # rank 0 evaluates and writes the results
+            return ClassifyResult(run_dir=run_dir, train=result, labels=self.labels, val=None, test=None)
+        model.eval()
+        max_length = self.max_length(model.config)
+        val_metrics = evaluate_examples(model, self.val_set, tokenizer, self.labels, max_length)
+        test_metrics = evaluate_examples(model, self.test_set, tokenizer, self.labels, max_length)
+        write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "labels": self.labels, "val": val_metrics,
+                                                   "test": test_metrics, "train_examples": len(self.train_set)})
+        return ClassifyResult(run_dir=run_dir, train=result, labels=self.labels, val=val_metrics, test=test_metrics)

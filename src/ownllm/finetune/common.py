@@ -1,53 +1,38 @@
-"""What the fine-tuning stages share: the base model, which parameters train, LoRA runs, train settings, loading.
+"""What the fine-tuning stages share: which parameters train, LoRA runs, train settings, the run directory, merging.
 
 A fine-tuned run directory is an ordinary run (config.json, tokenizer/, checkpoint/, metrics.jsonl, loss.png) with
 "task": "classify" or "instruct" in its config. A full fine-tune publishes its weights as model.safetensors; a LoRA
 run keeps only its adapters (and head) in the PEFT layout, adapter_config.json + adapter_model.safetensors, and
 names its base run in config.json ("base"), which must stay where it was (or merge with `ownllm merge-lora`).
+Loading any of these runs (and the base model a stage starts from) is ownllm.runs.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ownllm import checkpoint, distributed
-from ownllm.checkpoint import LoadedRun
+from ownllm.checkpoint import TOKENIZER_DIR
 from ownllm.config import ModelConfig, TrainConfig
+from ownllm.device import pick_device, pick_precision
 from ownllm.errors import OwnLLMError
-from ownllm.lora import LoRAConfig, apply_lora, load_peft_adapter, merge_lora
-from ownllm.model import GPT
-
-TOKENIZER_DIR = "tokenizer"
+from ownllm.lora import LoRAConfig, apply_lora, merge_lora, save_peft_adapter
+from ownllm.model import GPT, flops_per_token
+from ownllm.runs import LoadedRun, copy_base_weights, load_base
+from ownllm.tokenizer import Tokenizer
+from ownllm.training import (Batch, LossFn, TrainJob, TrainResult, discard_run_dir, lm_loss, resumed_train_config,
+                             start_run_dir, train)
 RESULTS_FILE = "metrics.json"  # final metrics of a fine-tuning run (the training log is metrics.jsonl)
-PER_INVOCATION = ("stop_at", "max_minutes")
-
-
-def load_base(path: str | Path) -> LoadedRun:
-    """The base model to fine-tune, on the CPU: an ownllm run (or anything `checkpoint.load_run` reads)."""
-    if path is None:
-        raise OwnLLMError("--model is required for a new run (the run directory of a pretrained model)")
-    base = checkpoint.load_run(path, device="cpu")
-    if base.run_config.get("task") == "classify":
-        raise OwnLLMError(f"{path}: is a classifier run; fine-tune from a language model")
-    if base.run_config.get("lora"):
-        raise OwnLLMError(f"{path}: is a LoRA run; merge it first (`ownllm merge-lora {path} --out DIR`)")
-    return base
 
 
 def with_dropout(config: ModelConfig, dropout: float | None) -> ModelConfig:
     return config if dropout is None else ModelConfig.from_dict({**config.to_dict(), "dropout": dropout})
-
-
-def copy_base_weights(model: GPT, base: GPT) -> None:
-    """Load the base model's tensors into `model` (a GPT or a subclass with extra modules such as a head)."""
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    if unexpected or any(not name.startswith("score.") for name in missing):
-        raise OwnLLMError(f"the base model's weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def select_trainable(model: GPT, spec: str, head: tuple[str, ...] = ()) -> None:
@@ -97,30 +82,6 @@ def train_config_for_finetune(overrides: dict[str, Any], batches_per_epoch: int,
     return TrainConfig(**values)
 
 
-def resumed_train_config(run_config: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    stored = {k: v for k, v in run_config.get("train", {}).items() if k not in PER_INVOCATION}
-    stored.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(stored)
-
-
-def start_run_dir(out: str | Path) -> tuple[Path, bool]:
-    """The new run's directory (refusing to overwrite a run) and whether it was created here. Under torchrun,
-    rank 0 alone checks and creates it."""
-    run_dir = Path(out)
-    if not distributed.is_main():
-        return run_dir, False
-    if (run_dir / checkpoint.CONFIG_FILE).exists():
-        raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, created
-
-
-def discard_run_dir(run_dir: Path, created: bool) -> None:
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def adapt_model(model: GPT, lora: LoRAConfig | None, train_layers: str, head: tuple[str, ...]) -> None:
     """Make the right parameters trainable: LoRA adapters plus the head, or a `select_trainable` spec."""
     if lora is None:
@@ -134,50 +95,15 @@ def adapt_model(model: GPT, lora: LoRAConfig | None, train_layers: str, head: tu
             param.requires_grad_(True)
 
 
-def load_finetuned(run_dir: Path, run_config: dict[str, Any], device: str | torch.device = "cpu") -> LoadedRun:
-    """Load a classifier run, or a LoRA run (its base with the adapters applied, not merged), for inference."""
-    from ownllm.tokenizer import load_tokenizer
-
-    run_dir = Path(run_dir)
-    model_config = ModelConfig.from_dict(run_config["model"])
-    lora = run_config.get("lora")
-    model = _empty_model(model_config, run_config)
-    if lora:
-        base = load_base(run_config["base"])
-        if {**base.config.to_dict(), "dropout": 0.0} != {**model_config.to_dict(), "dropout": 0.0}:
-            raise OwnLLMError(f"{run_config['base']}: the base model no longer matches the LoRA run {run_dir}")
-        copy_base_weights(model, base.model)
-        lora_config = LoRAConfig(**lora)
-        apply_lora(model, lora_config)
-        load_peft_adapter(model, lora_config, run_dir, extra=("score.weight",) if hasattr(model, "score") else ())
-    else:
-        weights = run_dir / checkpoint.WEIGHTS_FILE
-        if not weights.is_file():
-            raise OwnLLMError(f"{run_dir}: no {checkpoint.WEIGHTS_FILE} yet (the run has not saved a checkpoint)")
-        checkpoint.load_weights(model, weights)
-    model.to(device).eval()
-    return LoadedRun(path=run_dir, model=model, tokenizer=load_tokenizer(run_dir / TOKENIZER_DIR),
-                     config=model_config, run_config=run_config)
-
-
-def _empty_model(model_config: ModelConfig, run_config: dict[str, Any]) -> GPT:
-    if run_config.get("task") == "classify":
-        from ownllm.finetune.classify import GPTClassifier
-
-        return GPTClassifier(model_config, len(run_config["labels"]), run_config.get("pooling", "last"))
-    return GPT(model_config)
-
-
-def merge_lora_run(run_path: str | Path, out: str | Path) -> Path:
-    """Fold a LoRA run's adapters into its base weights and write a self-contained run at `out`."""
-    run = checkpoint.load_run(run_path)
+def merge_lora_run(run: LoadedRun, out: str | Path) -> Path:
+    """Fold a loaded LoRA run's adapters into its base weights and write a self-contained run at `out`."""
     if not run.run_config.get("lora"):
-        raise OwnLLMError(f"{run_path}: not a LoRA run (its config has no \"lora\" section)")
+        raise OwnLLMError(f"{run.path}: not a LoRA run (its config has no \"lora\" section)")
     out_dir, created = start_run_dir(out)
     try:
         merge_lora(run.model)
         sections = {k: v for k, v in run.run_config.items() if k not in ("format", "model", "lora")}
-        sections["merged_from"] = str(Path(run_path).resolve())
+        sections["merged_from"] = str(Path(run.path).resolve())
         checkpoint.save_weights(run.model, out_dir / checkpoint.WEIGHTS_FILE)
         run.tokenizer.save(out_dir / TOKENIZER_DIR)
         checkpoint.write_run_config(out_dir, run.config, **sections)
@@ -185,3 +111,131 @@ def merge_lora_run(run_path: str | Path, out: str | Path) -> Path:
         discard_run_dir(out_dir, created)
         raise
     return out_dir
+
+
+# ---- the skeleton every fine-tuning stage shares ------------------------------------------------------------------
+
+@dataclass
+class StageTraining:
+    """What a stage brings to the training loop besides the model: its batches, loss and held-out batches."""
+
+    micro_batch: Callable[[int], Batch]
+    batches_per_epoch: int
+    loss_fn: LossFn = lm_loss
+    eval_batches: Callable[[], Iterable[Batch]] | None = None
+    tokens_in: Callable[[Batch], int] | None = None
+    loss_weight: Callable[[Batch], float] | None = None  # None: the loop's default (rows)
+
+
+class FinetuneStage:
+    """One fine-tuning stage: what `run_stage` asks of it, in the order it asks. A subclass (classify, instruct, a
+    later `prefer`) reads its data, builds its batches, model and results; the skeleton does the rest."""
+
+    task = ""  # config.json "task"
+    data_kind = ""  # what --data must be, for the error of a new run without it
+    peft_task_type = "CAUSAL_LM"
+    head: tuple[str, ...] = ()  # modules the stage adds on top of the language model (they always train)
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options  # the stage function's arguments; on resume, the ones the run stored
+
+    def read_data(self) -> None:
+        raise NotImplementedError
+
+    def default_lr(self, lora: LoRAConfig | None) -> float:
+        raise NotImplementedError
+
+    def new_model(self, model_config: ModelConfig) -> GPT:
+        return GPT(model_config)
+
+    def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
+        """What config.json records about the task, besides the sections every stage writes."""
+        return {}
+
+    def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
+                 device: torch.device) -> StageTraining:
+        raise NotImplementedError
+
+    def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
+               precision: str) -> Any:
+        """The stage's result; on rank 0 its held-out evaluation is written to the run directory first."""
+        raise NotImplementedError
+
+
+NOT_STORED = ("resume", "device", "show_progress")  # per invocation, not part of the run's options
+
+
+def run_stage(stage: FinetuneStage, out: str | Path, *, resume: bool, device: str, show_progress: bool,
+              train_overrides: dict[str, Any]) -> Any:
+    """Start a fine-tuning run in `out` with `stage.options` (a new run), or resume the run in `out` with the
+    options it stored. A new run that fails before its first checkpoint leaves no directory behind."""
+    if resume:
+        config = checkpoint.read_run_config(Path(out))
+        stage.options = {**config["options"], "resume": True, "device": device, "show_progress": show_progress}
+        return _fit(stage, Path(out), resumed_train_config(config, train_overrides))
+    run_dir, created = start_run_dir(out)
+    try:
+        o = stage.options
+        if o["data"] is None:
+            raise OwnLLMError(f"--data is required for a new run ({stage.data_kind})")
+        paths = {name: str(Path(o[name]).resolve()) if o[name] else None
+                 for name in ("model", "data", "val_file", "test_file")}
+        stage.options = {**o, **paths, "lora_targets": list(o["lora_targets"]), "resume": False, "device": device,
+                         "show_progress": show_progress}
+        return _fit(stage, run_dir, None, train_overrides)
+    except BaseException:
+        if not (run_dir / checkpoint.CHECKPOINT_DIR).exists():
+            discard_run_dir(run_dir, created)
+        raise
+
+
+def _fit(stage: FinetuneStage, run_dir: Path, train_config: TrainConfig | None,
+         train_overrides: dict[str, Any] | None = None) -> Any:
+    """Read the data, build the model from the base, write the run's config, train, and let the stage finish."""
+    o, overrides = stage.options, train_overrides or {}
+    stage.read_data()
+    base = load_base(o["model"])
+    model_config = with_dropout(base.config, o["dropout"])
+    lora = lora_config_from(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], o["lora_targets"])
+    batch_size = (train_config.batch_size if train_config else overrides.get("batch_size")) or 8
+    seed = train_config.seed if train_config else overrides.get("seed") or 1337
+    device = distributed.init(pick_device(o["device"]))
+    training = stage.training(base.tokenizer, model_config, batch_size, seed, device)
+    if train_config is None:
+        train_config = train_config_for_finetune(overrides, training.batches_per_epoch, o["epochs"],
+                                                 stage.default_lr(lora))
+    torch.manual_seed(train_config.seed)
+    model = stage.new_model(model_config)
+    copy_base_weights(model, base.model)
+    del base.model
+    adapt_model(model, lora, o["train_layers"], head=stage.head)
+    if stage.head and model.lm_head.weight is not model.tok_emb.weight:
+        model.lm_head.weight.requires_grad_(False)  # a model with its own head never reads the LM head (DDP needs
+        # a gradient for every parameter that trains)
+    if not o["resume"] and distributed.is_main():
+        base.tokenizer.save(run_dir / TOKENIZER_DIR)
+        checkpoint.write_run_config(
+            run_dir, model_config, task=stage.task, **stage.config_sections(model_config),
+            train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
+            train=train_config.to_dict(), options={k: v for k, v in o.items() if k not in NOT_STORED})
+    precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
+    job = TrainJob(model=model, config=train_config, run_dir=run_dir, micro_batch=training.micro_batch,
+                   loss_fn=training.loss_fn, eval_batches=training.eval_batches, device=device, precision=precision,
+                   flops_per_token=flops_per_token(model), tokens_in=training.tokens_in,
+                   save_trainable_only=lora is not None, on_checkpoint=_adapter_writer(stage, model, lora))
+    if training.loss_weight is not None:
+        job.loss_weight = training.loss_weight
+    result = train(job, resume=o["resume"], show_progress=o["show_progress"])
+    return stage.finish(model, base.tokenizer, run_dir, result, device, precision)
+
+
+def _adapter_writer(stage: FinetuneStage, model: GPT, lora: LoRAConfig | None) -> Callable[[Path], None] | None:
+    """With LoRA: what writes the adapters (and the head) in the PEFT layout at each checkpoint."""
+    if lora is None:
+        return None
+
+    def write(directory: Path) -> None:
+        extra = {f"{name}.weight": getattr(model, name).weight for name in stage.head}
+        save_peft_adapter(model, lora, directory, base=stage.options["model"], task_type=stage.peft_task_type,
+                          extra=extra or None)
+    return write

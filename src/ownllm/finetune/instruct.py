@@ -24,21 +24,19 @@ from typing import Any
 
 import torch
 
-from ownllm import checkpoint, distributed
+from ownllm import distributed
 from ownllm.checkpoint import write_json_atomic
+from ownllm.config import ModelConfig
 from ownllm.data.instructions import (Conversation, InstructionBatches, Template, encode_prompt, get_template,
                                       read_instructions, real_tokens)
-from ownllm.device import pick_device, pick_precision
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import exact_match, rouge_l_f1
-from ownllm.finetune.common import (RESULTS_FILE, TOKENIZER_DIR, adapt_model, copy_base_weights, discard_run_dir,
-                                    load_base, lora_config_from, resumed_train_config, start_run_dir,
-                                    train_config_for_finetune, with_dropout)
+from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
 from ownllm.generation import SamplingOptions, generate_ids
-from ownllm.lora import TARGETS, save_peft_adapter
-from ownllm.model import GPT, flops_per_token
+from ownllm.lora import TARGETS, LoRAConfig
+from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
-from ownllm.training import TrainLoop, TrainResult, counted_targets, evaluate_loss, lm_loss, train
+from ownllm.training import TrainResult, counted_targets, evaluate_loss, lm_loss
 
 RESPONSES_FILE = "responses.json"
 
@@ -138,89 +136,68 @@ def finetune_instruct(
     **train_overrides: Any,
 ) -> InstructResult:
     """Fine-tune the language model run `model` on the instructions in `data` into the run directory `out`."""
-    if resume:
-        config = checkpoint.read_run_config(Path(out))
-        options = {**config["options"], "resume": True, "device": device, "show_progress": show_progress}
-        return _run(Path(out), options, resumed_train_config(config, train_overrides))
-    get_template(template)  # fail fast
-    run_dir, created = start_run_dir(out)
-    try:
-        if data is None:
-            raise OwnLLMError("--data is required for a new run (Alpaca JSON/JSONL or chat JSONL)")
-        options = dict(model=str(Path(model).resolve()) if model else None, data=str(Path(data).resolve()),
-                       val_file=str(Path(val_file).resolve()) if val_file else None,
-                       test_file=str(Path(test_file).resolve()) if test_file else None,
-                       val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
-                       template=template, mask_prompt=mask_prompt, train_layers=train_layers, lora_rank=lora_rank,
-                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=list(lora_targets),
-                       epochs=epochs, dropout=dropout, max_new_tokens=max_new_tokens, resume=False, device=device,
-                       show_progress=show_progress)
-        return _run(run_dir, options, None, train_overrides)
-    except BaseException:
-        if not (run_dir / checkpoint.CHECKPOINT_DIR).exists():
-            discard_run_dir(run_dir, created)
-        raise
+    if not resume:
+        get_template(template)  # fail fast
+    stage = InstructStage(dict(
+        model=model, data=data, val_file=val_file, test_file=test_file, val_fraction=val_fraction,
+        test_fraction=test_fraction, split_seed=split_seed, template=template, mask_prompt=mask_prompt,
+        train_layers=train_layers, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_targets=lora_targets, epochs=epochs, dropout=dropout, max_new_tokens=max_new_tokens))
+    return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
+                     train_overrides=train_overrides)
 
 
-def _run(run_dir: Path, o: dict[str, Any], train_config, train_overrides: dict[str, Any] | None = None
-         ) -> InstructResult:
-    train_set, val_set, test_set = split_conversations(o["data"], o["val_file"], o["test_file"], o["val_fraction"],
-                                                       o["test_fraction"], o["split_seed"])
-    chosen = get_template(o["template"])
-    base = load_base(o["model"])
-    model_config = with_dropout(base.config, o["dropout"])
-    lora = lora_config_from(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], o["lora_targets"])
-    batch_size = (train_config.batch_size if train_config else (train_overrides or {}).get("batch_size")) or 8
-    seed = train_config.seed if train_config else (train_overrides or {}).get("seed") or 1337
-    tokenizer = base.tokenizer
-    batches = InstructionBatches(train_set, chosen, tokenizer, model_config.block_size, batch_size,
-                                 mask_prompt=o["mask_prompt"], seed=seed)
-    if train_config is None:
-        train_config = train_config_for_finetune(train_overrides or {}, batches.plan.batches_per_epoch, o["epochs"],
-                                                 5e-4 if lora else 1e-4)
-    torch.manual_seed(train_config.seed)
-    model = GPT(model_config)
-    copy_base_weights(model, base.model)
-    del base.model
-    adapt_model(model, lora, o["train_layers"], head=())
-    if not o["resume"] and distributed.is_main():
-        tokenizer.save(run_dir / TOKENIZER_DIR)
-        checkpoint.write_run_config(
-            run_dir, model_config, task="instruct", template=chosen.name, mask_prompt=o["mask_prompt"],
-            train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
-            train=train_config.to_dict(), options={k: v for k, v in o.items()
-                                                    if k not in ("resume", "device", "show_progress")})
-    if (batches.truncated or batches.dropped) and o["show_progress"] and distributed.is_main():
-        print(f"note: {batches.truncated} training examples are longer than the context ({model_config.block_size} "
-              f"tokens) and were cut; {batches.dropped} with no response inside it were left out")
-    device = distributed.init(pick_device(o["device"]))
-    precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
-    held_out = {name: InstructionBatches(items, chosen, tokenizer, model_config.block_size, batch_size,
-                                         mask_prompt=o["mask_prompt"]).eval_batches() if items else None
-                for name, items in (("val", val_set), ("test", test_set))}
-    on_checkpoint = None
-    if lora:
-        def on_checkpoint(directory: Path) -> None:
-            save_peft_adapter(model, lora, directory, base=o["model"], task_type="CAUSAL_LM")
-    loop = TrainLoop(model=model, config=train_config, run_dir=run_dir, micro_batch=batches.batch, loss_fn=lm_loss,
-                     eval_batches=(lambda: held_out["val"]) if held_out["val"] else None, device=device,
-                     precision=precision, flops_per_token=flops_per_token(model), tokens_in=real_tokens,
-                     save_trainable_only=lora is not None, on_checkpoint=on_checkpoint, loss_weight=counted_targets)
-    result = train(loop, resume=o["resume"], show_progress=o["show_progress"])
-    if not distributed.is_main():  # rank 0 evaluates, answers the test prompts and writes the results
-        return InstructResult(run_dir=run_dir, train=result, val_loss=None, test_loss=None, rouge_l_f1=None,
-                              exact_match=None)
-    losses = {name: evaluate_loss(model, b, lm_loss, device, precision) if b else None for name, b in held_out.items()}
-    summary: dict[str, Any] = {"step": result.step, "val_loss": losses["val"], "test_loss": losses["test"],
-                               "rouge_l_f1": None, "exact_match": None}
-    test_set = [c for c in test_set if c[-1].role == "assistant" and len(c) >= 2 and c[-2].role == "user"]
-    if test_set:
-        options = SamplingOptions(max_new_tokens=o["max_new_tokens"], temperature=0.0)
-        answers = respond(model, tokenizer, chosen, [c[:-1] for c in test_set], options)
-        records = [_record(c, a) for c, a in zip(test_set, answers)]
-        write_json_atomic(run_dir / RESPONSES_FILE, records)
-        summary["rouge_l_f1"] = sum(rouge_l_f1(r["response"], r["output"]) for r in records) / len(records)
-        summary["exact_match"] = sum(exact_match(r["response"], r["output"]) for r in records) / len(records)
-    write_json_atomic(run_dir / RESULTS_FILE, summary)
-    return InstructResult(run_dir=run_dir, train=result, val_loss=losses["val"], test_loss=losses["test"],
-                          rouge_l_f1=summary["rouge_l_f1"], exact_match=summary["exact_match"])
+class InstructStage(FinetuneStage):
+    """Conversations in a prompt template -> a GPT that answers; held-out loss, ROUGE-L and exact match."""
+
+    task = "instruct"
+    data_kind = "Alpaca JSON/JSONL or chat JSONL"
+
+    def read_data(self) -> None:
+        o = self.options
+        self.train_set, self.val_set, self.test_set = split_conversations(
+            o["data"], o["val_file"], o["test_file"], o["val_fraction"], o["test_fraction"], o["split_seed"])
+        self.template = get_template(o["template"])
+
+    def default_lr(self, lora: LoRAConfig | None) -> float:
+        return 5e-4 if lora else 1e-4
+
+    def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
+        return dict(template=self.template.name, mask_prompt=self.options["mask_prompt"])
+
+    def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
+                 device: torch.device) -> StageTraining:
+        mask_prompt, context = self.options["mask_prompt"], model_config.block_size
+        batches = InstructionBatches(self.train_set, self.template, tokenizer, context, batch_size,
+                                     mask_prompt=mask_prompt, seed=seed)
+        if (batches.truncated or batches.dropped) and self.options["show_progress"] and distributed.is_main():
+            print(f"note: {batches.truncated} training examples are longer than the context ({context} tokens) "
+                  f"and were cut; {batches.dropped} with no response inside it were left out")
+        self.held_out = {name: InstructionBatches(items, self.template, tokenizer, context, batch_size,
+                                                  mask_prompt=mask_prompt).eval_batches() if items else None
+                         for name, items in (("val", self.val_set), ("test", self.test_set))}
+        val = self.held_out["val"]
+        return StageTraining(micro_batch=batches.batch, batches_per_epoch=batches.plan.batches_per_epoch,
+                             loss_fn=lm_loss, eval_batches=(lambda: val) if val else None, tokens_in=real_tokens,
+                             loss_weight=counted_targets)
+
+    def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
+               precision: str) -> InstructResult:
+        if not distributed.is_main():  # rank 0 evaluates, answers the test prompts and writes the results
+            return InstructResult(run_dir=run_dir, train=result, val_loss=None, test_loss=None, rouge_l_f1=None,
+                                  exact_match=None)
+        losses = {name: evaluate_loss(model, b, lm_loss, device, precision) if b else None
+                  for name, b in self.held_out.items()}
+        summary: dict[str, Any] = {"step": result.step, "val_loss": losses["val"], "test_loss": losses["test"],
+                                   "rouge_l_f1": None, "exact_match": None}
+        test_set = [c for c in self.test_set if c[-1].role == "assistant" and len(c) >= 2 and c[-2].role == "user"]
+        if test_set:
+            options = SamplingOptions(max_new_tokens=self.options["max_new_tokens"], temperature=0.0)
+            answers = respond(model, tokenizer, self.template, [c[:-1] for c in test_set], options)
+            records = [_record(c, a) for c, a in zip(test_set, answers)]
+            write_json_atomic(run_dir / RESPONSES_FILE, records)
+            summary["rouge_l_f1"] = sum(rouge_l_f1(r["response"], r["output"]) for r in records) / len(records)
+            summary["exact_match"] = sum(exact_match(r["response"], r["output"]) for r in records) / len(records)
+        write_json_atomic(run_dir / RESULTS_FILE, summary)
+        return InstructResult(run_dir=run_dir, train=result, val_loss=losses["val"], test_loss=losses["test"],
+                              rouge_l_f1=summary["rouge_l_f1"], exact_match=summary["exact_match"])

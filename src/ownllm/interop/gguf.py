@@ -1,6 +1,6 @@
 """GGUF export for llama.cpp (and everything built on it: llama-cpp-python, Ollama, LM Studio).
 
-    export_gguf("runs/mine", "exported/mine.gguf", quant="q8_0")     # ownllm export --to gguf --quant q8_0
+    export_gguf(load_run("runs/mine"), "exported/mine.gguf", quant="q8_0")   # ownllm export --to gguf --quant q8_0
 
 Needs the `gguf` package (`pip install 'ownllm[gguf]'`). What is written:
 - architecture `gpt2` for the GPT-2 flavour, `llama` for the Llama flavour (Qwen2-style qkv biases included), with
@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
-from ownllm.checkpoint import LoadedRun, load_run
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.interop.hf import bias_or_zeros, export_state_dict, hf_model_type
@@ -32,6 +31,8 @@ from ownllm.tokenizer import Tokenizer, _merge_pair
 
 if TYPE_CHECKING:
     import gguf
+
+    from ownllm.runs import LoadedRun
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = 32  # values per q8_0 / q4_0 block
@@ -48,12 +49,11 @@ def _import_gguf():
     return gguf
 
 
-def export_gguf(run: str | Path | LoadedRun, out: str | Path, quant: str = "f16") -> Path:
-    """Write `run` (a run directory, an HF directory or a LoadedRun) as one GGUF file that llama.cpp loads."""
+def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16") -> Path:
+    """Write a loaded run (`ownllm.runs.load_run`) as one GGUF file that llama.cpp loads."""
     gguf = _import_gguf()
     if quant not in QUANTS:
         raise OwnLLMError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
-    run = run if isinstance(run, LoadedRun) else load_run(run)
     config, tokenizer = run.config, run.tokenizer
     arch = "gpt2" if hf_model_type(config) == "gpt2" else "llama"
     vocab = _vocabulary(tokenizer, config, gguf)  # checks the tokenizer before anything is written

@@ -1,8 +1,8 @@
 """Hugging Face model directories in and out: GPT-2, Llama and Qwen2 weights, config.json and the tokenizer.
 
-    run = load_hf("path/to/hf-model")            # a LoadedRun, converted in memory (ownllm.load does this for you)
+    model, tokenizer, config, run_config = read_hf_model(Path("path/to/hf-model"))   # ownllm.runs.load_run uses it
     import_hf("path/to/hf-model", "runs/base")   # ownllm import: the same, saved as an ownllm run directory
-    export_hf("runs/mine", "exported/hf")        # ownllm export --to hf: loads with AutoModelForCausalLM
+    export_hf(load_run("runs/mine"), "exported/hf")   # ownllm export --to hf: loads with AutoModelForCausalLM
 
 An HF directory is `config.json` (with `model_type`) + `model.safetensors` (or shards listed in
 `model.safetensors.index.json`) + the tokenizer (`tokenizer.json`, or `vocab.json` + `merges.txt`, with
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,9 +29,8 @@ from torch import Tensor
 
 from ownllm.checkpoint import (
     CONFIG_FILE,
+    TOKENIZER_DIR,
     WEIGHTS_FILE,
-    LoadedRun,
-    load_run,
     read_json,
     save_weights,
     weights_state_dict,
@@ -40,7 +39,11 @@ from ownllm.checkpoint import (
 )
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
+from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, _with_specials_from, load_tokenizer
+
+if TYPE_CHECKING:
+    from ownllm.runs import LoadedRun
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 INDEX_FILE = "model.safetensors.index.json"
@@ -241,8 +244,6 @@ class _Tensors:
 def state_dict_from_hf(tensors: dict[str, Tensor], hf: dict[str, Any], config: ModelConfig,
                        source: Path | str = "checkpoint") -> dict[str, Tensor]:
     """ownllm parameter names -> tensors, from the HF checkpoint's tensors, checked against the model's shapes."""
-    from ownllm.model import GPT
-
     if hf["model_type"] == "gpt2":
         src = _Tensors(tensors, "transformer.", source)
         state = _from_gpt2(src, config, _Mapped(src))
@@ -351,11 +352,9 @@ def _read_optional_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load an HF model directory (GPT-2, Llama, Qwen2) as an ownllm model in eval mode, in float32."""
-    from ownllm.model import GPT
-
-    directory = Path(path)
+def read_hf_model(directory: Path) -> tuple[GPT, Tokenizer, ModelConfig, dict[str, Any]]:
+    """Read an HF model directory (GPT-2, Llama, Qwen2) as an ownllm model on the CPU, in float32: the model, its
+    tokenizer, its config and a run config recording the source (ownllm.runs.load_run wraps them in a LoadedRun)."""
     hf = read_hf_config(directory)
     config = model_config_from_hf(hf, directory / CONFIG_FILE)
     tensors = read_hf_weights(directory)
@@ -363,10 +362,10 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     del tensors
     model = GPT(config)
     _load_checked(model, state, directory)
-    model.to(device).eval()
+    model.eval()
     tokenizer = load_hf_tokenizer(directory, hf)
     run_config = {"format": "hf", "model": config.to_dict(), "source": _source_record(directory, hf)}
-    return LoadedRun(path=directory, model=model, tokenizer=tokenizer, config=config, run_config=run_config)
+    return model, tokenizer, config, run_config
 
 
 def _load_checked(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
@@ -385,14 +384,14 @@ def _source_record(directory: Path, hf: dict[str, Any]) -> dict[str, Any]:
 
 def import_hf(path: str | Path, out: str | Path) -> Path:
     """Convert an HF model directory into an ownllm run directory (config.json, model.safetensors, tokenizer/)."""
-    run = load_hf(path)
+    model, tokenizer, config, run_config = read_hf_model(Path(path))
     out = Path(out)
     if (out / CONFIG_FILE).exists():
         raise OwnLLMError(f"{out}: already holds a config.json; choose a new --out directory")
     out.mkdir(parents=True, exist_ok=True)
-    save_weights(run.model, out / WEIGHTS_FILE)
-    run.tokenizer.save(out / "tokenizer")
-    write_run_config(out, run.config, source=run.run_config["source"])
+    save_weights(model, out / WEIGHTS_FILE)
+    tokenizer.save(out / TOKENIZER_DIR)
+    write_run_config(out, config, source=run_config["source"])
     return out
 
 
@@ -522,10 +521,9 @@ def hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]
     return record
 
 
-def export_hf(run: str | Path | LoadedRun, out: str | Path) -> Path:
-    """Write `run` (a run directory, an HF directory or a LoadedRun) as an HF directory: config.json,
-    generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json."""
-    run = run if isinstance(run, LoadedRun) else load_run(run)
+def export_hf(run: LoadedRun, out: str | Path) -> Path:
+    """Write a loaded run (`ownllm.runs.load_run`) as an HF directory: config.json, generation_config.json,
+    model.safetensors, tokenizer.json, tokenizer_config.json."""
     tokenizer = run.tokenizer
     if tokenizer.hf is None:
         raise OwnLLMError("export --to hf needs a BPE tokenizer (tokenizer.json); this run uses a char tokenizer, "
@@ -544,5 +542,5 @@ def export_hf(run: str | Path | LoadedRun, out: str | Path) -> Path:
     return out
 
 
-__all__ = ["is_hf_model_dir", "load_hf", "import_hf", "export_hf", "model_config_from_hf", "read_hf_weights",
+__all__ = ["is_hf_model_dir", "read_hf_model", "import_hf", "export_hf", "model_config_from_hf", "read_hf_weights",
            "state_dict_from_hf", "hf_state_dict", "hf_config_dict", "hf_model_type", "load_hf_tokenizer"]

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ownllm.checkpoint import LoadedRun
+from ownllm.runs import LoadedRun
 from ownllm.errors import OwnLLMError
 from ownllm.generation import SamplingOptions
 from ownllm.serve.engine import Engine, EngineBusy

@@ -41,7 +41,7 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
     """Serve `model` (a run or Hugging Face directory) until Ctrl-C."""
     import uvicorn
 
-    from ownllm.quantize import load_quantized
+    from ownllm.runs import load_quantized
     from ownllm.serve.app import create_app
 
     api_key = read_api_key(api_key_file) if api_key_file else None

@@ -1,0 +1,152 @@
+"""The options of the `ownllm` training verbs, each written once, in tables that build both the CLI and the call.
+
+    parser = sub.add_parser("pretrain")
+    add_options(parser, PRETRAIN, RUN, TRAIN)            # the flags, their types, defaults, help and groups
+    pretrain(**option_values(args, PRETRAIN, RUN, TRAIN))  # the same tables read the keyword arguments back
+
+An `Option` is one flag: the keyword argument of the stage function it feeds (`--max-steps` -> `max_steps`), the
+argparse settings, and the help group it is listed under. `RUN` and `TRAIN` are shared by `pretrain` and every
+fine-tuning stage, `FINETUNE` by every fine-tuning stage; a stage adds only its own table (`ownllm.cli_finetune`
+registers `finetune classify|instruct` as a table and a function each). The sampling flags of `generate` and `chat`
+live here too. (litgpt derives its CLI from the functions' signatures; ownllm keeps an explicit table because its
+help texts, flag spellings and groups are part of the interface.)
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ownllm.config import PRESETS
+from ownllm.lora import TARGETS
+
+TRAIN_GROUP = "training (defaults suit the --model preset)"
+SCALE_GROUP = "several processes (docs/scaling.md)"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One CLI flag and the keyword argument it becomes."""
+
+    keyword: str  # the stage function's keyword; the flag is --keyword-with-dashes unless `flag` says otherwise
+    help: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)  # argparse: type, default, choices, action, nargs, ...
+    flag: str | None = None
+    group: str | None = None
+    to_api: bool = True  # False: the CLI alone reads it (e.g. --nproc, which launches torchrun)
+    omit_none: bool = False  # leave the keyword out when the flag is not given (the function's default applies)
+
+
+def opt(keyword: str, help: str = "", *, flag: str | None = None, group: str | None = None, to_api: bool = True,
+        omit_none: bool = False, **settings: Any) -> Option:
+    return Option(keyword, help, settings, flag, group, to_api, omit_none)
+
+
+def _train(keyword: str, kind: type, help: str) -> Option:
+    return opt(keyword, help, group=TRAIN_GROUP, type=kind, default=None)
+
+
+# TrainConfig fields and how training runs: None means "the stage's default" (a preset's, or a fine-tune's)
+TRAIN: tuple[Option, ...] = (
+    _train("batch_size", int, "sequences per micro-batch"),
+    _train("grad_accum", int, "micro-batches per optimizer step"),
+    _train("lr", float, "peak learning rate"),
+    _train("min_lr", float, "learning rate at the end of the cosine decay (default lr/10)"),
+    _train("warmup_steps", int, "linear warmup steps"),
+    _train("max_steps", int, "optimizer steps of the whole schedule"),
+    _train("weight_decay", float, "AdamW weight decay on weight matrices"),
+    _train("beta1", float, "AdamW beta1"),
+    _train("beta2", float, "AdamW beta2"),
+    _train("grad_clip", float, "clip the gradient norm to this (0 = off)"),
+    _train("eval_interval", int, "evaluate on validation data every N steps (0 = never)"),
+    _train("eval_steps", int, "validation batches per evaluation"),
+    _train("log_interval", int, "write a metrics.jsonl row every N steps"),
+    _train("checkpoint_interval", int, "also checkpoint every N steps (checkpoints are written at each evaluation)"),
+    _train("stop_at", int,
+           "end this invocation after step K with a checkpoint; the schedule still follows --max-steps"),
+    _train("max_minutes", float, "stop with a checkpoint after this many minutes"),
+    _train("seed", int, "random seed (model init, batches, dropout)"),
+    opt("precision", "bf16 autocast where the hardware has it (auto), or force one", group=TRAIN_GROUP,
+        choices=["auto", "bf16", "fp32"], default=None),
+    opt("compile", "torch.compile the model", group=TRAIN_GROUP, action="store_true", default=None),
+    opt("strategy", "under torchrun: DDP (auto) or FSDP; --batch-size stays the global batch", group=SCALE_GROUP,
+        choices=["auto", "ddp", "fsdp"], default=None),
+    opt("nproc", "train on N processes of this machine: ownllm starts torchrun itself", group=SCALE_GROUP,
+        to_api=False, type=int, default=None),
+)
+
+# where a training run lives
+RUN: tuple[Option, ...] = (
+    opt("out", "run directory", required=True),
+    opt("resume", "continue the run in --out exactly where it stopped", action="store_true"),
+    opt("device", default="auto"),
+)
+
+MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+
+PRETRAIN: tuple[Option, ...] = (
+    opt("data", "a prepared dataset directory, or text files/folders", nargs="+"),
+    opt("preset", f"preset: {', '.join(PRESETS)}", flag="--model", default="mini"),
+    opt("tokenizer", "for raw text: bpe, char, or a tokenizer path", default="bpe"),
+    opt("vocab_size", "BPE vocabulary size for raw text", type=int, default=8000),
+    opt("val_fraction", type=float, default=0.05),
+    *(opt(name, type=float if name == "dropout" else int, default=None) for name in MODEL_OVERRIDES),
+)
+
+# shared by every fine-tuning stage
+FINETUNE: tuple[Option, ...] = (
+    opt("model", "base model: an ownllm run directory (or a Hugging Face model directory)"),
+    opt("data", "training data file"),
+    opt("val_file", "validation data (default: a --val-fraction of --data)"),
+    opt("test_file", "test data (default: a --test-fraction of --data)"),
+    opt("split_seed", "seed of the val/test split", type=int, default=123),
+    opt("train_layers", "all | last:N | head (classification only)", default="all"),
+    opt("lora_rank", "train LoRA adapters of this rank (0 = off)", type=int, default=0),
+    opt("lora_alpha", "LoRA alpha (default 2 * rank)", type=float, default=None),
+    opt("lora_dropout", type=float, default=0.0),
+    opt("lora_targets", f"modules that get adapters (default: all of {' '.join(TARGETS)})", nargs="+",
+        default=list(TARGETS), choices=TARGETS, metavar="MODULE"),
+    opt("epochs", "passes over the training data (unless --max-steps)", type=float, default=None, omit_none=True),
+    opt("dropout", "dropout while fine-tuning (default: the base's)", type=float, default=None),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, *tables: Sequence[Option]) -> None:
+    """Add the flags of `tables` to `parser`, each under its help group."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in (o for table in tables for o in table):
+        target: Any = parser
+        if option.group is not None:
+            target = groups.get(option.group) or groups.setdefault(option.group,
+                                                                   parser.add_argument_group(option.group))
+        flag = option.flag or f"--{option.keyword.replace('_', '-')}"
+        target.add_argument(flag, dest=option.keyword, help=option.help or None, **option.settings)
+
+
+def option_values(args: argparse.Namespace, *tables: Sequence[Option]) -> dict[str, Any]:
+    """The keyword arguments that the flags of `tables` give the stage function."""
+    values = {}
+    for option in (o for table in tables for o in table):
+        value = getattr(args, option.keyword)
+        if option.to_api and not (option.omit_none and value is None):
+            values[option.keyword] = value
+    return values
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+
+
+def sampling_options(args: argparse.Namespace) -> Any:
+    """The `SamplingOptions` of the flags `add_sampling_flags` added."""
+    from ownllm.generation import SamplingOptions
+
+    return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, stop=args.stop)

@@ -1,0 +1,139 @@
+"""Loading: the one place that turns a path into a model ready to use (a `LoadedRun`).
+
+    from ownllm.runs import load_run
+    run = load_run("runs/my-model", device="cpu")          # run.model, run.tokenizer, run.config, run.run_config
+    run = load_run("runs/my-model", quantize="int8")       # int8 linear layers, on the CPU (ownllm.quantize)
+    run = load_run("path/to/hf-model")                     # a Hugging Face directory, converted in memory
+
+What a path can be:
+- an ownllm run directory (ownllm.checkpoint's layout): a language model, a classifier (`"task": "classify"`, a
+  `GPTClassifier`), a full fine-tune, or a LoRA run (its base run with the adapters applied, not merged);
+- a Hugging Face model directory (GPT-2, Llama, Qwen2), read by ownllm.interop.hf.
+
+A new kind of source (a .gguf file, `hf:ORG/NAME`) is one more branch in `_read_foreign`: both `load_run` and
+`load_base` (the model a fine-tuning stage starts from) go through it. Exporters, evaluators, the server and the
+CLI start from a `LoadedRun`; storage (ownllm.checkpoint) knows nothing of this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, load_weights, read_run_config
+from ownllm.config import ModelConfig
+from ownllm.device import pick_device
+from ownllm.errors import OwnLLMError
+from ownllm.interop.hf import is_hf_model_dir, read_hf_model
+from ownllm.lora import LoRAConfig, apply_lora, load_peft_adapter
+from ownllm.model import GPT, GPTClassifier
+from ownllm.quantize import quantize_model
+from ownllm.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class LoadedRun:
+    """A model ready to use: `model(ids) -> logits`, `tokenizer.encode/decode`, `config` (ModelConfig), and
+    `run_config` (the run's config.json as a dict; for a foreign format, what it was read from)."""
+
+    path: Path
+    model: GPT
+    tokenizer: Tokenizer
+    config: ModelConfig
+    run_config: dict[str, Any]
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu", quantize: str = "none") -> LoadedRun:
+    """Load any model path (see the module docstring) for inference, in eval mode, on `device` ("auto" picks one).
+
+    `quantize` (none | bf16 | int8, ownllm.quantize) stores the weights in fewer bits; int8 loads on the CPU,
+    where its kernels run, whatever `device` says.
+    """
+    if isinstance(device, str):
+        device = pick_device("cpu" if quantize == "int8" else device)
+    run = _read_foreign(path) or _read_run_dir(Path(path))
+    run.model.to(device).eval()
+    run.model = quantize_model(run.model, quantize)
+    return run
+
+
+def load_quantized(path: str | Path, mode: str, device: str = "auto") -> LoadedRun:
+    """`load_run(path, device, quantize=mode)`: kept so that older call sites read the same."""
+    return load_run(path, device=device, quantize=mode)
+
+
+def load_base(path: str | Path | None) -> LoadedRun:
+    """The language model a fine-tuning stage starts from, on the CPU, in train-ready float32: an ownllm run or a
+    foreign model; a classifier or a LoRA run is refused (never loaded through `load_run`, so no recursion)."""
+    if path is None:
+        raise OwnLLMError("--model is required for a new run (the run directory of a pretrained model)")
+    foreign = _read_foreign(path)
+    if foreign is not None:
+        return foreign
+    run_dir = Path(path)
+    run_config = read_run_config(run_dir)
+    if run_config.get("task") == "classify":
+        raise OwnLLMError(f"{path}: is a classifier run; fine-tune from a language model")
+    if run_config.get("lora"):
+        raise OwnLLMError(f"{path}: is a LoRA run; merge it first (`ownllm merge-lora {path} --out DIR`)")
+    return _read_full_weights(run_dir, run_config)
+
+
+def copy_base_weights(model: GPT, base: GPT) -> None:
+    """Load the base model's tensors into `model` (a GPT or a subclass with extra modules such as a head)."""
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("score.") for name in missing):
+        raise OwnLLMError(f"the base model's weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _read_foreign(path: str | Path) -> LoadedRun | None:
+    """A model in another format, converted in memory on the CPU; None for an ownllm run directory."""
+    if is_hf_model_dir(path):
+        model, tokenizer, config, run_config = read_hf_model(Path(path))
+        return LoadedRun(path=Path(path), model=model, tokenizer=tokenizer, config=config, run_config=run_config)
+    return None
+
+
+def _read_run_dir(run_dir: Path) -> LoadedRun:
+    run_config = read_run_config(run_dir)
+    if run_config.get("lora"):
+        return _read_lora(run_dir, run_config)
+    return _read_full_weights(run_dir, run_config)
+
+
+def _empty_model(run_config: dict[str, Any]) -> GPT:
+    model_config = ModelConfig.from_dict(run_config["model"])
+    if run_config.get("task") == "classify":
+        return GPTClassifier(model_config, len(run_config["labels"]), run_config.get("pooling", "last"))
+    return GPT(model_config)
+
+
+def _loaded(run_dir: Path, model: GPT, run_config: dict[str, Any]) -> LoadedRun:
+    return LoadedRun(path=run_dir, model=model, tokenizer=load_tokenizer(run_dir / TOKENIZER_DIR),
+                     config=model.config, run_config=run_config)
+
+
+def _read_full_weights(run_dir: Path, run_config: dict[str, Any]) -> LoadedRun:
+    """A run that publishes its whole model as model.safetensors (pretrained, full fine-tune, classifier)."""
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise OwnLLMError(f"{run_dir}: no {WEIGHTS_FILE} yet (the run has not saved a checkpoint)")
+    model = _empty_model(run_config)
+    load_weights(model, weights)
+    return _loaded(run_dir, model, run_config)
+
+
+def _read_lora(run_dir: Path, run_config: dict[str, Any]) -> LoadedRun:
+    """A LoRA run: its base model (named in config.json) with the run's adapters (and head) applied."""
+    model = _empty_model(run_config)
+    base = load_base(run_config["base"])
+    if {**base.config.to_dict(), "dropout": 0.0} != {**model.config.to_dict(), "dropout": 0.0}:
+        raise OwnLLMError(f"{run_config['base']}: the base model no longer matches the LoRA run {run_dir}")
+    copy_base_weights(model, base.model)
+    lora_config = LoRAConfig(**run_config["lora"])
+    apply_lora(model, lora_config)
+    load_peft_adapter(model, lora_config, run_dir, extra=("score.weight",) if hasattr(model, "score") else ())
+    return _loaded(run_dir, model, run_config)
