@@ -114,3 +114,26 @@ def test_the_cli_is_not_imported_by_the_api():
     for name, imported in graph.items():
         if not name.startswith(("ownllm.cli", "ownllm.__main__")):
             assert not {m for m in imported if m.startswith("ownllm.cli")}, name
+
+
+def test_every_training_flag_is_a_parameter_of_its_stage():
+    """The flag tables hold no defaults (the functions' signatures do): each flag must name a real parameter."""
+    import dataclasses
+    import inspect
+
+    from ownllm.cli_finetune import STAGES, _stage_tables
+    from ownllm.cli_options import MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN
+    from ownllm.config import ModelConfig, TrainConfig
+    from ownllm.finetune import finetune_classify, finetune_instruct
+    from ownllm.pretrain import pretrain
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(MODEL_OVERRIDES) <= model_fields
+    for function, tables in ((pretrain, (PRETRAIN, RUN, TRAIN)),
+                             (finetune_classify, _stage_tables(STAGES["classify"])),
+                             (finetune_instruct, _stage_tables(STAGES["instruct"]))):
+        parameters = inspect.signature(function).parameters
+        for option in (o for table in tables for o in table if o.to_api):
+            assert (option.keyword in parameters or option.keyword in train_fields
+                    or (function is pretrain and option.keyword in MODEL_OVERRIDES)), (function.__name__, option)

@@ -114,7 +114,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from ownllm.distributed import is_main
 
     values = option_values(args, PRETRAIN, RUN, TRAIN)
-    model_overrides = {name: values.pop(name) for name in MODEL_OVERRIDES}
+    model_overrides = {name: values.pop(name, None) for name in MODEL_OVERRIDES}
     result = pretrain(model_overrides=model_overrides, **values)
     if not is_main():  # the other torchrun processes print nothing
         return

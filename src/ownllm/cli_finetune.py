@@ -62,21 +62,19 @@ def _report_instruct(result: Any, args: argparse.Namespace) -> None:
 CLASSIFY: tuple[Option, ...] = (
     opt("text_column", "text column name (or number, 1 = first, in a file without a header)"),
     opt("label_column", "label column name (or number)"),
-    opt("val_fraction", type=float, default=0.1),
-    opt("test_fraction", type=float, default=0.2),
+    opt("val_fraction", type=float),
+    opt("test_fraction", type=float),
     opt("balance", "undersample every class to the smallest, or weight the loss by inverse class frequency",
-        choices=["none", "undersample", "weight"], default="none"),
-    opt("pooling", "read the last real token (default) or the mean over the real tokens", choices=["last", "mean"],
-        default="last"),
-    opt("max_length", "tokens kept per text (default: the context)", type=int, default=None),
+        choices=["none", "undersample", "weight"]),
+    opt("pooling", "read the last real token (default) or the mean over the real tokens", choices=["last", "mean"]),
+    opt("max_length", "tokens kept per text (default: the context)", type=int),
 )
 INSTRUCT: tuple[Option, ...] = (
-    opt("val_fraction", type=float, default=0.05),
-    opt("test_fraction", type=float, default=0.1),
-    opt("template", choices=["alpaca", "chatml"], default="alpaca"),
-    opt("mask_prompt", "learn only the responses (default) or the whole text", action=argparse.BooleanOptionalAction,
-        default=True),
-    opt("max_new_tokens", "length of the held-out responses", type=int, default=256),
+    opt("val_fraction", type=float),
+    opt("test_fraction", type=float),
+    opt("template", choices=["alpaca", "chatml"]),
+    opt("mask_prompt", "learn only the responses (default) or the whole text", action=argparse.BooleanOptionalAction),
+    opt("max_new_tokens", "length of the held-out responses", type=int),
 )
 STAGES: dict[str, Stage] = {
     "classify": Stage("train a classifier head (and the model, or LoRA) on labelled texts", CLASSIFY,

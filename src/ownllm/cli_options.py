@@ -8,8 +8,11 @@ An `Option` is one flag: the keyword argument of the stage function it feeds (`-
 argparse settings, and the help group it is listed under. `RUN` and `TRAIN` are shared by `pretrain` and every
 fine-tuning stage, `FINETUNE` by every fine-tuning stage; a stage adds only its own table (`ownllm.cli_finetune`
 registers `finetune classify|instruct` as a table and a function each). The sampling flags of `generate` and `chat`
-live here too. (litgpt derives its CLI from the functions' signatures; ownllm keeps an explicit table because its
-help texts, flag spellings and groups are part of the interface.)
+live here too.
+
+Defaults are written once, in the stage functions' signatures (as litgpt derives its CLI from signatures): a flag
+that is not given is left out of the call, so the function's default applies. The tables hold what a signature
+cannot say: help texts, flag spellings, choices and groups.
 """
 
 from __future__ import annotations
@@ -36,19 +39,20 @@ class Option:
     flag: str | None = None
     group: str | None = None
     to_api: bool = True  # False: the CLI alone reads it (e.g. --nproc, which launches torchrun)
-    omit_none: bool = False  # leave the keyword out when the flag is not given (the function's default applies)
 
 
 def opt(keyword: str, help: str = "", *, flag: str | None = None, group: str | None = None, to_api: bool = True,
-        omit_none: bool = False, **settings: Any) -> Option:
-    return Option(keyword, help, settings, flag, group, to_api, omit_none)
+        **settings: Any) -> Option:
+    """An Option; `settings` are argparse's (never a default: a flag not given leaves the function's default)."""
+    assert "default" not in settings, f"--{keyword}: defaults belong to the stage function's signature"
+    return Option(keyword, help, settings, flag, group, to_api)
 
 
 def _train(keyword: str, kind: type, help: str) -> Option:
-    return opt(keyword, help, group=TRAIN_GROUP, type=kind, default=None)
+    return opt(keyword, help, group=TRAIN_GROUP, type=kind)
 
 
-# TrainConfig fields and how training runs: None means "the stage's default" (a preset's, or a fine-tune's)
+# TrainConfig fields and how training runs (not given: the stage's default, a preset's or a fine-tune's)
 TRAIN: tuple[Option, ...] = (
     _train("batch_size", int, "sequences per micro-batch"),
     _train("grad_accum", int, "micro-batches per optimizer step"),
@@ -69,30 +73,30 @@ TRAIN: tuple[Option, ...] = (
     _train("max_minutes", float, "stop with a checkpoint after this many minutes"),
     _train("seed", int, "random seed (model init, batches, dropout)"),
     opt("precision", "bf16 autocast where the hardware has it (auto), or force one", group=TRAIN_GROUP,
-        choices=["auto", "bf16", "fp32"], default=None),
-    opt("compile", "torch.compile the model", group=TRAIN_GROUP, action="store_true", default=None),
+        choices=["auto", "bf16", "fp32"]),
+    opt("compile", "torch.compile the model", group=TRAIN_GROUP, action="store_true"),
     opt("strategy", "under torchrun: DDP (auto) or FSDP; --batch-size stays the global batch", group=SCALE_GROUP,
-        choices=["auto", "ddp", "fsdp"], default=None),
+        choices=["auto", "ddp", "fsdp"]),
     opt("nproc", "train on N processes of this machine: ownllm starts torchrun itself", group=SCALE_GROUP,
-        to_api=False, type=int, default=None),
+        to_api=False, type=int),
 )
 
 # where a training run lives
 RUN: tuple[Option, ...] = (
     opt("out", "run directory", required=True),
     opt("resume", "continue the run in --out exactly where it stopped", action="store_true"),
-    opt("device", default="auto"),
+    opt("device"),
 )
 
 MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 
 PRETRAIN: tuple[Option, ...] = (
     opt("data", "a prepared dataset directory, or text files/folders", nargs="+"),
-    opt("preset", f"preset: {', '.join(PRESETS)}", flag="--model", default="mini"),
-    opt("tokenizer", "for raw text: bpe, char, or a tokenizer path", default="bpe"),
-    opt("vocab_size", "BPE vocabulary size for raw text", type=int, default=8000),
-    opt("val_fraction", type=float, default=0.05),
-    *(opt(name, type=float if name == "dropout" else int, default=None) for name in MODEL_OVERRIDES),
+    opt("preset", f"preset: {', '.join(PRESETS)}", flag="--model"),
+    opt("tokenizer", "for raw text: bpe, char, or a tokenizer path"),
+    opt("vocab_size", "BPE vocabulary size for raw text", type=int),
+    opt("val_fraction", type=float),
+    *(opt(name, type=float if name == "dropout" else int) for name in MODEL_OVERRIDES),
 )
 
 # shared by every fine-tuning stage
@@ -101,15 +105,15 @@ FINETUNE: tuple[Option, ...] = (
     opt("data", "training data file"),
     opt("val_file", "validation data (default: a --val-fraction of --data)"),
     opt("test_file", "test data (default: a --test-fraction of --data)"),
-    opt("split_seed", "seed of the val/test split", type=int, default=123),
-    opt("train_layers", "all | last:N | head (classification only)", default="all"),
-    opt("lora_rank", "train LoRA adapters of this rank (0 = off)", type=int, default=0),
-    opt("lora_alpha", "LoRA alpha (default 2 * rank)", type=float, default=None),
-    opt("lora_dropout", type=float, default=0.0),
+    opt("split_seed", "seed of the val/test split", type=int),
+    opt("train_layers", "all | last:N | head (classification only)"),
+    opt("lora_rank", "train LoRA adapters of this rank (0 = off)", type=int),
+    opt("lora_alpha", "LoRA alpha (default 2 * rank)", type=float),
+    opt("lora_dropout", type=float),
     opt("lora_targets", f"modules that get adapters (default: all of {' '.join(TARGETS)})", nargs="+",
-        default=list(TARGETS), choices=TARGETS, metavar="MODULE"),
-    opt("epochs", "passes over the training data (unless --max-steps)", type=float, default=None, omit_none=True),
-    opt("dropout", "dropout while fine-tuning (default: the base's)", type=float, default=None),
+        choices=TARGETS, metavar="MODULE"),
+    opt("epochs", "passes over the training data (unless --max-steps)", type=float),
+    opt("dropout", "dropout while fine-tuning (default: the base's)", type=float),
 )
 
 
@@ -122,15 +126,15 @@ def add_options(parser: argparse.ArgumentParser, *tables: Sequence[Option]) -> N
             target = groups.get(option.group) or groups.setdefault(option.group,
                                                                    parser.add_argument_group(option.group))
         flag = option.flag or f"--{option.keyword.replace('_', '-')}"
-        target.add_argument(flag, dest=option.keyword, help=option.help or None, **option.settings)
+        target.add_argument(flag, dest=option.keyword, help=option.help or None, default=None, **option.settings)
 
 
 def option_values(args: argparse.Namespace, *tables: Sequence[Option]) -> dict[str, Any]:
-    """The keyword arguments that the flags of `tables` give the stage function."""
+    """The keyword arguments that the flags of `tables` give the stage function: those given on the command line."""
     values = {}
     for option in (o for table in tables for o in table):
         value = getattr(args, option.keyword)
-        if option.to_api and not (option.omit_none and value is None):
+        if option.to_api and value is not None:
             values[option.keyword] = value
     return values
 
