@@ -29,6 +29,12 @@ from ownllm.cli_options import (MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN, add_optio
 from ownllm.errors import OwnLLMError
 from ownllm.quantize import QUANTIZE_MODES
 
+def _add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str) -> None:
+    """--device and --quantize: how `runs.load_run` loads the model of a verb that only runs it."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=quantize_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ownllm", description="Build your own language model, end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,18 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
     add_sampling_flags(gen)
     cli_finetune.add_generate_flags(gen)
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                     help="int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
+    _add_loading_flags(gen, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
 
     ev = sub.add_parser("evaluate", help="loss, perplexity and bits per byte on a text file")
     ev.add_argument("model", help="run directory or Hugging Face model directory")
     ev.add_argument("--text", required=True, help="held-out UTF-8 text file")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                    help="measure the model with int8 or bf16 weights (the quality cost of `serve --quantize`)")
+    _add_loading_flags(ev, "measure the model with int8 or bf16 weights (the quality cost of `serve --quantize`)")
 
     imp = sub.add_parser("import", help="convert a Hugging Face model directory (GPT-2, Llama, Qwen2) into a run")
     imp.add_argument("source", help="HF directory: config.json, *.safetensors, tokenizer files")
