@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ownllm.generation import _left_pad
+from ownllm.decoding import _left_pad
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, train_bpe
 

@@ -18,7 +18,7 @@ from ownllm.checkpoint import LoadedRun
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
-from ownllm.generation import SamplingOptions, _left_pad, generate_ids
+from ownllm.decoding import SamplingOptions, _left_pad, generate_ids
 from ownllm.interop.hf import export_hf, hf_model_type, import_hf
 from ownllm.model import GPT
 

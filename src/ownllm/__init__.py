@@ -4,7 +4,7 @@
     run = ownllm.load("runs/my-model")          # run.model, run.tokenizer, run.config
     print(ownllm.generate(run.model, run.tokenizer, "To be or", max_new_tokens=50)[0])
 
-Stages, one module each: `tokenizer`, `data.text`, `model`, `training`, `pretrain`, `checkpoint`, `generation`,
+Stages, one module each: `tokenizer`, `data.text`, `model`, `training`, `pretrain`, `checkpoint`, `decoding`,
 `evaluation`; the `ownllm` command (`cli`) is a thin layer over them.
 """
 
@@ -29,7 +29,7 @@ def load(path: str, device: str = "cpu") -> "LoadedRun":
 
 def __getattr__(name: str) -> Any:  # import heavy modules (torch) only when used
     if name == "generate":
-        from ownllm.generation import generate
+        from ownllm.decoding import generate
 
         return generate
     if name == "pretrain":

@@ -187,7 +187,7 @@ def _is_main_process() -> bool:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from ownllm.generation import SamplingOptions, generate
+    from ownllm.decoding import SamplingOptions, generate
 
     if args.instruction is not None:
         from ownllm.cli_finetune import generate_instruction

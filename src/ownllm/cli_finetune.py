@@ -199,14 +199,14 @@ def _instruct_run(path: str, device: str):
 
 
 def _options(args: argparse.Namespace):
-    from ownllm.generation import SamplingOptions
+    from ownllm.decoding import SamplingOptions
 
     return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, stop=args.stop)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from ownllm.generation import chat_loop
+    from ownllm.decoding import chat_loop
 
     run, template = _instruct_run(args.model, args.device)
     interactive = sys.stdin.isatty()
@@ -228,7 +228,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def generate_instruction(args: argparse.Namespace) -> None:
     """`ownllm generate RUN --instruction ... [--input ...]`: the response, streamed."""
     from ownllm.data.instructions import Message
-    from ownllm.generation import chat_reply
+    from ownllm.decoding import chat_reply
 
     if args.prompt:
         raise OwnLLMError("give either --prompt or --instruction, not both")

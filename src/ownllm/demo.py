@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ownllm.checkpoint import CONFIG_FILE, load_run
-from ownllm.generation import SamplingOptions, generate
+from ownllm.decoding import SamplingOptions, generate
 from ownllm.pretrain import pretrain
 
 PROMPTS = ["The with statement", "A class definition", "Exceptions are"]

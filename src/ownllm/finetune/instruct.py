@@ -26,18 +26,16 @@ import torch
 
 from ownllm import checkpoint, distributed
 from ownllm.checkpoint import write_json_atomic
-from ownllm.data.instructions import (Conversation, InstructionBatches, Template, encode_prompt, get_template,
-                                      read_instructions, real_tokens)
+from ownllm.data.instructions import Conversation, InstructionBatches, get_template, read_instructions, real_tokens
+from ownllm.decoding import SamplingOptions, answer_all
 from ownllm.device import pick_device, pick_precision
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import exact_match, rouge_l_f1
 from ownllm.finetune.common import (RESULTS_FILE, TOKENIZER_DIR, adapt_model, copy_base_weights, discard_run_dir,
                                     load_base, lora_config_from, resumed_train_config, start_run_dir,
                                     train_config_for_finetune, with_dropout)
-from ownllm.generation import SamplingOptions, generate_ids
 from ownllm.lora import TARGETS, save_peft_adapter
 from ownllm.model import GPT, flops_per_token
-from ownllm.tokenizer import Tokenizer
 from ownllm.training import TrainLoop, TrainResult, counted_targets, evaluate_loss, lm_loss, train
 
 RESPONSES_FILE = "responses.json"
@@ -76,31 +74,6 @@ def split_conversations(data: str | Path, val_file: str | Path | None, test_file
     if test_file:
         test = read_instructions(test_file)
     return train_set, val, test
-
-
-@torch.no_grad()
-def respond(model: GPT, tokenizer: Tokenizer, template: Template, prompts: Sequence[Conversation],
-            options: SamplingOptions, batch_size: int = 16) -> list[str]:
-    """Answers to many conversations (each ending with a user message), decoded in batches."""
-    stops = [*options.stop, *template.stop]
-    answers: list[str] = []
-    for first in range(0, len(prompts), batch_size):
-        group = [encode_prompt(c, template, tokenizer) for c in prompts[first:first + batch_size]]
-        window = model.config.block_size - min(options.max_new_tokens, model.config.block_size // 2)
-        group = [ids[-window:] for ids in group]
-        texts = [[] for _ in group]
-
-        def on_token(row: int, token: int) -> bool:
-            texts[row].append(token)
-            return bool(stops) and any(s in tokenizer.decode(texts[row][-64:]) for s in stops)
-
-        generate_ids(model, group, options, eot_id=tokenizer.eot_id, on_token=on_token)
-        for ids in texts:
-            text = tokenizer.decode(ids)
-            for stop in stops:
-                text = text.split(stop, 1)[0]
-            answers.append(text.strip())
-    return answers
 
 
 def _record(conversation: Conversation, response: str) -> dict[str, Any]:
@@ -216,7 +189,7 @@ def _run(run_dir: Path, o: dict[str, Any], train_config, train_overrides: dict[s
     test_set = [c for c in test_set if c[-1].role == "assistant" and len(c) >= 2 and c[-2].role == "user"]
     if test_set:
         options = SamplingOptions(max_new_tokens=o["max_new_tokens"], temperature=0.0)
-        answers = respond(model, tokenizer, chosen, [c[:-1] for c in test_set], options)
+        answers = answer_all(model, tokenizer, chosen, [c[:-1] for c in test_set], options)
         records = [_record(c, a) for c, a in zip(test_set, answers)]
         write_json_atomic(run_dir / RESPONSES_FILE, records)
         summary["rouge_l_f1"] = sum(rouge_l_f1(r["response"], r["output"]) for r in records) / len(records)

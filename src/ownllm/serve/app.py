@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ownllm.checkpoint import LoadedRun
 from ownllm.errors import OwnLLMError
-from ownllm.generation import SamplingOptions
+from ownllm.decoding import SamplingOptions
 from ownllm.serve.engine import Engine, EngineBusy
 from ownllm.serve.prompts import BadRequest, chat_format_for, encode_completion_prompt, parse_messages
 

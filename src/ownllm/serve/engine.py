@@ -20,16 +20,16 @@ import random
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.generation import IncrementalText, SamplingOptions, sample_next
+from ownllm.decoding import Continuation, IncrementalText, SamplingOptions, sample_next
+from ownllm.kvcache import SlotPool
 from ownllm.model import GPT
 from ownllm.quantize import model_dtype
-from ownllm.serve.slots import SlotPool
 from ownllm.tokenizer import Tokenizer
 
 Event = tuple[Any, ...]
@@ -50,18 +50,17 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-@dataclass(eq=False)
-class Request:
-    prompt: list[int]
-    options: SamplingOptions
+@dataclass(eq=False, kw_only=True)
+class Request(Continuation):
+    """One prompt decoded by the engine: a `Continuation` (tokens, text, the end rules) with its slot, its own
+    random generator and where its events go."""
+
     on_event: Callable[[Event], None]
-    text: IncrementalText
     generator: torch.Generator
     next_token: int = -1  # sampled, not yet fed to the model
     slot: int = -1
     cancelled: bool = False
-    finished: bool = False
-    output: list[int] = field(default_factory=list)  # the tokens generated so far
+    finished: bool = False  # ended, cancelled or failed
 
     @property
     def generated(self) -> int:
@@ -141,7 +140,7 @@ class Engine:
 
     def pool_bytes(self) -> int:
         """Memory held by the KV-cache pool."""
-        return 2 * self.pool.keys.numel() * self.pool.keys.element_size()
+        return self.pool.nbytes()
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self._running), "queued": len(self._waiting), "slots": self.max_batch,
@@ -188,9 +187,9 @@ class Engine:
         ids = torch.zeros(len(requests), width, dtype=torch.long)
         for row, request in enumerate(requests):
             ids[row, : len(request.prompt)] = torch.tensor(request.prompt)
-        hidden = self.model.hidden_states(ids.to(self.device), cache=self.pool.prefill_view(first, len(requests)))
         last = torch.tensor([len(r.prompt) - 1 for r in requests], device=self.device)
-        logits = self.model.lm_head(hidden[torch.arange(len(requests), device=self.device), last])  # last only
+        logits = self.model(ids.to(self.device), cache=self.pool.prefill_view(first, len(requests)),
+                            last_index=last)[:, -1]
         for row, request in enumerate(requests):
             self.pool.lengths[request.slot] = len(request.prompt)
             self._accept(request, int(sample_next(logits[row:row + 1], request.options, request.generator)))
@@ -213,16 +212,12 @@ class Engine:
         if request.cancelled:
             request.finished = True
             return
-        if request.options.stop_at_eot and token == self.tokenizer.eot_id:
-            return self._finish(request, "stop")
-        request.output.append(token)
-        piece = request.text.add(token)
+        piece = request.accept(token, self.tokenizer.eot_id,
+                               context_full=self.pool.lengths[request.slot] >= self.context)
         if piece:
             self._emit(request, ("text", piece))
-        if request.text.finished:
-            return self._finish(request, "stop")
-        if request.generated >= request.options.max_new_tokens or self.pool.lengths[request.slot] >= self.context:
-            return self._finish(request, "length")
+        if request.finish_reason is not None:
+            return self._finish(request, request.finish_reason)
         request.next_token = token
 
     def _finish(self, request: Request, reason: str) -> None:
