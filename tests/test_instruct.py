@@ -143,7 +143,7 @@ def test_chat_keeps_the_history_in_the_prompt(monkeypatch):
     monkeypatch.setattr(decoding, "decode", fake_decode)
     lines = iter(["hi\n", "/reset\n", "bye\n", None])
     out = []
-    conversation = decoding.chat_loop(model, tok, template, decoding.SamplingOptions(max_new_tokens=20),
+    conversation = decoding.chat_loop(model, tok, template, decoding.SamplingOptions(max_new_tokens=40),
                                       lambda: next(lines), out.append, system="Be brief.")
     assert prompts[0] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
                          "<|im_start|>assistant\n"

@@ -8,8 +8,9 @@
 A worker thread owns the model. Each loop it prefills newly arrived requests (together, into free slots of the KV
 pool) and then runs one batched decoding step over every running request: decoding a token reads every weight
 once whatever the batch, so 16 requests cost little more than one. Every request samples with its own options and
-its own random generator, so its tokens do not depend on what else is running. Requests finish at the end-of-text
-token, at a stop string, after max tokens, or when the context window is full; a cancelled request (a client that
+its own random generator, so its tokens do not depend on what else is running. Requests finish by the rules of
+`ownllm.decoding.Continuation.accept`: at the end-of-text token, at a stop string, after max tokens, or when the
+context window is full; a cancelled request (a client that
 went away) frees its slot at the next step. `on_event` is called on the worker thread and must not block: the
 server hands events to its event loop, so a slow client never stalls the others.
 """
