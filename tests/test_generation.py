@@ -89,7 +89,7 @@ class ScriptedModel(GPT):
         self.script = script
         self.calls = 0
 
-    def forward(self, ids, *, cache=None, positions=None, last_only=False):
+    def forward(self, ids, *, cache=None, positions=None, last_only=False, last_index=None):
         super().forward(ids, cache=cache, positions=positions)  # keep the cache bookkeeping real
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.config.vocab_size)
         logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 10.0

@@ -10,10 +10,11 @@ The pieces, each written once:
   stop string, after `max_new_tokens`, or (the server's) when the context window is full.
 - `IncrementalText`: streamed text, O(new tokens) per token: it decodes a short window of recent ids, holds back
   incomplete UTF-8 and anything that may start a stop string, and adds up to exactly the full decode.
-- `BatchDecoder` (prefill / step over a `KVCache`): prompts of different lengths decode together, left-padded, the
-  padding masked out of attention and each row at its own positions; when a sequence outgrows the context window,
-  the cache is refilled with its most recent half. The server's engine (ownllm.serve.engine) prefills and steps over
-  its slot pool (ownllm.kvcache.SlotPool) instead, and accepts tokens with the same `Continuation.accept`.
+- `prefill` / `step` over a pool of KV-cache slots (ownllm.kvcache.SlotPool), one slot per sequence, each at its
+  own length: prompts of different lengths prefill together (right-padded) and then take one token each per step.
+  `BatchDecoder` runs them for one batch from start to end (when a sequence outgrows the context window, the rows
+  restart from their most recent half); the server's engine (ownllm.serve.engine) runs them over requests that come
+  and go. Both take tokens with `Continuation.accept`.
 - `prompt_ids` and `chat_prompt`: text and conversations to prompt ids, with the begin-of-sequence rule of
   `Tokenizer.starting_sequence`.
 
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ownllm.errors import OwnLLMError
-from ownllm.kvcache import KVCache
+from ownllm.kvcache import SlotPool
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
 
@@ -180,50 +181,51 @@ class Continuation:
 
 # ---- prefill and step over one batch ------------------------------------------------------------------------------
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """ids [batch, width], valid mask and positions for left-padded rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            valid[i, width - len(row):] = True
-            positions[i, width - len(row):] = torch.arange(len(row))
-    return ids.to(device), valid.to(device), positions.to(device)
+def prefill(model: GPT, pool: SlotPool, first: int, prompts: Sequence[Sequence[int]]) -> Tensor:
+    """Prompts into the pool's slots [first, first + len(prompts)) in one forward pass, right-padded (a real token
+    never sees the padding after it, and decoding overwrites it); next-token logits [len(prompts), vocab]."""
+    ids = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=pool.device)
+    logits = model(ids.to(pool.device), cache=pool.prefill_view(first, len(prompts)), last_index=last)[:, -1]
+    for row, prompt in enumerate(prompts):
+        pool.lengths[first + row] = len(prompt)
+    return logits
+
+
+def step(model: GPT, pool: SlotPool, tokens: Tensor) -> Tensor:
+    """Append `tokens` [active] to the pool's slots [0, active), each at its own position; next-token logits
+    [active, vocab]."""
+    view = pool.decode_view(len(tokens))
+    return model(tokens.view(-1, 1), cache=view, positions=view.positions.view(-1, 1))[:, -1]
 
 
 class BatchDecoder:
-    """Holds a KV cache for a batch of token sequences and returns next-token logits as tokens are appended."""
+    """Prefill and step for one batch of sequences decoded together from start to end (a slot each); when the
+    longest outgrows the context window, every row restarts from its most recent half."""
 
-    def __init__(self, model: GPT, pad_id: int, max_new_tokens: int | None = None) -> None:
-        self.model, self.pad_id, self.max_new_tokens = model, pad_id, max_new_tokens
-        self.device = model.tok_emb.weight.device
+    def __init__(self, model: GPT, max_new_tokens: int | None = None) -> None:
+        self.model, self.max_new_tokens = model, max_new_tokens
         self.window = model.config.block_size
-        self.cache: KVCache | None = None
-        self.next_pos: Tensor | None = None
+        self.pool: SlotPool | None = None
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> Tensor:
         rows = [list(r)[-self.window:] for r in rows]  # a prompt longer than the context keeps its end
-        ids, valid, positions = _left_pad(rows, self.pad_id, self.device)
+        width = max(len(r) for r in rows)
         # Room for what this call can generate, not the whole context: open models declare windows of 32k+ tokens.
-        needed = self.window if self.max_new_tokens is None else ids.shape[1] + self.max_new_tokens
-        self.cache = self.model.new_cache(len(rows), min(self.window, needed))
-        self.cache.key_valid[:, : ids.shape[1]] = valid
-        self.next_pos = positions[:, -1] + 1
-        return self.model(ids, cache=self.cache, positions=positions, last_only=True)[:, -1]
+        needed = self.window if self.max_new_tokens is None else width + self.max_new_tokens
+        self.pool = SlotPool(self.model, len(rows), min(self.window, needed), self.model.tok_emb.weight.dtype)
+        return prefill(self.model, self.pool, 0, rows)
 
     def step(self, tokens: Tensor, history: Callable[[], Sequence[Sequence[int]]]) -> Tensor:
         """Logits after appending `tokens` [batch]; `history()` gives every row's whole sequence (read only when
-        the context is full and the cache is refilled)."""
-        assert self.cache is not None and self.next_pos is not None
-        if self.cache.length >= self.cache.max_len or int(self.next_pos.max()) >= self.window:
+        the context is full and the rows restart)."""
+        assert self.pool is not None
+        if max(self.pool.lengths) >= self.pool.max_len:
             keep = max(1, self.window // 2)  # out of context: restart from the most recent half
             return self.prefill([list(h)[-keep:] for h in history()])
-        logits = self.model(tokens.view(-1, 1), cache=self.cache, positions=self.next_pos.view(-1, 1))[:, -1]
-        self.next_pos = self.next_pos + 1
-        return logits
+        return step(self.model, self.pool, tokens)
 
 
 @torch.inference_mode()  # like no_grad, minus autograd's version counters: ~2% faster decoding on a CPU
@@ -237,7 +239,7 @@ def decode(model: GPT, continuations: Sequence[Continuation], eot_id: int | None
     was_training = model.training
     model.eval()
     generator = seeded_generator(options.seed, model.tok_emb.weight.device)
-    decoder = BatchDecoder(model, pad_id=eot_id if eot_id is not None else 0, max_new_tokens=options.max_new_tokens)
+    decoder = BatchDecoder(model, max_new_tokens=options.max_new_tokens)
     logits = decoder.prefill([c.prompt for c in continuations]) if options.max_new_tokens else None
     for _ in range(options.max_new_tokens):
         tokens = sample_next(logits, options, generator)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.decoding import Continuation, IncrementalText, SamplingOptions, sample_next
+from ownllm.decoding import Continuation, IncrementalText, SamplingOptions, prefill, sample_next, step
 from ownllm.kvcache import SlotPool
 from ownllm.model import GPT
 from ownllm.quantize import model_dtype
@@ -184,22 +184,14 @@ class Engine:
         for offset, request in enumerate(requests):
             request.slot = first + offset
             self._running.append(request)
-        width = max(len(r.prompt) for r in requests)
-        ids = torch.zeros(len(requests), width, dtype=torch.long)
+        logits = prefill(self.model, self.pool, first, [r.prompt for r in requests])
         for row, request in enumerate(requests):
-            ids[row, : len(request.prompt)] = torch.tensor(request.prompt)
-        last = torch.tensor([len(r.prompt) - 1 for r in requests], device=self.device)
-        logits = self.model(ids.to(self.device), cache=self.pool.prefill_view(first, len(requests)),
-                            last_index=last)[:, -1]
-        for row, request in enumerate(requests):
-            self.pool.lengths[request.slot] = len(request.prompt)
             self._accept(request, int(sample_next(logits[row:row + 1], request.options, request.generator)))
 
     def _decode_step(self) -> None:
         running = self._running
-        view = self.pool.decode_view(len(running))
-        tokens = torch.tensor([[r.next_token] for r in running], device=self.device)
-        logits = self.model(tokens, cache=view, positions=view.positions.view(-1, 1))[:, -1]
+        tokens = torch.tensor([r.next_token for r in running], device=self.device)
+        logits = step(self.model, self.pool, tokens)
         self.steps += 1
         if all(r.options.temperature == 0 for r in running):  # all greedy: one argmax for the batch
             tokens = logits.argmax(dim=-1).tolist()
