@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ownllm.runs import LoadedRun
 from ownllm.config import model_config_from_preset
-from ownllm.generation import SamplingOptions, generate_ids
+from ownllm.decoding import SamplingOptions, generate_ids
 from ownllm.model import GPT
 from ownllm.quantize import quantize_model
 from ownllm.tokenizer import train_bpe

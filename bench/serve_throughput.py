@@ -121,7 +121,7 @@ def step_costs(run_dir: Path, batches: list[int], quantize: str, steps: int = 10
     """Milliseconds per decoding step of the engine's model call with `b` rows, in this process (no HTTP)."""
     import ownllm
     from ownllm.quantize import model_dtype, quantize_model
-    from ownllm.serve.slots import SlotPool
+    from ownllm.kvcache import SlotPool
 
     run = ownllm.load(run_dir)
     model = quantize_model(run.model, quantize)

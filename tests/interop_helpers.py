@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ownllm.generation import _left_pad
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, train_bpe
 
@@ -38,9 +37,23 @@ def randomize(model: nn.Module, seed: int = 0, std: float = 0.25) -> nn.Module:
     return model.eval()
 
 
+def left_pad(rows, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [batch, width], valid mask and positions for left-padded rows (how transformers pads a batch)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            valid[i, width - len(row):] = True
+            positions[i, width - len(row):] = torch.arange(len(row))
+    return ids.to(device), valid.to(device), positions.to(device)
+
+
 def padded_logits(model: GPT, rows: list[list[int]]) -> torch.Tensor:
     """ownllm logits [batch, width, vocab] for left-padded rows (padding masked via the cache's key_valid)."""
-    ids, valid, positions = _left_pad(rows, 0, torch.device("cpu"))
+    ids, valid, positions = left_pad(rows, 0, torch.device("cpu"))
     cache = model.new_cache(len(rows), ids.shape[1])
     cache.key_valid[:, : ids.shape[1]] = valid
     with torch.no_grad():
@@ -49,7 +62,7 @@ def padded_logits(model: GPT, rows: list[list[int]]) -> torch.Tensor:
 
 def hf_padded_logits(hf_model: nn.Module, rows: list[list[int]]) -> torch.Tensor:
     """transformers logits for the same left-padded batch (attention_mask and explicit position_ids)."""
-    ids, valid, positions = _left_pad(rows, 0, torch.device("cpu"))
+    ids, valid, positions = left_pad(rows, 0, torch.device("cpu"))
     with torch.no_grad():
         return hf_model(input_ids=ids, attention_mask=valid.long(), position_ids=positions).logits
 

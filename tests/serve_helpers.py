@@ -96,7 +96,7 @@ def greedy_chat(run: Any, conversation: list[str], max_tokens: int) -> str:
     """The greedy answer to alternating user/assistant messages, decoded alone in this process with the run's
     template (ChatML for a base model, as the server falls back to)."""
     from ownllm.data.instructions import Message, get_template
-    from ownllm.generation import SamplingOptions, chat_reply
+    from ownllm.decoding import SamplingOptions, chat_reply
 
     messages = [Message("user" if i % 2 == 0 else "assistant", text) for i, text in enumerate(conversation)]
     with single_thread():

@@ -7,7 +7,7 @@ import torch
 
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
-from ownllm.generation import SamplingOptions, filter_logits, generate, generate_ids
+from ownllm.decoding import SamplingOptions, filter_logits, generate, generate_ids
 from ownllm.model import GPT
 from ownllm.tokenizer import char_tokenizer_from_text
 
@@ -89,7 +89,7 @@ class ScriptedModel(GPT):
         self.script = script
         self.calls = 0
 
-    def forward(self, ids, *, cache=None, positions=None, last_only=False):
+    def forward(self, ids, *, cache=None, positions=None, last_only=False, last_index=None):
         super().forward(ids, cache=cache, positions=positions)  # keep the cache bookkeeping real
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.config.vocab_size)
         logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
@@ -114,3 +114,62 @@ def test_bad_sampling_options_are_refused():
     for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=1.5), dict(max_new_tokens=-2)):
         with pytest.raises(OwnLLMError):
             SamplingOptions(**bad)
+
+
+UNICODE = ("naïve café — 日本語のテキストを少し。 emoji 😀🎉👩‍👩‍👧 Ελληνικά κείμενο, русский текст, עברית, "
+           "∑∫√∞ … «quotes» ß œ ﬁ 한국어 문장 ")
+
+
+@pytest.fixture(scope="module")
+def small_bpe(tmp_path_factory):
+    """A byte-level BPE with few merges: most multi-byte characters are split across tokens."""
+    from ownllm.tokenizer import train_bpe
+
+    corpus = tmp_path_factory.mktemp("bpe") / "corpus.txt"
+    corpus.write_text(UNICODE * 30 + TEXT * 30, encoding="utf-8")
+    return train_bpe([corpus], vocab_size=300)
+
+
+def _streamed(tokenizer, ids, stop=()):
+    from ownllm.decoding import IncrementalText
+
+    row = IncrementalText(tokenizer, stop)
+    pieces = []
+    for token in ids:
+        pieces.append(row.add(token))
+        if row.finished:
+            break
+    pieces.append(row.flush())
+    return "".join(pieces), row.text
+
+
+def test_incremental_text_equals_the_full_decode_on_unicode_text(small_bpe):
+    ids = small_bpe.encode(UNICODE * 3)
+    assert any("\ufffd" in small_bpe.decode([i]) for i in ids)  # characters really are split across tokens
+    assert _streamed(small_bpe, ids) == (small_bpe.decode(ids),) * 2
+    for stop in ["語の", "😀", "κείμενο", "ß œ"]:
+        expected = small_bpe.decode(ids).split(stop, 1)[0]
+        assert _streamed(small_bpe, ids, [stop, "never there"]) == (expected, expected)
+    # random token ids: invalid UTF-8 (lone continuation bytes, cut characters) decodes as the full decode does
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, small_bpe.vocab_size, (60,), generator=generator).tolist()
+        assert _streamed(small_bpe, ids) == (small_bpe.decode(ids),) * 2
+
+
+def test_incremental_text_decodes_a_short_window_per_token(small_bpe):
+    """O(new tokens) per token: no decode call sees the whole output."""
+    from ownllm.decoding import IncrementalText
+
+    lengths = []
+
+    class Counting:
+        def decode(self, ids):
+            lengths.append(len(ids))
+            return small_bpe.decode(ids)
+
+    ids = small_bpe.encode(UNICODE * 20)
+    row = IncrementalText(Counting(), ["</s>"])
+    text = "".join(row.add(token) for token in ids) + row.flush()
+    assert text == small_bpe.decode(ids) and len(ids) > 1000
+    assert max(lengths) <= 12 and len(lengths) <= 2 * len(ids) + 1

@@ -185,7 +185,7 @@ def llama_cpp_logits_and_greedy(path, prompt: list[int], steps: int) -> tuple[np
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 def test_llama_cpp_gives_ownllm_logits_and_greedy_tokens(preset, tokenizer, tmp_path):
     pytest.importorskip("llama_cpp")
-    from ownllm.generation import SamplingOptions, generate_ids
+    from ownllm.decoding import SamplingOptions, generate_ids
 
     run = make_run(preset, tokenizer, tmp_path)
     prompt = tokenizer.encode(PROMPTS[2])

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers  # a test dependency (pip install -e ".[test]"): missing, the tests fail loudly
-from interop_helpers import PROMPTS, assert_same_logits, hf_padded_logits, padded_logits, randomize, small_bpe
+from interop_helpers import (PROMPTS, assert_same_logits, hf_padded_logits, left_pad, padded_logits, randomize,
+                             small_bpe)
 from safetensors.torch import load_file, save_file
 
 import ownllm
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
-from ownllm.generation import SamplingOptions, _left_pad, generate_ids
+from ownllm.decoding import SamplingOptions, generate_ids
 from ownllm.interop.hf import export_hf, hf_model_type, import_hf
 from ownllm.model import GPT
 from ownllm.runs import LoadedRun
@@ -66,7 +67,7 @@ def rows_of(tokenizer) -> list[list[int]]:
 
 def hf_greedy(model, rows: list[list[int]], eos: int) -> list[list[int]]:
     """transformers generate (KV cache, left padding), cut at the first eos as ownllm's rows are."""
-    ids, valid, _ = _left_pad(rows, 0, torch.device("cpu"))
+    ids, valid, _ = left_pad(rows, 0, torch.device("cpu"))
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=NEW_TOKENS, do_sample=False,
                              pad_token_id=0, use_cache=True)

@@ -121,7 +121,7 @@ def test_reading_alpaca_json_jsonl_and_chat(tmp_path):
 
 
 def test_chat_keeps_the_history_in_the_prompt(monkeypatch):
-    from ownllm import generation
+    from ownllm import decoding
     from ownllm.config import model_config_from_preset
     from ownllm.model import GPT
 
@@ -131,18 +131,20 @@ def test_chat_keeps_the_history_in_the_prompt(monkeypatch):
     prompts = []
     replies = iter(["hello there", "bye now"])
 
-    def fake_generate_ids(model, rows, options, eot_id=None, on_token=None):
-        prompts.append(tok.decode(rows[0]))
+    def fake_decode(model, continuations, eot_id=None, on_text=None):  # the model "says" the next reply
+        continuation = continuations[0]
+        prompts.append(tok.decode(continuation.prompt))
         for token in tok.encode(next(replies) + "<|im_end|>tail"):
-            if on_token(0, token):
+            on_text(0, continuation.accept(token, eot_id))
+            if continuation.finish_reason:
                 break
-        return [[]]
+        on_text(0, continuation.text.flush())
 
-    monkeypatch.setattr(generation, "generate_ids", fake_generate_ids)
+    monkeypatch.setattr(decoding, "decode", fake_decode)
     lines = iter(["hi\n", "/reset\n", "bye\n", None])
     out = []
-    conversation = generation.chat_loop(model, tok, template, generation.SamplingOptions(max_new_tokens=20),
-                                        lambda: next(lines), out.append, system="Be brief.")
+    conversation = decoding.chat_loop(model, tok, template, decoding.SamplingOptions(max_new_tokens=40),
+                                      lambda: next(lines), out.append, system="Be brief.")
     assert prompts[0] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
                          "<|im_start|>assistant\n"
     assert "hi" not in prompts[1] and prompts[1].endswith("user\nbye<|im_end|>\n<|im_start|>assistant\n")

@@ -57,7 +57,7 @@ def test_quantized_perplexity_from_the_cli(base, tmp_path):
 
 
 def test_served_int8_model_decodes_like_the_int8_model_alone(run):
-    from ownllm.generation import SamplingOptions, generate_ids
+    from ownllm.decoding import SamplingOptions, generate_ids
     from ownllm.serve.engine import Engine
 
     model = quantize_model(copy.deepcopy(run.model), "int8")

@@ -37,7 +37,7 @@ def client(server):
 
 def greedy_completion(run, prompt: str, max_tokens: int) -> tuple[str, int]:
     """What the model continues `prompt` with, decoded alone in this process, and how many tokens that took."""
-    from ownllm.generation import SamplingOptions, generate_ids
+    from ownllm.decoding import SamplingOptions, generate_ids
 
     with single_thread():
         ids = generate_ids(run.model, [run.tokenizer.encode(prompt)], SamplingOptions(max_new_tokens=max_tokens,

@@ -11,7 +11,7 @@ import torch
 
 from finetune_helpers import single_thread
 from ownllm.errors import OwnLLMError
-from ownllm.generation import SamplingOptions, generate_ids
+from ownllm.decoding import SamplingOptions, generate_ids
 from ownllm.serve.engine import Engine, EngineBusy
 
 PROMPTS = ["The list", "def f(x):\n    return", "In Python, a", "import", "class A:\n", "Return the value of x",
@@ -144,7 +144,7 @@ def test_full_queue_is_refused_and_limits_are_checked(run):
 
 def test_slot_pool_rows_of_different_lengths_match_separate_caches(run):
     """One decode step over rows of lengths 3 and 9 gives each row the logits it gets with a cache of its own."""
-    from ownllm.serve.slots import SlotPool
+    from ownllm.kvcache import SlotPool
 
     model = run.model
     rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]]

@@ -5,7 +5,7 @@
     print(ownllm.generate(run.model, run.tokenizer, "To be or", max_new_tokens=50)[0])
 
 Stages, one module each: `tokenizer`, `data.text`, `model`, `training`, `pretrain`, `checkpoint` (storage),
-`runs` (loading), `generation`, `evaluation`; the `ownllm` command (`cli`) is a thin layer over them.
+`runs` (loading), `decoding`, `evaluation`; the `ownllm` command (`cli`) is a thin layer over them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def load(path: str, device: str = "cpu", quantize: str = "none") -> "LoadedRun":
 
 def __getattr__(name: str) -> Any:  # import heavy modules (torch) only when used
     if name == "generate":
-        from ownllm.generation import generate
+        from ownllm.decoding import generate
 
         return generate
     if name == "pretrain":

@@ -127,7 +127,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from ownllm.generation import generate
+    from ownllm.decoding import generate
     from ownllm.runs import load_run
 
     if args.instruction is not None:

@@ -186,7 +186,7 @@ def _instruct_run(path: str, device: str):
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from ownllm.generation import chat_loop
+    from ownllm.decoding import chat_loop
 
     run, template = _instruct_run(args.model, args.device)
     interactive = sys.stdin.isatty()
@@ -208,7 +208,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def generate_instruction(args: argparse.Namespace) -> None:
     """`ownllm generate RUN --instruction ... [--input ...]`: the response, streamed."""
     from ownllm.data.instructions import Message
-    from ownllm.generation import chat_reply
+    from ownllm.decoding import chat_reply
 
     if args.prompt:
         raise OwnLLMError("give either --prompt or --instruction, not both")

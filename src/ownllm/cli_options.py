@@ -150,7 +150,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def sampling_options(args: argparse.Namespace) -> Any:
     """The `SamplingOptions` of the flags `add_sampling_flags` added."""
-    from ownllm.generation import SamplingOptions
+    from ownllm.decoding import SamplingOptions
 
     return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, stop=args.stop)

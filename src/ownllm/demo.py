@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from ownllm.checkpoint import CONFIG_FILE
+from ownllm.decoding import SamplingOptions, generate
 from ownllm.runs import load_run
-from ownllm.generation import SamplingOptions, generate
 from ownllm.pretrain import pretrain
 
 PROMPTS = ["The with statement", "A class definition", "Exceptions are"]

@@ -1,4 +1,4 @@
-"""The GPT: one model class for GPT-2 and Llama-style architectures, with a KV cache for decoding.
+"""The GPT: one model class for GPT-2 and Llama-style architectures, decoding through a KV cache (ownllm.kvcache).
 
     model = GPT(model_config_from_preset("mini"))
     logits = model(ids)                        # ids: LongTensor [batch, time] -> [batch, time, vocab]
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
+from ownllm.kvcache import Cache, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -55,60 +56,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache:
-    """Pre-allocated keys and values of every layer for `batch_size` sequences of up to `max_len` tokens.
-
-    `length` counts the positions written so far (the same for every row; rows shorter than others are
-    left-padded and marked False in `key_valid`). The model talks to a cache through `length`, `max_len`,
-    `store`, `attention_mask` and `advance`; the server's slot pool (ownllm.serve.slots) keeps the same protocol
-    with a length per row.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
-        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.max_len = max_len
-        self.length = 0
-
-    @classmethod
-    def over(cls, keys: Tensor, values: Tensor) -> "KVCache":
-        """An empty cache writing into existing storage [layers, batch, kv_heads, max_len, head_size] (views of a
-        larger pool, say) instead of allocating its own."""
-        cache = cls.__new__(cls)
-        cache.keys, cache.values = keys, values
-        cache.max_len = keys.shape[3]
-        cache.key_valid = torch.ones(keys.shape[1], cache.max_len, dtype=torch.bool, device=keys.device)
-        cache.length = 0
-        return cache
-
-    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's k/v for `layer` after the cached ones; return all keys and values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def attention_mask(self, time: int, device: torch.device) -> Tensor | None:
-        """Boolean [batch, 1, time, keys] mask for `time` new queries, or None where SDPA's causal path applies."""
-        start = self.length
-        key_valid = self.key_valid[:, : start + time]
-        if (time == 1 or start == 0) and bool(key_valid.all()):
-            return None  # SDPA's causal path (prefill) or one new token that sees every cached key
-        query_pos = torch.arange(start, start + time, device=device).view(time, 1)
-        key_pos = torch.arange(start + time, device=device).view(1, start + time)
-        causal = key_pos <= query_pos
-        # A query always sees itself, so rows that are pure padding stay finite.
-        allowed = (causal & key_valid[:, None, :]) | (key_pos == query_pos)
-        return allowed.unsqueeze(1)
-
-    def advance(self, time: int) -> None:
-        """Count `time` newly stored positions (called by the model after every layer has stored them)."""
-        self.length += time
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -120,7 +67,7 @@ class Attention(nn.Module):
         self.use_rope = config.position == "rope"
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+                cache: Cache | None, layer: int) -> Tensor:
         batch, time, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_size, self.n_kv_head * self.head_size, self.n_kv_head * self.head_size], dim=-1)
@@ -163,7 +110,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+                cache: Cache | None, layer: int) -> Tensor:
         x = x + self.dropout(self.attn(self.norm1(x), rope, mask, cache, layer))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
@@ -205,7 +152,7 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, min(max_len or self.config.block_size, self.config.block_size),
                        param.device, dtype or param.dtype)
 
-    def hidden_states(self, ids: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+    def hidden_states(self, ids: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None) -> Tensor:
         """Final-normed hidden states [batch, time, n_embd].
 
         With a cache, `ids` continue the cached sequence and are appended to it. `positions` [batch, time] gives
@@ -233,11 +180,14 @@ class GPT(nn.Module):
             cache.advance(time)
         return self.norm(x)
 
-    def forward(self, ids: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+    def forward(self, ids: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
+                last_only: bool = False, last_index: Tensor | None = None) -> Tensor:
         """Next-token logits [batch, time, vocab] for every position of `ids` [batch, time]; with `last_only`, for
-        the last position only ([batch, 1, vocab]: what decoding needs after a long prompt)."""
+        the last position only ([batch, 1, vocab]: what decoding needs after a long prompt); with `last_index`
+        [batch], for each row's own last position ([batch, 1, vocab]: right-padded prompts)."""
         hidden = self.hidden_states(ids, cache=cache, positions=positions)
+        if last_index is not None:
+            return self.lm_head(hidden[torch.arange(ids.shape[0], device=hidden.device), last_index].unsqueeze(1))
         return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -331,6 +331,14 @@ class Tokenizer:
         self._check_ids(ids)
         return self._backend.decode(ids)
 
+    def starting_sequence(self, ids: list[int]) -> list[int]:
+        """`ids` as the start of a sequence the model reads: with the begin-of-sequence token first where the
+        tokenizer asks for one (`add_bos`, Llama-style), never twice. The one begin-of-sequence rule: training on
+        instructions, `generate`, `chat` and the server all go through it."""
+        if self.add_bos and (not ids or ids[0] != self.bos_id):
+            return [self.bos_id, *ids]
+        return list(ids)
+
     def token_bytes(self, id: int) -> bytes:
         """The raw bytes one token stands for (a special token stands for its own text)."""
         id = int(id)

@@ -206,9 +206,10 @@ def read_instructions(path: str | Path) -> list[Conversation]:
 
 def encode_conversation(conversation: Sequence[Message], template: Template, tokenizer: Tokenizer,
                         mask_prompt: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and their labels (IGNORE on the prompt when `mask_prompt`)."""
-    ids: list[int] = []
-    labels: list[int] = []
+    """Token ids of the rendered conversation and their labels (IGNORE on the prompt when `mask_prompt`); the
+    sequence starts with the tokenizer's begin-of-sequence token where it asks for one, as every prompt does."""
+    ids: list[int] = tokenizer.starting_sequence([])
+    labels: list[int] = [IGNORE] * len(ids)
     for text, learned in template.pieces(conversation):
         piece = tokenizer.encode(text)
         ids += piece
@@ -217,8 +218,10 @@ def encode_conversation(conversation: Sequence[Message], template: Template, tok
 
 
 def encode_prompt(conversation: Sequence[Message], template: Template, tokenizer: Tokenizer) -> list[int]:
-    """Token ids of the prompt, encoded piece by piece exactly as in training."""
-    return [i for text in template.prompt_pieces(conversation) for i in tokenizer.encode(text)]
+    """Token ids of the prompt, encoded piece by piece exactly as in training (begin-of-sequence included by
+    `Tokenizer.starting_sequence`): what `generate --instruction`, `chat` and the server's chat feed the model."""
+    return tokenizer.starting_sequence([i for text in template.prompt_pieces(conversation)
+                                        for i in tokenizer.encode(text)])
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int,

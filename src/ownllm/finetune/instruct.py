@@ -27,12 +27,12 @@ import torch
 from ownllm import distributed
 from ownllm.checkpoint import write_json_atomic
 from ownllm.config import ModelConfig
-from ownllm.data.instructions import (Conversation, InstructionBatches, Template, encode_prompt, get_template,
+from ownllm.data.instructions import (Conversation, InstructionBatches, get_template,
                                       read_instructions, real_tokens)
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import exact_match, rouge_l_f1
 from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
-from ownllm.generation import SamplingOptions, generate_ids
+from ownllm.decoding import SamplingOptions, answer_all
 from ownllm.lora import TARGETS, LoRAConfig
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
@@ -74,31 +74,6 @@ def split_conversations(data: str | Path, val_file: str | Path | None, test_file
     if test_file:
         test = read_instructions(test_file)
     return train_set, val, test
-
-
-@torch.no_grad()
-def respond(model: GPT, tokenizer: Tokenizer, template: Template, prompts: Sequence[Conversation],
-            options: SamplingOptions, batch_size: int = 16) -> list[str]:
-    """Answers to many conversations (each ending with a user message), decoded in batches."""
-    stops = [*options.stop, *template.stop]
-    answers: list[str] = []
-    for first in range(0, len(prompts), batch_size):
-        group = [encode_prompt(c, template, tokenizer) for c in prompts[first:first + batch_size]]
-        window = model.config.block_size - min(options.max_new_tokens, model.config.block_size // 2)
-        group = [ids[-window:] for ids in group]
-        texts = [[] for _ in group]
-
-        def on_token(row: int, token: int) -> bool:
-            texts[row].append(token)
-            return bool(stops) and any(s in tokenizer.decode(texts[row][-64:]) for s in stops)
-
-        generate_ids(model, group, options, eot_id=tokenizer.eot_id, on_token=on_token)
-        for ids in texts:
-            text = tokenizer.decode(ids)
-            for stop in stops:
-                text = text.split(stop, 1)[0]
-            answers.append(text.strip())
-    return answers
 
 
 def _record(conversation: Conversation, response: str) -> dict[str, Any]:
@@ -193,7 +168,7 @@ class InstructStage(FinetuneStage):
         test_set = [c for c in self.test_set if c[-1].role == "assistant" and len(c) >= 2 and c[-2].role == "user"]
         if test_set:
             options = SamplingOptions(max_new_tokens=self.options["max_new_tokens"], temperature=0.0)
-            answers = respond(model, tokenizer, self.template, [c[:-1] for c in test_set], options)
+            answers = answer_all(model, tokenizer, self.template, [c[:-1] for c in test_set], options)
             records = [_record(c, a) for c, a in zip(test_set, answers)]
             write_json_atomic(run_dir / RESPONSES_FILE, records)
             summary["rouge_l_f1"] = sum(rouge_l_f1(r["response"], r["output"]) for r in records) / len(records)

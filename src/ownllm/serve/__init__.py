@@ -2,6 +2,7 @@
 
     ownllm serve runs/assistant --port 8000 [--api-key-file key.txt] [--quantize int8]
 
-`slots` holds the KV cache pool, `engine` the scheduler that decodes concurrent requests together, `prompts`
-turns API requests into token ids, `app` is the FastAPI application, `static/` the chat page.
+`engine` is the scheduler that decodes concurrent requests together (over `ownllm.kvcache.SlotPool` and the
+end rules of `ownllm.decoding`), `prompts` turns API requests into token ids, `schemas` holds the request bodies and
+their checks, `app` the FastAPI routes, `static/` the chat page.
 """

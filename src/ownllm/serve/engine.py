@@ -8,8 +8,9 @@
 A worker thread owns the model. Each loop it prefills newly arrived requests (together, into free slots of the KV
 pool) and then runs one batched decoding step over every running request: decoding a token reads every weight
 once whatever the batch, so 16 requests cost little more than one. Every request samples with its own options and
-its own random generator, so its tokens do not depend on what else is running. Requests finish at the end-of-text
-token, at a stop string, after max tokens, or when the context window is full; a cancelled request (a client that
+its own random generator, so its tokens do not depend on what else is running. Requests finish by the rules of
+`ownllm.decoding.Continuation.accept`: at the end-of-text token, at a stop string, after max tokens, or when the
+context window is full; a cancelled request (a client that
 went away) frees its slot at the next step. `on_event` is called on the worker thread and must not block: the
 server hands events to its event loop, so a slow client never stalls the others.
 """
@@ -20,16 +21,16 @@ import random
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.generation import IncrementalText, SamplingOptions, sample_next
+from ownllm.decoding import Continuation, IncrementalText, SamplingOptions, prefill, sample_next, step
+from ownllm.kvcache import SlotPool
 from ownllm.model import GPT
 from ownllm.quantize import model_dtype
-from ownllm.serve.slots import SlotPool
 from ownllm.tokenizer import Tokenizer
 
 Event = tuple[Any, ...]
@@ -50,18 +51,17 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-@dataclass(eq=False)
-class Request:
-    prompt: list[int]
-    options: SamplingOptions
+@dataclass(eq=False, kw_only=True)
+class Request(Continuation):
+    """One prompt decoded by the engine: a `Continuation` (tokens, text, the end rules) with its slot, its own
+    random generator and where its events go."""
+
     on_event: Callable[[Event], None]
-    text: IncrementalText
     generator: torch.Generator
     next_token: int = -1  # sampled, not yet fed to the model
     slot: int = -1
     cancelled: bool = False
-    finished: bool = False
-    output: list[int] = field(default_factory=list)  # the tokens generated so far
+    finished: bool = False  # ended, cancelled or failed
 
     @property
     def generated(self) -> int:
@@ -141,7 +141,7 @@ class Engine:
 
     def pool_bytes(self) -> int:
         """Memory held by the KV-cache pool."""
-        return 2 * self.pool.keys.numel() * self.pool.keys.element_size()
+        return self.pool.nbytes()
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self._running), "queued": len(self._waiting), "slots": self.max_batch,
@@ -184,22 +184,14 @@ class Engine:
         for offset, request in enumerate(requests):
             request.slot = first + offset
             self._running.append(request)
-        width = max(len(r.prompt) for r in requests)
-        ids = torch.zeros(len(requests), width, dtype=torch.long)
+        logits = prefill(self.model, self.pool, first, [r.prompt for r in requests])
         for row, request in enumerate(requests):
-            ids[row, : len(request.prompt)] = torch.tensor(request.prompt)
-        hidden = self.model.hidden_states(ids.to(self.device), cache=self.pool.prefill_view(first, len(requests)))
-        last = torch.tensor([len(r.prompt) - 1 for r in requests], device=self.device)
-        logits = self.model.lm_head(hidden[torch.arange(len(requests), device=self.device), last])  # last only
-        for row, request in enumerate(requests):
-            self.pool.lengths[request.slot] = len(request.prompt)
             self._accept(request, int(sample_next(logits[row:row + 1], request.options, request.generator)))
 
     def _decode_step(self) -> None:
         running = self._running
-        view = self.pool.decode_view(len(running))
-        tokens = torch.tensor([[r.next_token] for r in running], device=self.device)
-        logits = self.model(tokens, cache=view, positions=view.positions.view(-1, 1))[:, -1]
+        tokens = torch.tensor([r.next_token for r in running], device=self.device)
+        logits = step(self.model, self.pool, tokens)
         self.steps += 1
         if all(r.options.temperature == 0 for r in running):  # all greedy: one argmax for the batch
             tokens = logits.argmax(dim=-1).tolist()
@@ -213,16 +205,12 @@ class Engine:
         if request.cancelled:
             request.finished = True
             return
-        if request.options.stop_at_eot and token == self.tokenizer.eot_id:
-            return self._finish(request, "stop")
-        request.output.append(token)
-        piece = request.text.add(token)
+        piece = request.accept(token, self.tokenizer.eot_id,
+                               context_full=self.pool.lengths[request.slot] >= self.context)
         if piece:
             self._emit(request, ("text", piece))
-        if request.text.finished:
-            return self._finish(request, "stop")
-        if request.generated >= request.options.max_new_tokens or self.pool.lengths[request.slot] >= self.context:
-            return self._finish(request, "length")
+        if request.finish_reason is not None:
+            return self._finish(request, request.finish_reason)
         request.next_token = token
 
     def _finish(self, request: Request, reason: str) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ownllm.data.instructions import ROLES, Message, Template, encode_prompt, get_template
+from ownllm.decoding import prompt_ids
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import Tokenizer
 
@@ -27,16 +28,14 @@ class BadRequest(OwnLLMError):
 def encode_completion_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a completion prompt (text, or token ids as the OpenAI API also accepts)."""
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-        if getattr(tokenizer, "add_bos", False):
-            ids = [tokenizer.bos_id, *ids]
+        ids = prompt_ids(tokenizer, prompt)
     else:
         ids = list(prompt)
         bad = next((i for i in ids if not 0 <= i < tokenizer.vocab_size), None)
         if bad is not None:
             raise BadRequest(f"token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})", "prompt")
-    if not ids and tokenizer.eot_id is not None:
-        ids = [tokenizer.eot_id]  # an empty prompt starts a fresh document, as in training
+        if not ids and tokenizer.eot_id is not None:
+            ids = [tokenizer.eot_id]  # an empty prompt starts a fresh document, as in training
     if not ids:
         raise BadRequest("the prompt is empty", "prompt")
     return ids
@@ -91,17 +90,10 @@ class ChatFormat:
         return self.template.stop if self.template is not None else []
 
     def encode(self, conversation: Sequence[Message]) -> list[int]:
+        """Prompt ids; begin-of-sequence by `Tokenizer.starting_sequence`, as in training, `chat` and `generate`."""
         if self.template is not None:
-            ids = encode_prompt(conversation, self.template, self.tokenizer)
-            if getattr(self.tokenizer, "add_bos", False):
-                ids = [self.tokenizer.bos_id, *ids]
-            return ids
-        text = self._render_jinja(conversation)
-        ids = self.tokenizer.encode(text)
-        bos = self.tokenizer.bos_id
-        if getattr(self.tokenizer, "add_bos", False) and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        return ids
+            return encode_prompt(conversation, self.template, self.tokenizer)
+        return self.tokenizer.starting_sequence(self.tokenizer.encode(self._render_jinja(conversation)))
 
     def _render_jinja(self, conversation: Sequence[Message]) -> str:
         from jinja2 import TemplateError

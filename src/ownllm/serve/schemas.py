@@ -1,0 +1,139 @@
+"""The request bodies of the HTTP API and their checks: known fields typed, anything else an OpenAI client sends is
+accepted and ignored; values outside OpenAI's ranges are a BadRequest naming the field (HTTP 400).
+
+    options = sampling_options(body, context=4096, default_max_tokens=16)   # a SamplingOptions for the engine
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ownllm.decoding import SamplingOptions
+from ownllm.serve.prompts import BadRequest
+
+MAX_STOP_STRINGS = 4
+MAX_CLASSIFY_INPUTS = 256
+
+
+class SamplingFields(BaseModel):
+    """The fields completions and chat completions share."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extra field (llama.cpp's server takes it too)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input: str | list[str]
+    model: str | None = None
+
+
+def sampling_options(body: SamplingFields, context: int, default_max_tokens: int, stop: Sequence[str] = (),
+                     max_tokens: int | None = None) -> SamplingOptions:
+    """Validated SamplingOptions for a request (OpenAI's ranges), or BadRequest naming the field."""
+    if body.n not in (None, 1):
+        raise BadRequest("only n=1 is supported", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0, 0.0):
+            raise BadRequest(f"{name} is not supported (leave it out or set it to 0)", name)
+    max_tokens = body.max_tokens if max_tokens is None else max_tokens
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    if not 1 <= max_tokens <= context:
+        raise BadRequest(f"max_tokens must be between 1 and the context window ({context}); got {max_tokens}",
+                         "max_tokens")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise BadRequest(f"temperature must be between 0 and 2; got {temperature}", "temperature")
+    top_p = body.top_p
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise BadRequest(f"top_p must be between 0 and 1; got {top_p}", "top_p")
+    if top_p == 0.0:
+        temperature, top_p = 0.0, None  # nothing but the most likely token
+    if body.top_k is not None and body.top_k < 1:
+        raise BadRequest(f"top_k must be at least 1; got {body.top_k}", "top_k")
+    if body.seed is not None and not -(2**63) <= body.seed < 2**63:
+        raise BadRequest(f"seed must be a 64-bit integer; got {body.seed}", "seed")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+        raise BadRequest(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings", "stop")
+    return SamplingOptions(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k, top_p=top_p,
+                           seed=body.seed, stop=[*stops, *stop])
+
+
+def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completions request: a string, strings, token ids, or lists of token ids."""
+    if body.echo or body.logprobs or body.best_of not in (None, 1):
+        raise BadRequest("echo, logprobs and best_of are not supported", "echo")
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise BadRequest("prompt must not be an empty list", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def check_chat_request(body: ChatRequest) -> None:
+    """The chat fields this server does not support, refused by name."""
+    if body.logprobs:
+        raise BadRequest("logprobs are not supported", "logprobs")
+    if body.tools:
+        raise BadRequest("tools are not supported", "tools")
+    if body.response_format and body.response_format.get("type") not in (None, "text"):
+        raise BadRequest("only response_format type 'text' is supported", "response_format")
+
+
+def check_fits(prompts: Sequence[list[int]], max_tokens: int, context: int, param: str) -> None:
+    """As the OpenAI API: each prompt, and the prompt with the tokens asked for, must fit the context window."""
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise BadRequest(f"this model's context window is {context} tokens, but the {param} take {longest} tokens "
+                         "(leave room for at least one new token)", param, code="context_length_exceeded")
+    if longest + max_tokens > context:
+        raise BadRequest(f"this model's context window is {context} tokens, but {longest + max_tokens} were asked "
+                         f"for ({longest} in the prompt, {max_tokens} to generate): ask for fewer tokens or send a "
+                         "shorter prompt", "max_tokens", code="context_length_exceeded")
+
+
+def classify_texts_of(body: ClassifyRequest) -> list[str]:
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not 1 <= len(texts) <= MAX_CLASSIFY_INPUTS:
+        raise BadRequest(f"input takes 1 to {MAX_CLASSIFY_INPUTS} texts; got {len(texts)}", "input")
+    return texts
