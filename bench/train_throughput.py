@@ -11,9 +11,16 @@ What it measures, all in one process:
      machine's noise hits both alike. Reported: median step time, tokens/s, MFU against the measured matmul
      peak of the same precision, and the ownllm/ref speed ratio.
 
+  3. with --compile, a third arm: the ownllm step with the model under torch.compile (compile time excluded);
+     with --optimizer muon, the ownllm arms step Muon + AdamW (ownllm.optim) instead of AdamW;
+  4. with --memory, for each preset and precision, the peak resident memory of N ownllm training steps in a fresh
+     process, against weights + gradients + AdamW state (16 bytes per parameter) and against the process's memory
+     before the model was built (torch itself).
+
 Run (from the repository root; a gpt2 step takes seconds on a laptop CPU, so keep --steps/--rounds small):
     .venv/bin/python bench/train_throughput.py                       # mini and gpt2, fp32 and bf16
     .venv/bin/python bench/train_throughput.py --presets gpt2 --precisions bf16 --batch 4 --rounds 3
+    .venv/bin/python bench/train_throughput.py --presets gpt2 --precisions bf16 --compile --memory
     .venv/bin/python bench/train_throughput.py --json results.json   # also write the figures as JSON
 
 This is a benchmark, not a test: it asserts nothing.
@@ -24,7 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -114,15 +124,16 @@ class RefGPT(nn.Module):
 # One training step of each
 
 
-def ownllm_step(cfg: ModelConfig, preset: str, precision: str, x: torch.Tensor,
-                y: torch.Tensor) -> Callable[[], float]:
+def ownllm_step(cfg: ModelConfig, preset: str, precision: str, x: torch.Tensor, y: torch.Tensor,
+                compiled: bool = False, optimizer_name: str = "adamw") -> Callable[[], float]:
     model = GPT(cfg).train()
-    optimizer = make_optimizer(model, train_config_for(preset), torch.device("cpu"))
+    optimizer = make_optimizer(model, train_config_for(preset, optimizer=optimizer_name), torch.device("cpu"))
     device = torch.device("cpu")
+    forward = torch.compile(model) if compiled else model
 
     def step() -> float:
         with autocast(device, precision):
-            loss = lm_loss(model, (x, y))
+            loss = lm_loss(forward, (x, y))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -164,6 +175,32 @@ def time_alternately(steps: dict[str, Callable[[], float]], rounds: int, per_rou
     return times
 
 
+def memory_child(preset: str, precision: str, batch: int, seq: int, steps: int, optimizer_name: str) -> None:
+    """In a fresh process: peak RSS of `steps` ownllm training steps, printed as one JSON line."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cfg = model_config_from_preset(preset, block_size=seq)
+    with torch.device("meta"):  # counted without allocating
+        params = sum(p.numel() for p in GPT(cfg).parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
+    step = ownllm_step(cfg, preset, precision, x, y, optimizer_name=optimizer_name)
+    for _ in range(steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    state_mb = 16 * params / 2**20  # fp32 weights + grads + two AdamW moments
+    print(json.dumps({"preset": preset, "precision": precision, "batch": batch, "seq": seq, "params": params,
+                      "peak_rss_mb": round(peak), "before_model_mb": round(before), "state_mb": round(state_mb),
+                      "peak_over_state": round(peak / state_mb, 2),
+                      "training_over_state": round((peak - before) / state_mb, 2)}))
+
+
+def measure_memory(preset: str, precision: str, batch: int, seq: int, steps: int, optimizer_name: str) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--memory-child", preset, precision, str(batch), str(seq),
+                            str(steps), optimizer_name], capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["mini", "gpt2"])
@@ -174,7 +211,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default: 2 for gpt2, else 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--compile", action="store_true", help="also time the ownllm step under torch.compile")
+    parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw", help="the ownllm arms' optimizer")
+    parser.add_argument("--memory", action="store_true", help="peak memory of training, in a fresh process each")
+    parser.add_argument("--memory-child", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        preset, precision, batch, seq, steps, optimizer_name = args.memory_child
+        memory_child(preset, precision, int(batch), int(seq), int(steps), optimizer_name)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -197,7 +242,11 @@ def main() -> None:
         fpt = flops_per_token(GPT(cfg), seq_len=args.seq)
         for precision in args.precisions:
             torch.manual_seed(0)
-            steps = {"ownllm": ownllm_step(cfg, preset, precision, x, y), "ref": ref_step(cfg, precision, x, y)}
+            steps = {"ownllm": ownllm_step(cfg, preset, precision, x, y, optimizer_name=args.optimizer),
+                     "ref": ref_step(cfg, precision, x, y)}
+            if args.compile:
+                steps["ownllm+compile"] = ownllm_step(cfg, preset, precision, x, y, compiled=True,
+                                                      optimizer_name=args.optimizer)
             times = time_alternately(steps, args.rounds, per_round)
             row = {"preset": preset, "precision": precision, "batch": batch, "seq": args.seq}
             for name, ts in times.items():
@@ -211,6 +260,15 @@ def main() -> None:
                 f"{name} {row[name]['median_s'] * 1e3:8.1f} ms/step {row[name]['tokens_per_sec']:8.0f} tok/s "
                 f"MFU {100 * row[name]['mfu']:4.1f}%" for name in times) + f"  ownllm/ref {row['ratio']:.2f}x",
                 flush=True)
+            if args.compile:
+                row["compile_ratio"] = row["ref"]["median_s"] / row["ownllm+compile"]["median_s"]
+                print(f"      ownllm+compile/ref {row['compile_ratio']:.2f}x", flush=True)
+            if args.memory:
+                row["memory"] = measure_memory(preset, precision, batch, args.seq, 3, args.optimizer)
+                m = row["memory"]
+                print(f"      peak memory {m['peak_rss_mb']:,} MiB = {m['peak_over_state']}x weights+grads+AdamW "
+                      f"({m['state_mb']:,} MiB); {m['training_over_state']}x without the {m['before_model_mb']:,} "
+                      f"MiB the process held before the model", flush=True)
             del steps
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -123,7 +123,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
     state = "stopped (resume with --resume)" if result.stopped_early else "finished"
-    print(f"{state} at step {result.step}: train loss {train_loss}{val}; run saved in {args.out}")
+    print(f"{state} at step {result.step}: train loss {train_loss}{val}; peak memory "
+          f"{result.peak_memory_mb:,.0f} MiB; run saved in {args.out}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -72,9 +72,14 @@ TRAIN: tuple[Option, ...] = (
            "end this invocation after step K with a checkpoint; the schedule still follows --max-steps"),
     _train("max_minutes", float, "stop with a checkpoint after this many minutes"),
     _train("seed", int, "random seed (model init, batches, dropout)"),
-    opt("precision", "bf16 autocast where the hardware has it (auto), or force one", group=TRAIN_GROUP,
-        choices=["auto", "bf16", "fp32"]),
-    opt("compile", "torch.compile the model", group=TRAIN_GROUP, action="store_true"),
+    opt("precision", "bf16 autocast or fp32; auto: the faster on this machine, measured (pretraining)",
+        group=TRAIN_GROUP, choices=["auto", "bf16", "fp32"]),
+    opt("compile", "torch.compile the model; auto: when a measurement says it pays over the run (pretraining)",
+        group=TRAIN_GROUP, nargs="?", const="on", choices=["on", "off", "auto"]),
+    opt("optimizer", "AdamW, or Muon on the hidden matrices with AdamW on embeddings, head, gains and biases",
+        group=TRAIN_GROUP, choices=["adamw", "muon"]),
+    _train("muon_lr", float, "with --optimizer muon: Muon's peak learning rate (AdamW keeps --lr)"),
+    _train("muon_momentum", float, "with --optimizer muon: Muon's momentum"),
     opt("strategy", "under torchrun: DDP (auto) or FSDP; --batch-size stays the global batch", group=SCALE_GROUP,
         choices=["auto", "ddp", "fsdp"]),
     opt("nproc", "train on N processes of this machine: ownllm starts torchrun itself", group=SCALE_GROUP,
@@ -88,7 +93,26 @@ RUN: tuple[Option, ...] = (
     opt("device"),
 )
 
-MODEL_OVERRIDES = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+RECIPE_GROUP = "model recipe (defaults: the --model preset's; docs/guide.md)"
+# ModelConfig fields that pretrain's flags override, with their argparse settings
+MODEL_FLAGS: dict[str, dict[str, Any]] = {
+    "n_layer": dict(type=int), "n_head": dict(type=int), "n_embd": dict(type=int), "block_size": dict(type=int),
+    "dropout": dict(type=float),
+    "mlp": dict(choices=["gelu", "swiglu", "relu2"], help="MLP activation (relu2: relu(x)^2)", group=RECIPE_GROUP),
+    "position": dict(choices=["learned", "rope"], help="learned position embeddings or rotary (RoPE)",
+                     group=RECIPE_GROUP),
+    "norm": dict(choices=["layernorm", "rmsnorm"], help="normalisation layers", group=RECIPE_GROUP),
+    "bias": dict(action=argparse.BooleanOptionalAction, help="biases in linear layers and norms", group=RECIPE_GROUP),
+    "qk_norm": dict(action=argparse.BooleanOptionalAction, help="RMSNorm on each head's queries and keys",
+                    group=RECIPE_GROUP),
+    "zero_init_proj": dict(action=argparse.BooleanOptionalAction,
+                           help="start attention and MLP output projections at zero", group=RECIPE_GROUP),
+    "tie_embeddings": dict(action=argparse.BooleanOptionalAction, group=RECIPE_GROUP,
+                           help="share the token embedding with the LM head (--no-tie-embeddings: untied head)"),
+    "logit_softcap": dict(type=float, help="cap logits smoothly to (-C, C) with C*tanh(logits/C)",
+                          group=RECIPE_GROUP),
+}
+MODEL_OVERRIDES = tuple(MODEL_FLAGS)
 
 PRETRAIN: tuple[Option, ...] = (
     opt("data", "a prepared dataset directory, or text files/folders", nargs="+"),
@@ -96,7 +120,7 @@ PRETRAIN: tuple[Option, ...] = (
     opt("tokenizer", "for raw text: bpe, char, or a tokenizer path"),
     opt("vocab_size", "BPE vocabulary size for raw text", type=int),
     opt("val_fraction", type=float),
-    *(opt(name, type=float if name == "dropout" else int) for name in MODEL_OVERRIDES),
+    *(opt(name, **settings) for name, settings in MODEL_FLAGS.items()),
 )
 
 # shared by every fine-tuning stage

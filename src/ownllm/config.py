@@ -17,6 +17,9 @@ from typing import Any
 from ownllm.errors import OwnLLMError
 
 
+MLP_KINDS = ("gelu", "swiglu", "relu2")  # relu2: relu(x)^2 (Primer, modded-nanogpt)
+
+
 @dataclass
 class ModelConfig:
     """Shape and flavour of a GPT. Field names follow nanoGPT; Llama-style fields default to GPT-2 behaviour."""
@@ -35,10 +38,14 @@ class ModelConfig:
     mlp_bias: bool | None = None  # bias on the MLP's linear layers (HF Llama `mlp_bias`); None = same as `bias`
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # "gelu" (GELU with tanh approximation) | "swiglu"
+    mlp: str = "gelu"  # "gelu" (GELU with tanh approximation) | "swiglu" | "relu2"
     position: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    # speedrun recipe options (modded-nanogpt, nanochat); the defaults keep the GPT-2 / Llama behaviour
+    qk_norm: bool = False  # RMSNorm (no gain) on each head's queries and keys before attention
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero (each block starts as identity)
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2, modded-nanogpt)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,7 +79,7 @@ class ModelConfig:
     def validate(self) -> None:
         checks = [
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', not {self.norm!r}"),
-            (self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', not {self.mlp!r}"),
+            (self.mlp in MLP_KINDS, f"mlp must be one of {', '.join(MLP_KINDS)}, not {self.mlp!r}"),
             (self.position in ("learned", "rope"), f"position must be 'learned' or 'rope', not {self.position!r}"),
             (min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) > 0,
              "vocab_size, block_size, n_layer, n_head and n_embd must be positive"),
@@ -81,6 +88,7 @@ class ModelConfig:
             (self.n_head % self.kv_heads == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), not {self.dropout}"),
             (self.position != "rope" or self.head_size % 2 == 0, "RoPE needs an even head size"),
+            (self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be positive (or None)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,6 +121,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                        norm="rmsnorm", mlp="swiglu", position="rope", tie_embeddings=True),
     # nanoGPT's char-level "baby GPT" for Shakespeare on a CPU
     "baby": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
+    # the CPU speedrun recipe (docs/guide.md): RoPE, RMSNorm, ReLU^2, QK-norm, zero-initialised projections,
+    # an untied head with a logit soft-cap, no biases; trained with Muon (TRAIN_PRESETS). Char Shakespeare size.
+    "speedrun": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65, bias=False, norm="rmsnorm",
+                     mlp="relu2", position="rope", qk_norm=True, zero_init_proj=True, tie_embeddings=False,
+                     logit_softcap=15.0),
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024, block_size=1024),
     "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280, block_size=1024),
@@ -138,6 +151,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT's CPU Shakespeare recipe
     "baby": dict(batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000, beta2=0.99,
                  weight_decay=0.1, eval_interval=250, eval_steps=20),
+    # reaches nanoGPT baby's val loss (1.886) in a fraction of its wall time; --max-steps sets a longer schedule
+    "speedrun": dict(batch_size=16, lr=4e-3, min_lr=4e-4, warmup_steps=30, max_steps=600, beta2=0.99,
+                     weight_decay=0.0, eval_interval=100, eval_steps=20, optimizer="muon", muon_lr=0.03,
+                     compile="auto"),
     "gpt2": dict(batch_size=8, grad_accum=4, lr=6e-4, min_lr=6e-5, warmup_steps=200, max_steps=5000,
                  eval_interval=250, eval_steps=20),
 }
@@ -172,8 +189,11 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0 = only at evaluations and at the end
     stop_at: int | None = None  # end after this step (with a checkpoint) while the schedule follows max_steps
     max_minutes: float | None = None
-    precision: str = "auto"  # "auto" | "bf16" | "fp32"
-    compile: bool = False
+    precision: str = "auto"  # "auto" (measured on this machine: ownllm.probe) | "bf16" | "fp32"
+    compile: bool | str = False  # True, False, or "auto" (measured on this machine: ownllm.probe)
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon on hidden matrices, AdamW on the rest: ownllm.optim)
+    muon_lr: float = 0.02  # Muon's peak learning rate (follows the same warmup and decay as --lr)
+    muon_momentum: float = 0.95
     seed: int = 1337
     device: str = "auto"
     strategy: str = "auto"  # with several processes (torchrun): "ddp" (auto) or "fsdp"; ignored alone
@@ -182,6 +202,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise OwnLLMError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}")
+        self.compile = {"on": True, "off": False}.get(self.compile, self.compile)  # the CLI's spelling
+        if self.compile not in (True, False, "auto"):
+            raise OwnLLMError(f"--compile must be on, off or auto, not {self.compile!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise OwnLLMError(f"--optimizer must be adamw or muon, not {self.optimizer!r}")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise OwnLLMError("--muon-lr must be positive and --muon-momentum in [0, 1)")
         if self.strategy not in ("auto", "ddp", "fsdp"):
             raise OwnLLMError(f"--strategy must be auto, ddp or fsdp, not {self.strategy!r}")
         for name in ("batch_size", "grad_accum", "max_steps"):

@@ -6,7 +6,7 @@
     logits = model(prompt_ids, cache=cache)    # prefill; then feed one token at a time with the same cache
 
 Which flavour a model is comes from `ModelConfig` fields (`norm`, `mlp`, `position`, `n_kv_head`, ...), never from
-a subclass. Attention goes through `F.scaled_dot_product_attention`. Batches of prompts with different lengths are
+a subclass; so do the speedrun options (`mlp="relu2"`, `qk_norm`, `zero_init_proj`, `logit_softcap`). Attention goes through `F.scaled_dot_product_attention`. Batches of prompts with different lengths are
 left-padded by the caller, who passes `key_valid` (False at padding) and per-row `positions`.
 """
 
@@ -65,6 +65,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.use_rope = config.position == "rope"
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
                 cache: Cache | None, layer: int) -> Tensor:
@@ -74,6 +75,8 @@ class Attention(nn.Module):
         q = q.view(batch, time, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(batch, time, self.n_kv_head, self.head_size).transpose(1, 2)
         v = v.view(batch, time, self.n_kv_head, self.head_size).transpose(1, 2)
+        if self.qk_norm:  # unit RMS per head: attention logits stay bounded whatever the weights grow to
+            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -88,6 +91,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.relu2 = config.mlp == "relu2"
         hidden = config.mlp_size
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.use_mlp_bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.use_mlp_bias)
@@ -97,7 +101,21 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return self.proj(F.silu(gate) * up)
+        if self.relu2:
+            return self.proj(F.relu(h).square())
         return self.proj(F.gelu(h, approximate="tanh"))
+
+
+class SoftCappedLinear(nn.Linear):
+    """The LM head with a logit soft-cap: cap * tanh(logits / cap) keeps every logit within (-cap, cap)."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = cap
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = super().forward(x)
+        return self.cap * torch.tanh(logits / self.cap)
 
 
 class Block(nn.Module):
@@ -126,7 +144,10 @@ class GPT(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.logit_softcap:
+            self.lm_head = SoftCappedLinear(config.n_embd, config.vocab_size, config.logit_softcap)
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if config.position == "rope":
@@ -136,8 +157,11 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale the residual projections
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+            for proj in (block.attn.proj, block.mlp.proj):
+                if config.zero_init_proj:  # modded-nanogpt: every block starts as the identity
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

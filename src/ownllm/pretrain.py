@@ -24,6 +24,7 @@ from ownllm.data.text import PreparedData, WindowSampler, eval_windows, find_tex
 from ownllm.device import pick_device, pick_precision
 from ownllm.errors import OwnLLMError
 from ownllm.model import GPT, flops_per_token
+from ownllm.probe import SpeedChoice, choose_speed, planned_steps
 from ownllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
 from ownllm.training import (TrainJob, TrainResult, discard_run_dir, resumed_train_config, start_run_dir,
                              train)
@@ -121,7 +122,9 @@ def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: di
 def _train_prepared(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, prepared: PreparedData,
          device_name: str, show_progress: bool, resume: bool) -> TrainResult:
     device = distributed.init(pick_device(device_name))
-    precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
+    speed = _speed_choice(run_dir, model_config, train_config, device)
+    if show_progress and distributed.is_main():
+        print(f"speed: {speed.reason}", flush=True)
     sampler = WindowSampler(prepared.train, model_config.block_size, train_config.batch_size, seed=train_config.seed)
     eval_batches = None
     if train_config.eval_steps > 0 and len(prepared.val) > model_config.block_size:
@@ -130,6 +133,34 @@ def _train_prepared(run_dir: Path, model_config: ModelConfig, train_config: Trai
     torch.manual_seed(train_config.seed)
     model = GPT(model_config)
     job = TrainJob(model=model, config=train_config, run_dir=run_dir, micro_batch=sampler.batch,
-                   eval_batches=eval_batches, device=device, precision=precision,
-                   flops_per_token=flops_per_token(model))
+                   eval_batches=eval_batches, device=device, precision=speed.precision,
+                   flops_per_token=flops_per_token(model), compile_model=speed.compile)
     return train(job, resume=resume, show_progress=show_progress)
+
+
+def _speed_choice(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig,
+                  device: torch.device) -> SpeedChoice:
+    """Precision and compilation for this run: the run's recorded choice when the settings are unchanged (a
+    resumed run stays bit-exact), else measured (ownllm.probe); recorded in RUN/config.json under "speed"."""
+    config = checkpoint.read_run_config(run_dir)
+    asked = {"precision": train_config.precision, "compile": train_config.compile}
+    recorded = config.get("speed")
+    if isinstance(recorded, dict) and recorded.get("asked") == asked:
+        return SpeedChoice(recorded["precision"], recorded["compile"], recorded["reason"] + " (as recorded in the run)",
+                           recorded.get("step_ms", {}))
+    if distributed.world_size() > 1:  # every process must agree: the width rule, no per-process measurement
+        precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
+        compiled = train_config.compile is True
+        choice = SpeedChoice(precision, compiled, f"precision {precision} (rule of ownllm.device.pick_precision "
+                             f"under torchrun), compile {'on' if compiled else 'off'}")
+    else:
+        start = 0
+        state = checkpoint.checkpoint_dir(run_dir)
+        if state is not None:
+            start = int(checkpoint.read_json(state / checkpoint.STATE_FILE).get("step", 0))
+        choice = choose_speed(model_config, train_config, device, planned_steps(train_config, start))
+    if distributed.is_main():
+        checkpoint.write_run_config(run_dir, model_config, **{**{k: v for k, v in config.items()
+                                                                 if k not in ("format", "model")},
+                                                              "speed": {**choice.to_dict(), "asked": asked}})
+    return choice

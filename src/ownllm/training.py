@@ -34,6 +34,7 @@ from ownllm import checkpoint, distributed
 from ownllm.config import TrainConfig
 from ownllm.device import autocast, matmul_peak_flops
 from ownllm.errors import OwnLLMError
+from ownllm.optim import make_optimizer
 
 Batch = Sequence[Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -59,20 +60,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.final_lr)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or embeddings); fused where torch has it."""
-    decay, no_decay = [], []
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                             fused=device.type in ("cuda", "cpu"))
-
-
 @dataclass
 class TrainResult:
     step: int  # optimizer steps completed
@@ -80,6 +67,7 @@ class TrainResult:
     val_loss: float | None
     stopped_early: bool  # by --stop-at, --max-minutes or Ctrl-C, before max_steps
     tokens_per_sec: float
+    peak_memory_mb: float = 0.0  # the process's peak resident memory (CPU) or peak allocated memory (CUDA)
 
 
 class _GracefulStop:
@@ -128,6 +116,7 @@ class TrainJob:
     # what the loss of a batch averages over (default: rows; lm_loss with -100 targets: the counted targets), so that
     # a batch split over processes gives exactly the full batch's mean (see ownllm.distributed.shard)
     loss_weight: Callable[[Batch], float] = distributed.weight_by_rows
+    compile_model: bool | None = None  # the resolved --compile (None: config.compile is True)
 
 
 def counted_targets(batch: Batch) -> float:
@@ -226,7 +215,8 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
     """
     cfg = job.config
     run = _start(job, resume)
-    forward_model = torch.compile(run.net) if cfg.compile else run.net
+    use_compile = job.compile_model if job.compile_model is not None else cfg.compile is True
+    forward_model = torch.compile(run.net) if use_compile else run.net
     last_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
     stopped_early = False
@@ -239,7 +229,7 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
         while run.step < last_step:
             lr = lr_at(run.step, cfg)
             for group in run.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups keep their own peak lr
             step_loss = _accumulate_gradients(job, run, forward_model)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.net.parameters(), cfg.grad_clip)
@@ -253,7 +243,7 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
             run.train_loss = loss_sum / distributed.world_size()
             bar.update(1)
             evaluate_now = job.eval_batches is not None and cfg.eval_interval and (
-                run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps)
+                run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps or out_of_time)  # timed runs end evaluated
             if run.step % cfg.log_interval == 0 or evaluate_now or run.step == last_step:
                 _log_step(job, run, forward_model, lr, evaluate_now, metrics, bar)
             if stops > 0:
@@ -268,7 +258,19 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
         job.model.to(run.device)  # the full copy, for what the stage does after training (on rank 0)
     distributed.barrier()  # the checkpoint is on disk before any process moves on
     return TrainResult(step=run.step, train_loss=run.train_loss, val_loss=run.val_loss,
-                       stopped_early=stopped_early or run.step < cfg.max_steps, tokens_per_sec=run.tokens_per_sec)
+                       stopped_early=stopped_early or run.step < cfg.max_steps, tokens_per_sec=run.tokens_per_sec,
+                       peak_memory_mb=peak_memory_mb(run.device))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far, in MiB: resident set size on a CPU, allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _start(job: TrainJob, resume: bool) -> _Progress:
@@ -287,6 +289,8 @@ def _start(job: TrainJob, resume: bool) -> _Progress:
     if resume:  # into the plain model, before wrapping: every process reads the same full checkpoint
         state, info = checkpoint.load_checkpoint(run_dir, model, strict=not job.save_trainable_only)
         start_step = int(info["step"])
+    if cfg.optimizer == "muon" and strategy == "fsdp":
+        raise OwnLLMError("--optimizer muon needs whole weight matrices: use --strategy ddp, not fsdp")
     net = distributed.wrap(model, strategy, device)
     net.train()
     optimizer = make_optimizer(net, cfg, device)
@@ -332,6 +336,7 @@ def _log_step(job: TrainJob, run: _Progress, forward_model: nn.Module, lr: float
         run.val_loss = evaluate_loss(forward_model, job.eval_batches(), job.loss_fn, run.device, job.precision,
                                      split_by=job.loss_weight)
         row["val_loss"] = run.val_loss
+        row["time"] = round(time.time(), 2)  # wall clock of the evaluation (time-to-loss benchmarks)
         run.window_start = time.perf_counter()  # evaluation time is not training throughput
     if run.main:
         run.rows.append(row)

@@ -399,6 +399,11 @@ def import_hf(path: str | Path, out: str | Path) -> Path:
 
 def hf_model_type(config: ModelConfig) -> str:
     """The transformers architecture that computes the same function as `config`, or an OwnLLMError saying why none."""
+    recipe = [name for name, used in (("--mlp relu2", config.mlp == "relu2"), ("--qk-norm", config.qk_norm),
+                                      ("--logit-softcap", config.logit_softcap is not None)) if used]
+    if recipe:
+        raise OwnLLMError(f"cannot export: this model uses {', '.join(recipe)}, which Hugging Face GPT-2/Llama and "
+                          f"llama.cpp's gpt2/llama cannot express (train without it to export)")
     gpt2 = (config.position == "learned", config.norm == "layernorm", config.mlp == "gelu")
     llama = (config.position == "rope", config.norm == "rmsnorm", config.mlp == "swiglu")
     if all(gpt2) and config.kv_heads == config.n_head and config.head_size * config.n_head == config.n_embd:
