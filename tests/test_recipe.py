@@ -17,7 +17,8 @@ from interop_helpers import assert_same_logits, hf_padded_logits, padded_logits,
 from safetensors.torch import load_file
 
 from ownllm import probe
-from ownllm.checkpoint import LoadedRun, read_run_config
+from ownllm.checkpoint import read_run_config
+from ownllm.runs import LoadedRun
 from ownllm.config import TrainConfig, model_config_from_preset
 from ownllm.errors import OwnLLMError
 from ownllm.interop.gguf import export_gguf
