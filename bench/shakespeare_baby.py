@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from ownllm.device import pick_device, pick_precision
 from ownllm.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +46,8 @@ def run_once(data: Path, out: Path, precision: str, max_steps: int, compile_mode
     rates = [row["tokens_per_sec"] for row in rows if row.get("tokens_per_sec")]
     vals = [(row["step"], row["val_loss"]) for row in rows if row.get("val_loss") is not None]
     median_rate = statistics.median(rates)
-    return {"precision": precision, "resolved": pick_precision(precision, pick_device("auto")),
+    resolved = json.loads((out / "config.json").read_text())["speed"]["precision"]  # what the run measured and used
+    return {"precision": precision, "resolved": resolved,
             "compile": compile_model, "steps": result.step, "wall_s": round(wall, 1),
             "tokens_per_sec_median": round(median_rate), "ms_per_iter": round(12 * 64 / median_rate * 1000, 2),
             "speed_vs_nanogpt": round(median_rate / NANOGPT_TOKENS_PER_SEC, 2),
