@@ -109,6 +109,8 @@ def steps_for_budget(arm: Arm, args: argparse.Namespace) -> int:
 def environment(arm: Arm, args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    if not args.keep_probe_cache:  # a fresh --precision/--compile auto measurement, its cost in the wall time
+        env["OWNLLM_CACHE_DIR"] = str(arm.out) + "-cache"
     return env
 
 
@@ -281,6 +283,8 @@ def main() -> None:
     parser.add_argument("--fill-budget", action="store_true",
                         help="each arm's --max-steps from a measured step time so its schedule ends at the budget")
     parser.add_argument("--eval-interval", type=int, default=None, help="override every arm's eval interval")
+    parser.add_argument("--keep-probe-cache", action="store_true",
+                        help="let runs reuse ~/.cache/ownllm's speed measurements (default: each run measures anew)")
     parser.add_argument("--nanogpt", default=None, help="a nanoGPT checkout: also run its train.py (Shakespeare)")
     parser.add_argument("--out", default=None, help="keep runs and logs under this folder (default: a temp folder)")
     parser.add_argument("--json", default=None, help="also write all results to this file")
