@@ -179,6 +179,9 @@ def core_sets(args: argparse.Namespace, count: int) -> list[str | None]:
     if args.core_sets:
         sets = args.core_sets
     elif args.parallel:
+        if count * args.threads > (os.cpu_count() or 1):
+            raise SystemExit(f"--parallel: {count} arms x {args.threads} threads need {count * args.threads} cores, "
+                             f"this machine has {os.cpu_count()}: fewer --repeats or --datasets, or --core-sets")
         sets = [f"{i * args.threads}-{(i + 1) * args.threads - 1}" for i in range(count)]
     else:
         sets = [args.cores] * count
