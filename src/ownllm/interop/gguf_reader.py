@@ -84,6 +84,11 @@ def is_gguf_file(path: str | Path) -> bool:
         return handle.read(4) == GGUF_MAGIC
 
 
+def is_gguf_path(path: str | Path) -> bool:
+    """True for a GGUF file, or a path named *.gguf (whose absence or damage `read_gguf` then reports)."""
+    return Path(path).suffix.lower() == ".gguf" or is_gguf_file(path)
+
+
 # ---- the file -----------------------------------------------------------------------------------------------------
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -416,4 +421,4 @@ def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Pat
     return out
 
 
-__all__ = ["GGUFModel", "read_gguf", "load_gguf", "import_gguf", "is_gguf_file", "model_from_state"]
+__all__ = ["GGUFModel", "read_gguf", "load_gguf", "import_gguf", "is_gguf_file", "is_gguf_path", "model_from_state"]

@@ -20,6 +20,7 @@ wrong shape, a tensor nobody asked for) is an OwnLLMError naming the file and ke
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ from ownllm.tokenizer import Tokenizer, _with_specials_from, load_tokenizer
 
 if TYPE_CHECKING:
     from ownllm.runs import LoadedRun
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 INDEX_FILE = "model.safetensors.index.json"
@@ -332,9 +335,11 @@ def load_hf_tokenizer(directory: Path, hf: dict[str, Any] | None = None) -> Toke
     specials = _read_optional_json(directory / TOKENIZER_CONFIG_FILE)
     if eos_id is None and not specials.get("eos_token"):
         eos_id = _first_id(hf.get("eos_token_id"))
-    if eos_id is not None and not 0 <= eos_id < tok.vocab_size:
-        raise OwnLLMError(f"{directory}: eos_token_id {eos_id} is outside the tokenizer's vocabulary "
-                          f"(0..{tok.vocab_size - 1})")
+    if eos_id is not None and not 0 <= eos_id < tok.vocab_size:  # GPT2Config's default 50256 on a small vocabulary
+        log.warning("%s: eos_token_id %d is outside the tokenizer's vocabulary (0..%d); ignored, as transformers "
+                    "does (generation stops at the tokenizer's own end token, if any)", directory, eos_id,
+                    tok.vocab_size - 1)
+        eos_id = None
     return _with_specials_from(directory, tok, eos_id=eos_id) if eos_id is not None else tok
 
 
