@@ -31,7 +31,8 @@ def tokenizer(tmp_path_factory):
 
 
 def make_run(preset: str, tokenizer, **overrides) -> LoadedRun:
-    config = model_config_from_preset(preset, vocab_size=tokenizer.vocab_size + 3, **overrides)
+    overrides.setdefault("vocab_size", tokenizer.vocab_size + 3)
+    config = model_config_from_preset(preset, **overrides)
     model = randomize(GPT(config), seed=11)
     return LoadedRun(path=".", model=model, tokenizer=tokenizer, config=config, run_config={})
 
@@ -105,15 +106,60 @@ def test_transformers_gguf_loader_gives_the_same_tokens_and_logits(tokenizer, tm
     torch.testing.assert_close(logits(run.model, ids), theirs, atol=1e-4, rtol=0)
 
 
+def sentencepiece_vocabulary(tmp_path) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, types) laid out as a Llama 2 GGUF holds them: <unk> <s> </s>, 256 byte tokens, then pieces
+    with '▁' for spaces whose scores fall in the order their merges were learned."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    from interop_helpers import python_docs
+
+    trained = SentencePieceBPETokenizer()
+    trained.train_from_iterator([python_docs(20_000)], vocab_size=400, show_progress=False)
+    pieces = [token for token, _ in sorted(trained.get_vocab().items(), key=lambda item: item[1]) if token != "<unk>"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256)), *pieces]
+    scores = [0.0] * 259 + [-float(rank) for rank in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    return tokens, scores, types
+
+
+def test_sentencepiece_vocabulary_reads_as_transformers_reads_it(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokens, scores, types = sentencepiece_vocabulary(tmp_path)
+    source = export_gguf(make_run("tiny-llama", tokenizer, vocab_size=len(tokens)), tmp_path / "bpe.gguf", "f32")
+
+    def sentencepiece_keys(writer):
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(True)
+        writer.add_unk_token_id(0)
+
+    rewrite(source, tmp_path / "spm.gguf", add=sentencepiece_keys, drop=("tokenizer.ggml.merges",
+                                                                         "tokenizer.ggml.pre"),
+            fields={"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+                    "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+                    "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": True})
+    ours = read_gguf(tmp_path / "spm.gguf").tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    assert (ours.bos_id, ours.eot_id, ours.add_bos) == (1, 2, True)
+    for text in [UNICODE_TEXT.replace("<|endoftext|>", "</s>"), *PROMPTS, " leading space", "x"]:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.decode(ours.encode("naïve 東京 🤖")) == "naïve 東京 🤖"  # bytes the vocabulary lacks: <0xNN>
+
+
 # ---- damaged and foreign files --------------------------------------------------------------------------------------
 
-def rewrite(source, target, arch: str | None = None, fields: dict | None = None, tensors: dict | None = None):
-    """Copy a GGUF file, changing its architecture, some string fields or some tensors (name -> numpy array)."""
+def rewrite(source, target, arch: str | None = None, fields: dict | None = None, tensors: dict | None = None,
+            drop: tuple = (), add=None):
+    """Copy a GGUF file, changing its architecture, some fields or some tensors (name -> numpy array), dropping
+    fields, and adding what `add(writer)` writes."""
     reader = gguf.GGUFReader(source)
     old_arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(target), arch or old_arch)
+    if add is not None:
+        add(writer)
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
             continue
         value = (fields or {}).get(name, field.contents())
         new_name = name.replace(f"{old_arch}.", f"{arch}.", 1) if arch else name
@@ -145,8 +191,9 @@ BREAKAGES = {
                                "tokenizer.ggml.model='bert'"),
     "unknown pre-tokenizer": (lambda s, t: rewrite(s, t, fields={"tokenizer.ggml.pre": "klingon"}),
                               "tokenizer.ggml.pre='klingon'"),
-    "sentencepiece vocabulary": (lambda s, t: rewrite(s, t, fields={"tokenizer.ggml.model": "llama"}),
-                                 "SentencePiece"),
+    "sentencepiece vocabulary without scores": (
+        lambda s, t: rewrite(s, t, fields={"tokenizer.ggml.model": "llama"}, drop=("tokenizer.ggml.merges",)),
+        "tokenizer.ggml.scores is missing"),
 }
 
 

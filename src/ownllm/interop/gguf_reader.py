@@ -15,7 +15,8 @@ a 135M model needs its float32 weights plus one tensor's scratch space, not a co
 - the tokenizer from `tokenizer.ggml.*`: a byte-level BPE (`tokenizer.ggml.model` = `gpt2`) rebuilt with the
   `tokenizers` library: tokens, merges, control tokens as special tokens, user-defined ones as added tokens,
   and the `tokenizer.ggml.pre` name mapped to the split rule llama.cpp applies before BPE; bos/eos/pad ids,
-  whether prompts start with bos, and the Jinja chat template. SentencePiece vocabularies (`llama`) are refused.
+  whether prompts start with bos, and the Jinja chat template. SentencePiece vocabularies (`llama`: Llama 2,
+  TinyLlama) become a BPE with byte fallback whose merges are recovered from the token scores.
 Anything ownllm cannot represent (another architecture, tokenizer or tensor type, rope scaling, a missing or
 extra tensor, a truncated file) is an OwnLLMError naming the key or tensor, raised before anything is written.
 """
@@ -38,7 +39,7 @@ from ownllm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, LoadedRun, write_run_co
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.interop.gguf import deinterleave_rope_rows
-from ownllm.interop.gguf_tokenizer import byte_level_bpe
+from ownllm.interop.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
 from ownllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -306,19 +307,26 @@ def _progress(items, enabled: bool, path: Path):
 def tokenizer_from_gguf(keys: _Keys) -> tuple[Tokenizer, int | None]:
     """(Tokenizer with eos/bos/add_bos/chat template, pad id) from `tokenizer.ggml.*`."""
     kind = keys.require("tokenizer.ggml.model")
-    if kind == "llama":
-        raise keys.refuse("tokenizer.ggml.model", "SentencePiece vocabularies are not implemented; ownllm reads "
-                                                  "byte-level BPE ('gpt2') tokenizers")
-    if kind != "gpt2":
-        raise keys.refuse("tokenizer.ggml.model", "ownllm reads byte-level BPE ('gpt2') tokenizers")
-    hf = byte_level_bpe(keys.require("tokenizer.ggml.tokens"), keys.require("tokenizer.ggml.merges"),
-                        keys.get("tokenizer.ggml.token_type"), keys.get("tokenizer.ggml.pre", "default"),
-                        keys.path)
+    if kind == "gpt2":
+        hf = byte_level_bpe(keys.require("tokenizer.ggml.tokens"), keys.require("tokenizer.ggml.merges"),
+                            keys.get("tokenizer.ggml.token_type"), keys.get("tokenizer.ggml.pre", "default"),
+                            keys.path)
+    elif kind == "llama":
+        if keys.get("tokenizer.ggml.merges"):
+            raise keys.refuse("tokenizer.ggml.model", "a SentencePiece vocabulary with stored merges is not "
+                                                      "implemented")
+        hf = sentencepiece_bpe(keys.require("tokenizer.ggml.tokens"), keys.require("tokenizer.ggml.scores"),
+                               keys.get("tokenizer.ggml.token_type"),
+                               bool(keys.get("tokenizer.ggml.add_space_prefix", True)),
+                               keys.get("tokenizer.ggml.unknown_token_id"), keys.path)
+    else:
+        raise keys.refuse("tokenizer.ggml.model", "ownllm reads byte-level BPE ('gpt2') and SentencePiece "
+                                                  "('llama') vocabularies")
     size = hf.get_vocab_size(with_added_tokens=True)
     ids = {name: _token_id(keys, f"tokenizer.ggml.{name}_token_id", size) for name in ("bos", "eos", "padding")}
     template = keys.get("tokenizer.chat_template")
     tokenizer = Tokenizer(hf, eos_id=ids["eos"], bos_id=ids["bos"],
-                          add_bos=bool(keys.get("tokenizer.ggml.add_bos_token", False)),
+                          add_bos=bool(keys.get("tokenizer.ggml.add_bos_token", kind == "llama")),
                           chat_template=template if isinstance(template, str) else None)
     return tokenizer, ids["padding"]
 

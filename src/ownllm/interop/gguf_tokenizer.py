@@ -101,3 +101,53 @@ def _add_tokens(hf: HFTokenizer, tokens: Sequence[str], token_types: Sequence[in
         hf.add_special_tokens(special)
     if added:
         hf.add_tokens(added)
+
+
+# ---- SentencePiece vocabularies (tokenizer.ggml.model = llama) ------------------------------------------------------
+
+UNKNOWN = 2
+
+
+def sentencepiece_bpe(tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int] | None,
+                      add_space_prefix: bool, unknown_id: int | None, source: Path | str) -> HFTokenizer:
+    """A SentencePiece BPE vocabulary (Llama 2, TinyLlama, Mistral v0.1) as a `tokenizers` BPE with byte fallback:
+    the merges are recovered from the token scores (a higher score merges first), '▁' marks a space, a space is
+    put before the text when `add_space_prefix`, and bytes missing from the vocabulary become <0xNN> tokens."""
+    if len(scores) != len(tokens):
+        raise OwnLLMError(f"{source}: tokenizer.ggml.scores has {len(scores)} values for {len(tokens)} tokens")
+    vocab = {}
+    for index, token in enumerate(tokens):
+        vocab[token if token not in vocab else f"[DUPLICATE{index}]"] = index
+    model = models.BPE(vocab=vocab, merges=merges_from_scores(vocab, dict(zip(tokens, scores))), fuse_unk=True,
+                       byte_fallback=True)
+    hf = HFTokenizer(model)
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_space_prefix
+                                                else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    hf.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_space_prefix else []))
+    types = list(token_types or [])
+    if unknown_id is not None and 0 <= unknown_id < len(types):
+        types[unknown_id] = CONTROL  # matched whole, as transformers' LlamaTokenizer does with its unk token
+    special = [AddedToken(token, special=True, normalized=False) for token, kind in zip(tokens, types)
+               if kind == CONTROL]
+    added = [AddedToken(token, special=False, normalized=False) for token, kind in zip(tokens, types)
+             if kind == USER_DEFINED]
+    if special:
+        hf.add_special_tokens(special)
+    if added:
+        hf.add_tokens(added)
+    return hf
+
+
+def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split of a token into two vocabulary tokens is a merge, ranked by the whole token's score (then by
+    the shorter left piece), as SentencePiece's BPE applies them."""
+    merges = []
+    for token, score in scores.items():
+        pairs = [(token[:cut], token[cut:]) for cut in range(1, len(token))
+                 if token[:cut] in vocab and token[cut:] in vocab]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(score, left, right) for left, right in pairs]
+    merges.sort(key=lambda merge: (merge[0], len(merge[1]), len(merge[2])), reverse=True)
+    return [(left, right) for _, left, right in merges]
