@@ -40,6 +40,7 @@ from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.interop.gguf import deinterleave_rope_rows
 from ownllm.interop.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
+from ownllm.interop.hf import template_section
 from ownllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -61,11 +62,6 @@ class GGUFModel:
     pad_id: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # general.* values (name, file type, license, ...)
 
-    @property
-    def template(self) -> str | None:
-        """The ownllm chat template that matches the file's (for `ownllm chat`): ChatML or none."""
-        chat = self.tokenizer.chat_template or ""
-        return "chatml" if "<|im_start|>" in chat and "<|im_end|>" in chat else None
 
 
 def _gguf_package():
@@ -208,7 +204,8 @@ def tensor_plan(arch: str, config: ModelConfig, names: set[str], path: Path) -> 
         blk, block = f"blk.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
             if arch == "gpt2":
-                plan.update({f"{block}{ours}.{kind}": [f"{blk}{theirs}.{kind}"] for theirs, ours in _GPT2_LAYER.items()})
+                plan.update({f"{block}{ours}.{kind}": [f"{blk}{theirs}.{kind}"]
+                             for theirs, ours in _GPT2_LAYER.items()})
                 continue
             for theirs, ours in _LLAMA_LAYER.items():
                 if f"{blk}{theirs}.{kind}" in names or kind == "weight":
@@ -392,10 +389,7 @@ def source_record(path: Path, model: GGUFModel) -> dict[str, Any]:
 
 
 def run_sections(path: Path, model: GGUFModel) -> dict[str, Any]:
-    sections: dict[str, Any] = {"source": source_record(path, model)}
-    if model.template:
-        sections["template"] = model.template  # `ownllm chat` renders prompts with ownllm's ChatML template
-    return sections
+    return {"source": source_record(path, model), **template_section(model.tokenizer)}
 
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:

@@ -369,8 +369,16 @@ def read_hf_model(directory: Path) -> tuple[GPT, Tokenizer, ModelConfig, dict[st
     _load_checked(model, state, directory)
     model.eval()
     tokenizer = load_hf_tokenizer(directory, hf)
-    run_config = {"format": "hf", "model": config.to_dict(), "source": _source_record(directory, hf)}
+    run_config = {"format": "hf", "model": config.to_dict(), "source": _source_record(directory, hf),
+                  **template_section(tokenizer)}
     return model, tokenizer, config, run_config
+
+
+def template_section(tokenizer: Tokenizer) -> dict[str, str]:
+    """{"template": "chatml"} when the model's own chat template is ChatML (so `ownllm chat` renders prompts the way
+    the model was trained to read them), else nothing."""
+    chat = tokenizer.chat_template or ""
+    return {"template": "chatml"} if "<|im_start|>" in chat and "<|im_end|>" in chat else {}
 
 
 def _load_checked(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
@@ -396,7 +404,7 @@ def import_hf(path: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / WEIGHTS_FILE)
     tokenizer.save(out / TOKENIZER_DIR)
-    write_run_config(out, config, source=run_config["source"])
+    write_run_config(out, config, source=run_config["source"], **template_section(tokenizer))
     return out
 
 
