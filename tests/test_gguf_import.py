@@ -14,7 +14,7 @@ import ownllm
 from ownllm.checkpoint import LoadedRun
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
-from ownllm.interop.gguf import export_gguf, tensor_type
+from ownllm.interop.gguf import deinterleave_rope_rows, export_gguf, tensor_type
 from ownllm.interop.gguf_reader import read_gguf
 from ownllm.model import GPT
 
@@ -88,6 +88,24 @@ def test_gpt2_qwen2_biases_and_tied_heads_read_back_exactly(preset, overrides, t
     assert set(model.state) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(model.state[name], tensor, atol=0, rtol=0)
+
+
+def test_qwen2_architecture_keeps_the_rotate_half_rows(tokenizer, tmp_path):
+    """llama.cpp's converter reorders q/k rows for `llama` only; a `qwen2` file holds them as Hugging Face does."""
+    source = make_run("tiny-llama", tokenizer, qkv_bias=True, tie_embeddings=True)
+    llama = export_gguf(source, tmp_path / "llama.gguf", quant="f32")
+    heads = {"attn_q": source.config.n_head, "attn_k": source.config.kv_heads}
+    rotate_half = {}
+    for tensor in gguf.GGUFReader(llama).tensors:
+        kind = tensor.name.split(".")[-2]
+        if kind in heads:
+            rows = torch.from_numpy(np.array(tensor.data))
+            rotate_half[tensor.name] = deinterleave_rope_rows(rows, heads[kind]).numpy()
+    rewrite(llama, tmp_path / "qwen2.gguf", arch="qwen2", tensors=rotate_half)
+    run = ownllm.load(str(tmp_path / "qwen2.gguf"))
+    assert run.run_config["source"]["architecture"] == "qwen2"
+    ids = tokenizer.encode(PROMPTS[2])
+    torch.testing.assert_close(logits(run.model, ids), logits(source.model, ids), atol=1e-6, rtol=0)
 
 
 def test_transformers_gguf_loader_gives_the_same_tokens_and_logits(tokenizer, tmp_path):
