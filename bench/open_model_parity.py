@@ -127,28 +127,32 @@ def main(argv: list[str] | None = None) -> int:
     import ownllm
 
     result = {"gguf": args.gguf, "threads": args.threads, "amx": "amx_bf16" in Path("/proc/cpuinfo").read_text()}
-    result.update(measure_import(args.gguf))
+
+    def report(values: dict) -> None:
+        result.update(values)
+        if not args.json:  # as each stage ends: the whole run takes minutes on a busy machine
+            for key, value in values.items():
+                if key != "examples":
+                    print(f"{key:>32}: {value}", flush=True)
+
+    report(measure_import(args.gguf))
     run = ownllm.load(args.gguf)
     folder, name = str(Path(args.gguf).parent), Path(args.gguf).name
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     page, ids = page_of(args.text, run.tokenizer, args.tokens)
     theirs_ids = hf_tok(page, add_special_tokens=False)["input_ids"]
-    result["page_tokens_equal"] = ids == theirs_ids
-    result["page_tokens_ownllm_vs_transformers"] = [len(ids), len(theirs_ids)]
-    result.update(teacher_forced(run.model, hf_model, ids))
-    result.update(greedy(run.model, hf_model, run.tokenizer, args.new_tokens))
+    report({"page_tokens_equal": ids == theirs_ids, "page_tokens_ownllm_vs_transformers": [len(ids), len(theirs_ids)]})
+    report(teacher_forced(run.model, hf_model, ids))
+    report(greedy(run.model, hf_model, run.tokenizer, args.new_tokens))
     try:
         import llama_cpp  # noqa: F401
-        result["llama_cpp"] = "importable, not yet compared by this script"
+        report({"llama_cpp": "importable, not yet compared by this script"})
     except ImportError:
-        result["llama_cpp"] = "not installed (pip install 'ownllm[llama-cpp]' compiles it)"
+        report({"llama_cpp": "not installed (pip install 'ownllm[llama-cpp]' compiles it)"})
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
-    for key, value in result.items():
-        if key != "examples":
-            print(f"{key:>32}: {value}")
     for example in result["examples"]:
         mark = "=" if example["same_as_transformers"] else "≠"
         print(f"{mark} {example['prompt']!r} -> {example['ownllm']!r}")
