@@ -95,7 +95,7 @@ def prompts_for(tokenizer) -> list[list[int]]:
 
 
 def greedy(ours, theirs, tokenizer, new_tokens: int) -> dict:
-    from ownllm.generation import SamplingOptions, generate_ids
+    from ownllm.decoding import SamplingOptions, generate_ids
 
     eos = tokenizer.eot_id
     rows = prompts_for(tokenizer)

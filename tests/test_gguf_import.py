@@ -11,7 +11,7 @@ import torch
 from interop_helpers import PROMPTS, randomize, small_bpe
 
 import ownllm
-from ownllm.checkpoint import LoadedRun
+from ownllm.runs import LoadedRun
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.interop.gguf import deinterleave_rope_rows, export_gguf, tensor_type

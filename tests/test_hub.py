@@ -20,7 +20,7 @@ import torch
 from interop_helpers import PROMPTS, randomize, small_bpe
 
 import ownllm
-from ownllm.checkpoint import LoadedRun
+from ownllm.runs import LoadedRun
 from ownllm.config import model_config_from_preset
 from ownllm.interop.hf import export_hf
 from ownllm.model import GPT

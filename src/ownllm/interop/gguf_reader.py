@@ -1,8 +1,8 @@
 """GGUF import: a llama.cpp model file read back into ownllm's config, float32 weights and tokenizer.
 
     model = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # .config, .state (fp32, ownllm names), .tokenizer
-    run = load_gguf("model.gguf")                           # a LoadedRun: what ownllm.load does with a .gguf path
     import_gguf("model.gguf", "runs/smol")                  # ownllm import model.gguf --out runs/smol
+    ownllm.runs.load_run("model.gguf")                      # a LoadedRun, through read_gguf_model below
 
 What is read (the `gguf` package parses the file; it is memory-mapped and dequantized one tensor at a time, so
 a 135M model needs its float32 weights plus one tensor's scratch space, not a copy of the file):
@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ownllm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, LoadedRun, write_run_config
+from ownllm.checkpoint import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, write_run_config
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.interop.gguf import deinterleave_rope_rows
@@ -392,13 +392,14 @@ def run_sections(path: Path, model: GGUFModel) -> dict[str, Any]:
     return {"source": source_record(path, model), **template_section(model.tokenizer)}
 
 
-def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """A GGUF file as a LoadedRun in eval mode, float32 (what `ownllm.load` and every CLI verb do with a .gguf)."""
+def read_gguf_model(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, ModelConfig, dict[str, Any]]:
+    """A GGUF file as an ownllm model on the CPU, float32, in eval mode: the model, its tokenizer, its config and a
+    run config recording the source (ownllm.runs.load_run wraps them in a LoadedRun)."""
     path = Path(path)
     model = read_gguf(path)
-    net = model_from_state(model.config, model.state).to(device)
+    net = model_from_state(model.config, model.state)
     run_config = {"format": "gguf", "model": model.config.to_dict(), **run_sections(path, model)}
-    return LoadedRun(path=path, model=net, tokenizer=model.tokenizer, config=model.config, run_config=run_config)
+    return net, model.tokenizer, model.config, run_config
 
 
 def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Path:
@@ -414,7 +415,7 @@ def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Pat
     tmp.mkdir()
     try:
         save_file({name: t.contiguous() for name, t in model.state.items()}, str(tmp / WEIGHTS_FILE))
-        model.tokenizer.save(tmp / "tokenizer")
+        model.tokenizer.save(tmp / TOKENIZER_DIR)
         write_run_config(tmp, model.config, **run_sections(path, model))
         os.replace(tmp, out)  # an empty --out directory is replaced as a whole
     except BaseException:
@@ -423,4 +424,4 @@ def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Pat
     return out
 
 
-__all__ = ["GGUFModel", "read_gguf", "load_gguf", "import_gguf", "is_gguf_file", "is_gguf_path", "model_from_state"]
+__all__ = ["GGUFModel", "read_gguf", "read_gguf_model", "import_gguf", "is_gguf_file", "is_gguf_path", "model_from_state"]
