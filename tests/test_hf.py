@@ -95,6 +95,21 @@ def test_greedy_generation_equals_transformers_generate(hf_dir):
     assert ours == hf_greedy(model, rows, run.tokenizer.eot_id)
 
 
+def test_eos_token_id_outside_the_vocabulary_warns_and_loads_as_in_transformers(tokenizer, tmp_path, caplog):
+    """GPT2Config's default eos 50256 on a small vocabulary (common in tiny test models): transformers loads it."""
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    assert config.eos_token_id == 50256
+    model = randomize(transformers.GPT2LMHeadModel(config), seed=5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save(tmp_path)
+    with caplog.at_level("WARNING", logger="ownllm.interop.hf"):
+        run = ownllm.load(tmp_path)
+    assert "eos_token_id 50256 is outside the tokenizer's vocabulary" in caplog.text
+    assert run.tokenizer.eot_id == tokenizer.eot_id  # the tokenizer's own <|endoftext|>
+    rows = rows_of(tokenizer)
+    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows)
+
+
 def test_import_writes_a_run_that_generates_from_the_cli(hf_dir, tmp_path, capsys):
     directory, model = hf_dir
     out = import_hf(directory, tmp_path / "run")

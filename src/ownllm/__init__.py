@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 
 def load(path: str, device: str = "cpu", quantize: str = "none") -> "LoadedRun":
-    """Load a run directory, or a Hugging Face model directory (GPT-2, Llama, Qwen2), for inference: `.model`,
-    `.tokenizer`, `.config` (ownllm.runs.load_run)."""
+    """Load a run directory, a Hugging Face model directory (GPT-2, Llama, Qwen2), a GGUF file or `hf:ORG/NAME`
+    (downloaded through the HF cache) for inference: `.model`, `.tokenizer`, `.config` (ownllm.runs.load_run)."""
     from ownllm.runs import load_run
 
     return load_run(path, device=device, quantize=quantize)

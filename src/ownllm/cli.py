@@ -7,6 +7,8 @@
     ownllm evaluate runs/my-model --text held-out.txt
     ownllm finetune classify|instruct ..., ownllm classify, ownllm chat, ownllm merge-lora   (see cli_finetune)
     ownllm import path/to/hf-model --out runs/base          # or pass the HF directory to any verb directly
+    ownllm import model.gguf --out runs/base                # a llama.cpp GGUF file, dequantized to float32
+    ownllm download ORG/NAME --out models/name              # from the Hugging Face Hub; hf:ORG/NAME works as a model
     ownllm export runs/my-model --to hf --out exported/hf   # or --to gguf --out m.gguf --quant q8_0
     ownllm serve runs/my-model --port 8000 [--quantize int8]  # OpenAI-compatible API + chat page (cli_serve)
     ownllm demo
@@ -28,6 +30,9 @@ from ownllm.cli_options import (MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN, add_optio
                                 sampling_options)
 from ownllm.errors import OwnLLMError
 from ownllm.quantize import QUANTIZE_MODES
+
+MODEL_HELP = "run directory, Hugging Face model directory, .gguf file or hf:ORG/NAME[@REVISION]"
+
 
 def _add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str) -> None:
     """--device and --quantize: how `runs.load_run` loads the model of a verb that only runs it."""
@@ -56,25 +61,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(pre, PRETRAIN, RUN, TRAIN)
 
     gen = sub.add_parser("generate", help="sample text from a model")
-    gen.add_argument("model", help="run directory or Hugging Face model directory")
+    gen.add_argument("model", help=MODEL_HELP)
     gen.add_argument("--prompt", action="append", help="prompt (repeat for a batch)")
     add_sampling_flags(gen)
     cli_finetune.add_generate_flags(gen)
     _add_loading_flags(gen, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
 
     ev = sub.add_parser("evaluate", help="loss, perplexity and bits per byte on a text file")
-    ev.add_argument("model", help="run directory or Hugging Face model directory")
+    ev.add_argument("model", help=MODEL_HELP)
     ev.add_argument("--text", required=True, help="held-out UTF-8 text file")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _add_loading_flags(ev, "measure the model with int8 or bf16 weights (the quality cost of `serve --quantize`)")
 
-    imp = sub.add_parser("import", help="convert a Hugging Face model directory (GPT-2, Llama, Qwen2) into a run")
-    imp.add_argument("source", help="HF directory: config.json, *.safetensors, tokenizer files")
+    imp = sub.add_parser("import", help="convert a Hugging Face model directory or a GGUF file (GPT-2, Llama, "
+                                        "Qwen2) into a run")
+    imp.add_argument("source", help="HF directory (config.json, *.safetensors, tokenizer files), a .gguf file, "
+                                    "or hf:ORG/NAME[@REVISION]")
     imp.add_argument("--out", required=True, help="new run directory")
 
+    down = sub.add_parser("download", help="fetch a model's config, safetensors and tokenizer from the Hugging Face "
+                                           "Hub (resumable; your HF cache and token)")
+    down.add_argument("repo", metavar="ORG/NAME", help="model repository, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    down.add_argument("--revision", default=None, help="branch, tag or commit (default: the main branch)")
+    down.add_argument("--out", default=None, help="directory for the files (default: the HF cache)")
+
     exp = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file for llama.cpp")
-    exp.add_argument("model", help="run directory or Hugging Face model directory")
+    exp.add_argument("model", help=MODEL_HELP)
     exp.add_argument("--to", choices=["hf", "gguf"], required=True)
     exp.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf)")
     exp.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
@@ -162,10 +175,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
+    from ownllm.interop.gguf_reader import import_gguf, is_gguf_path
     from ownllm.interop.hf import import_hf
+    from ownllm.interop.hub import local_model_path
 
-    out = import_hf(args.source, args.out)
+    source = local_model_path(args.source)
+    out = import_gguf(source, args.out) if is_gguf_path(source) else import_hf(source, args.out)
     print(f"imported {args.source} into {out}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from ownllm.interop.hub import download
+
+    print(f"downloaded {args.repo} to {download(args.repo, revision=args.revision, out=args.out)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -190,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {"tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "pretrain": cmd_pretrain,
             "generate": cmd_generate, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "import": cmd_import, "export": cmd_export}
+            "import": cmd_import, "download": cmd_download, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

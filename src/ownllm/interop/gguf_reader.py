@@ -1,0 +1,427 @@
+"""GGUF import: a llama.cpp model file read back into ownllm's config, float32 weights and tokenizer.
+
+    model = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # .config, .state (fp32, ownllm names), .tokenizer
+    import_gguf("model.gguf", "runs/smol")                  # ownllm import model.gguf --out runs/smol
+    ownllm.runs.load_run("model.gguf")                      # a LoadedRun, through read_gguf_model below
+
+What is read (the `gguf` package parses the file; it is memory-mapped and dequantized one tensor at a time, so
+a 135M model needs its float32 weights plus one tensor's scratch space, not a copy of the file):
+- architectures `llama` (SmolLM, TinyLlama, Llama 2/3 layouts), `qwen2` and `gpt2`, with the hyperparameters
+  under `{arch}.*`. llama.cpp rotates adjacent pairs of q/k dimensions for `llama` (its converter reorders the q/k
+  rows of every head); ownllm and Hugging Face rotate the two halves of each head, so those rows are put back.
+  `qwen2` is stored in the rotate-half layout already, `gpt2` has no RoPE.
+- every tensor type `gguf.quants.dequantize` knows (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the K-quants, the
+  IQ types) becomes float32: a quantized file does not get smaller or faster here, it becomes an ordinary model.
+- the tokenizer from `tokenizer.ggml.*`: a byte-level BPE (`tokenizer.ggml.model` = `gpt2`) rebuilt with the
+  `tokenizers` library: tokens, merges, control tokens as special tokens, user-defined ones as added tokens,
+  and the `tokenizer.ggml.pre` name mapped to the split rule llama.cpp applies before BPE; bos/eos/pad ids,
+  whether prompts start with bos, and the Jinja chat template. SentencePiece vocabularies (`llama`: Llama 2,
+  TinyLlama) become a BPE with byte fallback whose merges are recovered from the token scores.
+Anything ownllm cannot represent (another architecture, tokenizer or tensor type, rope scaling, a missing or
+extra tensor, a truncated file) is an OwnLLMError naming the key or tensor, raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ownllm.checkpoint import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, write_run_config
+from ownllm.config import ModelConfig
+from ownllm.errors import OwnLLMError
+from ownllm.interop.gguf import deinterleave_rope_rows
+from ownllm.interop.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
+from ownllm.interop.hf import template_section
+from ownllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import gguf
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
+GGUF_MAGIC = b"GGUF"
+
+@dataclass
+class GGUFModel:
+    """What a GGUF file holds, in ownllm's terms."""
+
+    config: ModelConfig
+    state: dict[str, Tensor]  # float32, ownllm parameter names (no lm_head.weight when the embeddings are tied)
+    tokenizer: Tokenizer
+    architecture: str
+    pad_id: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # general.* values (name, file type, license, ...)
+
+
+
+def _gguf_package():
+    try:
+        import gguf
+    except ImportError:
+        raise OwnLLMError("reading a .gguf file needs the gguf package: pip install 'ownllm[gguf]'") from None
+    return gguf
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """True for a file that starts with the GGUF magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == GGUF_MAGIC
+
+
+def is_gguf_path(path: str | Path) -> bool:
+    """True for a GGUF file, or a path named *.gguf (whose absence or damage `read_gguf` then reports)."""
+    return Path(path).suffix.lower() == ".gguf" or is_gguf_file(path)
+
+
+# ---- the file -----------------------------------------------------------------------------------------------------
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """The memory-mapped file; a missing, foreign, corrupt or truncated file is one OwnLLMError."""
+    gguf = _gguf_package()
+    path = Path(path)
+    if not path.is_file():
+        raise OwnLLMError(f"{path}: no such file")
+    if not is_gguf_file(path):
+        raise OwnLLMError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as error:  # the reader raises ValueError/KeyError/IndexError on a damaged header
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OwnLLMError(f"{path}: not a readable GGUF file ({reason}); the file is truncated or corrupt") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size or tensor.data.nbytes != tensor.n_bytes:
+            raise OwnLLMError(f"{path}: tensor {tensor.name} ends at byte {tensor.data_offset + tensor.n_bytes:,} "
+                              f"but the file has {size:,} bytes; the file is truncated")
+    return reader
+
+
+def read_metadata(reader: gguf.GGUFReader, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every key/value of the header as Python values (strings, numbers, lists)."""
+    return {name: value.contents() for name, value in reader.fields.items()
+            if not name.startswith("GGUF.") and name not in skip}
+
+
+# ---- the model config ---------------------------------------------------------------------------------------------
+
+class _Keys:
+    """The header's values, looked up with the key named in every error."""
+
+    def __init__(self, metadata: dict[str, Any], path: Path) -> None:
+        self.metadata, self.path = metadata, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.metadata:
+            raise OwnLLMError(f"{self.path}: metadata key {key} is missing")
+        return self.metadata[key]
+
+    def integer(self, key: str, default: int | None = None) -> int | None:
+        value = self.require(key) if default is None and key not in self.metadata else self.get(key, default)
+        if value is not None and not isinstance(value, int):
+            raise OwnLLMError(f"{self.path}: {key}={_short(value)} is not supported (one integer expected; "
+                              "per-layer values are not implemented)")
+        return value
+
+    def refuse(self, key: str, why: str) -> OwnLLMError:
+        return OwnLLMError(f"{self.path}: {key}={_short(self.get(key))} is not supported ({why})")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def model_config_from_gguf(keys: _Keys, tensor_names: set[str], vocab_rows: int) -> tuple[str, ModelConfig]:
+    """(architecture, ModelConfig) from the header; settings ownllm cannot compute are refused by key."""
+    arch = keys.require("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise keys.refuse("general.architecture", f"ownllm reads {', '.join(ARCHITECTURES)}")
+    n_embd, n_head = keys.integer(f"{arch}.embedding_length"), keys.integer(f"{arch}.attention.head_count")
+    common = dict(vocab_size=vocab_rows, block_size=keys.integer(f"{arch}.context_length"),
+                  n_layer=keys.integer(f"{arch}.block_count"), n_head=n_head, n_embd=n_embd,
+                  mlp_hidden=keys.integer(f"{arch}.feed_forward_length"),
+                  tie_embeddings="output.weight" not in tensor_names)
+    if keys.get(f"{arch}.expert_count", 0):
+        raise keys.refuse(f"{arch}.expert_count", "mixture-of-experts models are not implemented")
+    if arch == "gpt2":
+        return arch, ModelConfig(**common, bias=True, norm="layernorm", mlp="gelu", position="learned",
+                                 norm_eps=float(keys.require("gpt2.attention.layer_norm_epsilon")))
+    head_dim = keys.integer(f"{arch}.attention.key_length", 0) or n_embd // n_head
+    if keys.integer(f"{arch}.attention.value_length", 0) not in (0, head_dim):
+        raise keys.refuse(f"{arch}.attention.value_length", "values and keys must have the same head size")
+    rope_dims = keys.integer(f"{arch}.rope.dimension_count", 0) or head_dim
+    if rope_dims != head_dim:
+        raise keys.refuse(f"{arch}.rope.dimension_count", f"RoPE on part of the {head_dim}-wide heads is not "
+                                                          "implemented")
+    scaling = keys.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
+        key = f"{arch}.rope.scaling.type" if scaling not in ("none", None) else "rope_freqs.weight"
+        raise OwnLLMError(f"{keys.path}: {key} is not supported (ownllm implements plain RoPE, no scaling)")
+    if keys.get(f"{arch}.attention.sliding_window"):
+        raise keys.refuse(f"{arch}.attention.sliding_window", "sliding-window attention is not implemented")
+    qkv_bias = "blk.0.attn_q.bias" in tensor_names
+    return arch, ModelConfig(**common, n_kv_head=keys.integer(f"{arch}.attention.head_count_kv", n_head),
+                             head_dim=head_dim if head_dim * n_head != n_embd else None,
+                             bias="blk.0.attn_output.bias" in tensor_names, qkv_bias=qkv_bias,
+                             mlp_bias="blk.0.ffn_down.bias" in tensor_names, norm="rmsnorm",
+                             norm_eps=float(keys.require(f"{arch}.attention.layer_norm_rms_epsilon")),
+                             mlp="swiglu", position="rope",
+                             rope_theta=float(keys.get(f"{arch}.rope.freq_base", 10000.0)))
+
+
+# ---- the tensors --------------------------------------------------------------------------------------------------
+
+_GLOBAL_TENSORS = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_emb.weight",
+                   "output_norm.weight": "norm.weight", "output_norm.bias": "norm.bias",
+                   "output.weight": "lm_head.weight"}
+_GPT2_LAYER = {"attn_norm": "norm1", "attn_qkv": "attn.qkv", "attn_output": "attn.proj", "ffn_norm": "norm2",
+               "ffn_up": "mlp.fc", "ffn_down": "mlp.proj"}
+_LLAMA_LAYER = {"attn_norm": "norm1", "ffn_norm": "norm2", "attn_output": "attn.proj", "ffn_down": "mlp.proj"}
+_LLAMA_FUSED = {"attn.qkv": ["attn_q", "attn_k", "attn_v"], "mlp.fc": ["ffn_gate", "ffn_up"]}
+
+
+def tensor_plan(arch: str, config: ModelConfig, names: set[str], path: Path) -> dict[str, list[str]]:
+    """ownllm parameter -> the GGUF tensors it is made of, stacked in this order; a missing or unused tensor is an
+    OwnLLMError naming it."""
+    plan: dict[str, list[str]] = {ours: [theirs] for theirs, ours in _GLOBAL_TENSORS.items() if theirs in names}
+    for i in range(config.n_layer):
+        blk, block = f"blk.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            if arch == "gpt2":
+                plan.update({f"{block}{ours}.{kind}": [f"{blk}{theirs}.{kind}"]
+                             for theirs, ours in _GPT2_LAYER.items()})
+                continue
+            for theirs, ours in _LLAMA_LAYER.items():
+                if f"{blk}{theirs}.{kind}" in names or kind == "weight":
+                    plan[f"{block}{ours}.{kind}"] = [f"{blk}{theirs}.{kind}"]
+            for ours, parts in _LLAMA_FUSED.items():
+                if f"{blk}{parts[0]}.{kind}" in names or kind == "weight":
+                    plan[f"{block}{ours}.{kind}"] = [f"{blk}{part}.{kind}" for part in parts]
+    wanted = {name for parts in plan.values() for name in parts}
+    missing = sorted(wanted - names, key=_natural)
+    if missing:
+        raise OwnLLMError(f"{path}: tensor {missing[0]} is missing ({arch} with {config.n_layer} layers needs it)")
+    unused = sorted(names - wanted, key=_natural)
+    if unused:
+        raise OwnLLMError(f"{path}: tensor {unused[0]} is not part of a {arch} model ownllm can build "
+                          f"({len(unused)} unused tensor(s))")
+    return plan
+
+
+def _natural(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+
+
+def check_tensor_types(reader: gguf.GGUFReader, path: Path) -> None:
+    """Every tensor's type must be one the gguf package dequantizes (tried on its first block)."""
+    gguf = _gguf_package()
+    for tensor in reader.tensors:
+        block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+        probe = np.ascontiguousarray(tensor.data.reshape(-1).view(np.uint8)[:block_bytes])
+        try:
+            gguf.quants.dequantize(probe, tensor.tensor_type)
+        except NotImplementedError:
+            raise OwnLLMError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which ownllm "
+                              "cannot dequantize") from None
+
+
+def dequantized(tensor: Any) -> Tensor:
+    """One GGUF tensor as a float32 torch tensor in PyTorch's [rows, cols] order (its own memory, not the file's)."""
+    gguf = _gguf_package()
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    values = np.asarray(values, dtype=np.float32)
+    if not values.flags.writeable or not values.flags.c_contiguous or values.base is not None:
+        values = np.array(values, dtype=np.float32, order="C")  # F32 tensors are views of the memory map
+    return torch.from_numpy(values.reshape(tuple(int(d) for d in reversed(tensor.shape))))
+
+
+def read_state(reader: gguf.GGUFReader, arch: str, config: ModelConfig, path: Path,
+               progress: bool = False) -> dict[str, Tensor]:
+    """The model's float32 weights under ownllm's names, dequantized tensor by tensor (q/k rows of `llama` put
+    back in the rotate-half layout), each checked against the shape ownllm's model has for `config`."""
+    from ownllm.model import GPT
+
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    plan = tensor_plan(arch, config, set(tensors), path)
+    check_tensor_types(reader, path)
+    with torch.device("meta"):
+        expected = {name: t.shape for name, t in GPT(config).state_dict().items()}
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    missing = sorted(set(expected) - set(plan) - tied, key=_natural)
+    if missing:
+        raise OwnLLMError(f"{path}: no tensor for ownllm's {missing[0]} (the header describes a model with it)")
+    state: dict[str, Tensor] = {}
+    for ours, parts in _progress(plan.items(), progress, path):
+        pieces = []
+        for name in parts:
+            piece = dequantized(tensors[name])
+            kind = name.split(".")[-2]
+            if arch == "llama" and kind in ("attn_q", "attn_k"):
+                heads = config.n_head if kind == "attn_q" else config.kv_heads
+                piece = _unpermuted(piece, heads, name, path)
+            pieces.append(piece)
+        state[ours] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if expected.get(ours) != state[ours].shape:
+            shapes = " + ".join(f"{n} {tuple(p.shape)}" for n, p in zip(parts, pieces))
+            raise OwnLLMError(f"{path}: tensor {shapes} does not fit the header's model "
+                              f"(ownllm's {ours} is {tuple(expected[ours])})")
+    return state
+
+
+def _unpermuted(piece: Tensor, heads: int, name: str, path: Path) -> Tensor:
+    if piece.shape[0] % heads or (piece.shape[0] // heads) % 2:
+        raise OwnLLMError(f"{path}: tensor {name} has {piece.shape[0]} rows, not a whole number of "
+                          f"{heads} heads of even size")
+    return deinterleave_rope_rows(piece, heads)
+
+
+def _progress(items, enabled: bool, path: Path):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(list(items), desc=f"dequantizing {path.name}", unit="tensor", leave=False)
+
+
+# ---- the tokenizer ------------------------------------------------------------------------------------------------
+
+def tokenizer_from_gguf(keys: _Keys) -> tuple[Tokenizer, int | None]:
+    """(Tokenizer with eos/bos/add_bos/chat template, pad id) from `tokenizer.ggml.*`."""
+    kind = keys.require("tokenizer.ggml.model")
+    if kind == "gpt2":
+        hf = byte_level_bpe(keys.require("tokenizer.ggml.tokens"), keys.require("tokenizer.ggml.merges"),
+                            keys.get("tokenizer.ggml.token_type"), keys.get("tokenizer.ggml.pre", "default"),
+                            keys.path)
+    elif kind == "llama":
+        if keys.get("tokenizer.ggml.merges"):
+            raise keys.refuse("tokenizer.ggml.model", "a SentencePiece vocabulary with stored merges is not "
+                                                      "implemented")
+        hf = sentencepiece_bpe(keys.require("tokenizer.ggml.tokens"), keys.require("tokenizer.ggml.scores"),
+                               keys.get("tokenizer.ggml.token_type"),
+                               bool(keys.get("tokenizer.ggml.add_space_prefix", True)),
+                               keys.get("tokenizer.ggml.unknown_token_id"), keys.path)
+    else:
+        raise keys.refuse("tokenizer.ggml.model", "ownllm reads byte-level BPE ('gpt2') and SentencePiece "
+                                                  "('llama') vocabularies")
+    size = hf.get_vocab_size(with_added_tokens=True)
+    ids = {name: _token_id(keys, f"tokenizer.ggml.{name}_token_id", size) for name in ("bos", "eos", "padding")}
+    template = keys.get("tokenizer.chat_template")
+    tokenizer = Tokenizer(hf, eos_id=ids["eos"], bos_id=ids["bos"],
+                          add_bos=bool(keys.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+                          chat_template=template if isinstance(template, str) else None)
+    return tokenizer, ids["padding"]
+
+
+def _token_id(keys: _Keys, key: str, size: int) -> int | None:
+    value = keys.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or not 0 <= value < size:
+        log.warning("%s: %s=%s is outside the vocabulary (0..%d); ignored", keys.path, key, value, size - 1)
+        return None
+    return value
+
+
+# ---- the whole file -----------------------------------------------------------------------------------------------
+
+def read_gguf(path: str | Path, progress: bool = False) -> GGUFModel:
+    """Read a GGUF file into (config, float32 state dict, tokenizer); nothing is written."""
+    path = Path(path)
+    reader = open_gguf(path)
+    keys = _Keys(read_metadata(reader), path)
+    names = {tensor.name for tensor in reader.tensors}
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise OwnLLMError(f"{path}: tensor token_embd.weight is missing")
+    arch, config = model_config_from_gguf(keys, names, vocab_rows=int(embedding.shape[-1]))
+    tokenizer, pad_id = tokenizer_from_gguf(keys)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise OwnLLMError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens but token_embd.weight "
+                          f"only {config.vocab_size} rows")
+    state = read_state(reader, arch, config, path, progress=progress)
+    general = {key: value for key, value in keys.metadata.items()
+               if key.startswith("general.") and isinstance(value, (str, int, float))}
+    return GGUFModel(config=config, state=state, tokenizer=tokenizer, architecture=arch, pad_id=pad_id,
+                     metadata=general)
+
+
+def model_from_state(config: ModelConfig, state: dict[str, Tensor]) -> torch.nn.Module:
+    """A GPT whose parameters ARE the tensors of `state` (no second copy of the weights is made)."""
+    from ownllm.model import GPT, rope_tables
+
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    if config.position == "rope":
+        model.rope_cos, model.rope_sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise OwnLLMError(f"no tensor for {left[0]}")
+    return model.eval()
+
+
+def source_record(path: Path, model: GGUFModel) -> dict[str, Any]:
+    """What the run config says about where the weights came from."""
+    record = {"kind": "gguf", "path": str(Path(path).resolve()), "architecture": model.architecture,
+              **{key.removeprefix("general."): value for key, value in model.metadata.items()
+                 if key in ("general.name", "general.file_type", "general.license", "general.organization")}}
+    if model.pad_id is not None:
+        record["pad_token_id"] = model.pad_id
+    return record
+
+
+def run_sections(path: Path, model: GGUFModel) -> dict[str, Any]:
+    return {"source": source_record(path, model), **template_section(model.tokenizer)}
+
+
+def read_gguf_model(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, ModelConfig, dict[str, Any]]:
+    """A GGUF file as an ownllm model on the CPU, float32, in eval mode: the model, its tokenizer, its config and a
+    run config recording the source (ownllm.runs.load_run wraps them in a LoadedRun)."""
+    path = Path(path)
+    model = read_gguf(path)
+    net = model_from_state(model.config, model.state)
+    run_config = {"format": "gguf", "model": model.config.to_dict(), **run_sections(path, model)}
+    return net, model.tokenizer, model.config, run_config
+
+
+def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Path:
+    """Write a GGUF file as an ownllm run directory (model.safetensors, config.json, tokenizer/); the directory
+    appears whole or not at all."""
+    path, out = Path(path), Path(out)
+    if (out / CONFIG_FILE).exists() or (out.is_dir() and any(out.iterdir())):
+        raise OwnLLMError(f"{out}: already exists and is not empty; choose a new --out directory")
+    model = read_gguf(path, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({name: t.contiguous() for name, t in model.state.items()}, str(tmp / WEIGHTS_FILE))
+        model.tokenizer.save(tmp / TOKENIZER_DIR)
+        write_run_config(tmp, model.config, **run_sections(path, model))
+        os.replace(tmp, out)  # an empty --out directory is replaced as a whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["GGUFModel", "read_gguf", "read_gguf_model", "import_gguf", "is_gguf_file", "is_gguf_path", "model_from_state"]
