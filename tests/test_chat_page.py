@@ -92,3 +92,26 @@ def test_chat_page_streams_answers_and_keeps_the_conversation(page_server, brows
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
     page.close()
+
+
+@pytest.fixture(scope="module")
+def small_context_server(assistant):
+    """The assistant (a 128-token context: an Alpaca prompt takes most of it) served without an API key."""
+    with serve_process(assistant, "--model-name", "tiny") as url:
+        yield url
+
+
+def test_the_page_takes_its_limits_from_the_model_and_a_first_message_never_fails_on_them(small_context_server,
+                                                                                           browser):
+    page = browser.new_page()
+    page.goto(small_context_server + "/")
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny'")
+    page.wait_for_function("document.getElementById('max-tokens').max === '128'")  # the context /health reports
+    page.click("#settings summary")
+    page.fill("#temperature", "0")
+    page.fill("#input", "Say plum.")  # the default settings: the answer may take the rest of the context
+    page.press("#input", "Enter")
+    page.wait_for_selector(".message.assistant:not(.streaming), #error:not([hidden])", timeout=60_000)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert page.text_content(".message.assistant").strip() not in ("", "(no answer)")
+    page.close()

@@ -75,7 +75,7 @@ def test_tokenizer_prepare_pretrain_generate_evaluate(tmp_path, corpus):
     result = run_cli("evaluate", str(run), "--text", str(held_out), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}
+    assert set(report) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "unknown"}
     assert report["perplexity"] == pytest.approx(2.718281828 ** report["loss"], rel=1e-6)
     assert 0 < report["loss"] < 6.0 and report["bytes"] > report["tokens"] > 1000
 

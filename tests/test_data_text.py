@@ -228,12 +228,14 @@ def test_single_file_tail_goes_to_val(tmp_path: Path, char_tokenizer: Tokenizer,
     assert text[: len(text) - len(val_part)].endswith("\n")  # cut at a line boundary
 
 
-def test_prepare_overwrites_an_existing_dataset(
+def test_prepare_replaces_an_existing_dataset_only_with_force(
     tmp_path: Path, corpus: dict[Path, str], char_tokenizer: Tokenizer
 ) -> None:
     paths = sorted(corpus)
     first = prepare_corpus(paths, char_tokenizer, tmp_path / "data", show_progress=False)
-    second = prepare_corpus(paths[:1], char_tokenizer, tmp_path / "data", show_progress=False)
+    with pytest.raises(OwnLLMError, match="--force"):  # a run may be resuming on it
+        prepare_corpus(paths[:1], char_tokenizer, tmp_path / "data", show_progress=False)
+    second = prepare_corpus(paths[:1], char_tokenizer, tmp_path / "data", show_progress=False, force=True)
     assert second.meta["files"] == [str(paths[0])]
     assert len(second.train) < len(first.train)
     names = sorted(path.name for path in (tmp_path / "data").iterdir())
@@ -248,7 +250,7 @@ def test_crash_during_prepare_keeps_the_previous_dataset(
     old_train = np.array(old.train)
     with pytest.raises(KeyboardInterrupt):
         failing = FailingTokenizer(char_tokenizer, fail_after=5)
-        prepare_corpus(paths, failing, tmp_path / "data", show_progress=False, chunk_chars=4096)
+        prepare_corpus(paths, failing, tmp_path / "data", show_progress=False, chunk_chars=4096, force=True)
     kept = load_prepared(tmp_path / "data")
     assert np.array_equal(kept.train, old_train) and kept.meta == old.meta
     assert not [path for path in (tmp_path / "data").iterdir() if path.name.startswith(".")]
@@ -257,7 +259,7 @@ def test_crash_during_prepare_keeps_the_previous_dataset(
 def test_output_folder_inside_the_corpus_is_not_read_back(corpus: dict[Path, str], char_tokenizer: Tokenizer) -> None:
     folder = next(iter(corpus)).parent
     first = prepare_corpus([folder], char_tokenizer, folder / "prepared", show_progress=False)
-    second = prepare_corpus([folder], char_tokenizer, folder / "prepared", show_progress=False)
+    second = prepare_corpus([folder], char_tokenizer, folder / "prepared", show_progress=False, force=True)
     assert second.meta["files"] == first.meta["files"] == [str(path) for path in sorted(corpus)]
 
 

@@ -148,7 +148,8 @@ def test_chat_keeps_the_history_in_the_prompt(monkeypatch):
     assert prompts[0] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
                          "<|im_start|>assistant\n"
     assert "hi" not in prompts[1] and prompts[1].endswith("user\nbye<|im_end|>\n<|im_start|>assistant\n")
-    assert "".join(out) == "hello there\nbye now\n"  # streamed, cut at the end marker
+    assert "".join(out) == ("hello there\n\n(conversation reset: the model no longer sees the earlier messages)\n\n"
+                            "bye now\n\n")  # streamed, cut at the end marker; a blank line after each answer
     assert [m.content for m in conversation] == ["Be brief.", "bye", "bye now"]
 
 
@@ -171,7 +172,7 @@ def test_finetune_instruct_chat_and_generate_from_the_cli(base, tmp_path, capsys
 
     chat = run_cli("chat", run, "--max-new-tokens", "8", "--temperature", "0", stdin="Say plum.\nSay fig.\n")
     assert chat.returncode == 0, chat.stderr
-    assert len(chat.stdout.splitlines()) == 2  # one streamed answer per line of input
+    assert len(chat.stdout.split("\n\n")[:-1]) == 2  # one streamed answer per line of input, then a blank line
     gen = run_cli("generate", run, "--instruction", "Repeat the word.", "--input", "kiwi", "--max-new-tokens", "8",
                   "--temperature", "0")
     assert gen.returncode == 0, gen.stderr
@@ -192,3 +193,16 @@ def test_bad_instruction_input_gets_one_line_and_exit_2(base, tmp_path, capsys):
     assert_user_error(run_cli("finetune", "instruct", "--model", tmp_path / "nothing", "--data", good, "--out",
                               tmp_path / "r2"), "nothing: no such run directory")
     assert not (tmp_path / "r2").exists()
+
+
+def test_a_context_too_small_for_every_prompt_names_the_block_size_that_fits():
+    from ownllm.data.instructions import InstructionBatches
+
+    conversations = [[Message("user", r["instruction"], r["input"]), Message("assistant", r["output"])]
+                     for r in instruction_records(8)]
+    tokenizer = char_tokenizer_from_text("".join(get_template("alpaca").render(c) for c in conversations))
+    with pytest.raises(OwnLLMError, match=r"context window \(64 tokens\).*--block-size (\d+)") as error:
+        InstructionBatches(conversations, get_template("alpaca"), tokenizer, block_size=64, batch_size=2)
+    suggested = int(str(error.value).split("--block-size ")[1].split()[0])
+    fits = InstructionBatches(conversations, get_template("alpaca"), tokenizer, block_size=suggested, batch_size=2)
+    assert fits.dropped == 0 and fits.truncated <= len(conversations) // 2

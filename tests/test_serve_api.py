@@ -230,6 +230,37 @@ def test_long_prompts_name_the_context_window(server):
 def test_malformed_bodies(server, raw, fragment):
     code, answer = http("POST", server + "/v1/completions", raw=raw)
     assert code == 400 and fragment in assert_openai_error(answer)["message"]
+    assert answer["error"]["param"] is None  # not the character offset of the JSON error
+
+
+def test_a_stream_that_ends_normally_is_not_counted_as_cancelled(server, client):
+    before = http("GET", server + "/health")[1]["cancelled"]
+    for _ in range(3):
+        stream = client.chat.completions.create(model=M, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                                stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) is not None
+    assert http("GET", server + "/health")[1]["cancelled"] == before
+
+
+def test_a_char_level_model_chats_in_plain_text(tmp_path):
+    """A char tokenizer trained on a play cannot spell ChatML's <|im_start|>: the server chats in a transcript."""
+    import ownllm
+    from ownllm.pretrain import pretrain
+    from ownllm.serve.app import create_app
+
+    play = tmp_path / "play.txt"
+    play.write_text("USER:\nGood morrow, sir.\n\nASSISTANT:\nAnd to you, good friend.\n\n" * 30, encoding="utf-8")
+    with single_thread():
+        pretrain(out=tmp_path / "run", data=play, preset="tiny", tokenizer="char", show_progress=False, max_steps=1,
+                 batch_size=2, eval_interval=0, precision="fp32", model_overrides=dict(block_size=64))
+    with serve_in_thread(create_app(ownllm.load(tmp_path / "run"), model_name="play")) as url:
+        chat = {"model": "play", "messages": [{"role": "user", "content": "Good morrow"}], "max_tokens": 8}
+        code, answer = http("POST", url + "/v1/chat/completions", chat, key=None)
+        assert code == 200, answer
+        assert answer["usage"]["prompt_tokens"] == len("USER:\nGood morrow\n\nASSISTANT:\n")
+        unseen = {"model": "play", "messages": [{"role": "user", "content": "zzz"}]}
+        code, answer = http("POST", url + "/v1/chat/completions", unseen, key=None)  # a character never seen
+        assert code == 400 and "'z'" in assert_openai_error(answer)["message"]
 
 
 def test_unknown_paths_methods_and_oversized_bodies(server):
@@ -284,6 +315,8 @@ def test_classify_endpoint(classifier):
         assert code == 200 and single["data"][0]["label"] == "0"
         code, answer = http("POST", url + "/v1/classify", {"input": []}, key=None)
         assert code == 400 and assert_openai_error(answer)["param"] == "input"
+        code, answer = http("POST", url + "/v1/classify", {"input": ["fine", " "]}, key=None)  # no label for ""
+        assert code == 400 and "input 1 is empty" in assert_openai_error(answer)["message"]
         code, answer = http("POST", url + "/v1/chat/completions",
                             {"model": "sentiment", "messages": [{"role": "user", "content": "hi"}]}, key=None)
         assert code == 400 and "classify" in assert_openai_error(answer)["message"]

@@ -181,7 +181,8 @@ def load_checkpoint(run_dir: Path, model: nn.Module, strict: bool = True) -> tup
     checkpoint of some of the tensors (a run that saves only what trains); every tensor in it must fit the model."""
     directory = checkpoint_dir(run_dir)
     if directory is None:
-        raise OwnLLMError(f"{run_dir}: no checkpoint to resume from (was the run saved at least once?)")
+        raise OwnLLMError(f"{run_dir}: no checkpoint to resume from (the run stopped before its first one); run the "
+                          "same command without --resume to start it over")
     load_weights(model, directory / WEIGHTS_FILE, strict=strict)
     try:
         trainer_state = torch.load(directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)

@@ -29,9 +29,11 @@ from ownllm import cli_finetune, cli_serve
 from ownllm.cli_options import (MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN, add_options, add_sampling_flags, option_values,
                                 sampling_options)
 from ownllm.errors import OwnLLMError
+from ownllm.outputs import check_output, replaced_dir
 from ownllm.quantize import QUANTIZE_MODES
 
 MODEL_HELP = "run directory, Hugging Face model directory, .gguf file or hf:ORG/NAME[@REVISION]"
+DEFAULT_VOCAB_SIZE = 8000
 
 
 def _add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str) -> None:
@@ -40,22 +42,36 @@ def _add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str) -> N
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=quantize_help)
 
 
+def _add_force_flag(parser: argparse.ArgumentParser, help_text: str = "replace an existing output") -> None:
+    parser.add_argument("--force", action="store_true", help=f"{help_text} (without it, an existing output is "
+                                                             "never replaced or mixed into)")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like any other: one line, exit code 2 (`--help` shows the usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"ownllm: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ownllm", description="Build your own language model, end to end.")
+    parser = OneLineParser(prog="ownllm", description="Build your own language model, end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
     tok_train = tok.add_parser("train", help="train a byte-level BPE or char tokenizer on text files")
     tok_train.add_argument("inputs", nargs="+", help="text files or folders")
     tok_train.add_argument("--kind", choices=["bpe", "char"], default="bpe")
-    tok_train.add_argument("--vocab-size", type=int, default=8000)
+    tok_train.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="for --kind bpe")
     tok_train.add_argument("--out", required=True, help="directory for the tokenizer files")
+    _add_force_flag(tok_train)
 
     prep = sub.add_parser("prepare", help="tokenize text files into a training dataset (train.bin/val.bin)")
     prep.add_argument("inputs", nargs="+", help="text files or folders")
     prep.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
     prep.add_argument("--out", required=True)
     prep.add_argument("--val-fraction", type=float, default=0.05)
+    _add_force_flag(prep, "replace an existing dataset in --out")
 
     pre = sub.add_parser("pretrain", help="train a model on text (next-token prediction), or --resume one")
     add_options(pre, PRETRAIN, RUN, TRAIN)
@@ -79,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("source", help="HF directory (config.json, *.safetensors, tokenizer files), a .gguf file, "
                                     "or hf:ORG/NAME[@REVISION]")
     imp.add_argument("--out", required=True, help="new run directory")
+    _add_force_flag(imp)
 
     down = sub.add_parser("download", help="fetch a model's config, safetensors and tokenizer from the Hugging Face "
                                            "Hub (resumable; your HF cache and token)")
@@ -92,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf)")
     exp.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
                      help="GGUF weight type (default f16; 1-D tensors stay f32)")
+    _add_force_flag(exp)
 
     cli_finetune.add_parsers(sub)  # finetune classify|instruct, classify, chat, merge-lora
     cli_serve.add_parser(sub)  # serve
@@ -100,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--max-steps", type=int, default=None)
     demo.add_argument("--max-minutes", type=float, default=None)
+    _add_force_flag(demo, "replace what is in --out even if the demo did not make it")
     return parser
 
 
@@ -108,8 +127,12 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     from ownllm.tokenizer import train_bpe, train_char
 
     files = find_text_files(args.inputs)
+    check_output(args.out, "dir", inputs=files, force=args.force)
+    if args.kind == "char" and args.vocab_size != DEFAULT_VOCAB_SIZE:
+        raise OwnLLMError("--vocab-size: applies to --kind bpe; a char tokenizer has one token per character seen")
     tok = train_char(files) if args.kind == "char" else train_bpe(files, vocab_size=args.vocab_size)
-    tok.save(args.out)
+    with replaced_dir(args.out) as staging:
+        tok.save(staging)
     print(f"{args.kind} tokenizer with {tok.vocab_size} tokens saved to {args.out}")
 
 
@@ -119,7 +142,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     if not 0.0 <= args.val_fraction < 1.0:
         raise OwnLLMError("--val-fraction must be in [0, 1)")
-    prepared = prepare_corpus(args.inputs, load_tokenizer(args.tokenizer), args.out, val_fraction=args.val_fraction)
+    prepared = prepare_corpus(args.inputs, load_tokenizer(args.tokenizer), args.out, val_fraction=args.val_fraction,
+                              force=args.force)
     print(f"{len(prepared.train):,} train and {len(prepared.val):,} val tokens written to {args.out}")
 
 
@@ -146,11 +170,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.instruction is not None:
         return cli_finetune.generate_instruction(args)
+    if args.input is not None:
+        raise OwnLLMError("--input: is the input of an --instruction; give --instruction too, or put it in --prompt")
+    options = sampling_options(args)
     run = load_run(args.model, args.device, quantize=args.quantize)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{args.model}: is a classifier run; use `ownllm classify`")
-    options = sampling_options(args)
     prompts = args.prompt or [""]
+    _warn_long_prompts(prompts, run.tokenizer, run.config.block_size)
     if len(prompts) == 1:  # stream to the terminal as tokens come
         sys.stdout.write(prompts[0])
         generate(run.model, run.tokenizer, prompts, options,
@@ -161,17 +188,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{prompt}{text}\n{'-' * 40}")
 
 
+def _warn_long_prompts(prompts: list[str], tokenizer, context: int) -> None:
+    from ownllm.outputs import warn
+
+    for number, prompt in enumerate(prompts, start=1):
+        tokens = len(tokenizer.encode(prompt))
+        if tokens > context:
+            which = f"--prompt {number}" if len(prompts) > 1 else "--prompt"
+            warn(f"{which} takes {tokens} tokens, more than the model's context ({context}); only its last "
+                 f"{context} tokens are read")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ownllm.evaluation import evaluate_text
     from ownllm.runs import load_run
 
     run = load_run(args.model, args.device, quantize=args.quantize)
+    if run.run_config.get("task") == "classify":
+        raise OwnLLMError(f"{args.model}: is a classifier run, which predicts labels, not text; its test metrics "
+                          f"are in {args.model}/metrics.json (evaluate its base model for loss on text)")
     result = evaluate_text(run.model, run.tokenizer, args.text, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | bits per byte "
-              f"{result.bits_per_byte:.4f} | {result.tokens:,} tokens, {result.bytes:,} bytes")
+              f"{result.bits_per_byte:.4f} | {result.tokens:,} tokens, {result.bytes:,} bytes"
+              + (f" | {result.unknown:,} characters the tokenizer never saw, each scored as a uniform guess"
+                 if result.unknown else ""))
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -180,7 +223,10 @@ def cmd_import(args: argparse.Namespace) -> None:
     from ownllm.interop.hub import local_model_path
 
     source = local_model_path(args.source)
-    out = import_gguf(source, args.out) if is_gguf_path(source) else import_hf(source, args.out)
+    if is_gguf_path(source):
+        out = import_gguf(source, args.out, force=args.force)
+    else:
+        out = import_hf(source, args.out, force=args.force)
     print(f"imported {args.source} into {out}")
 
 
@@ -196,18 +242,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.to == "hf":
         from ownllm.interop.hf import export_hf
 
-        out = export_hf(load_run(args.model), args.out)
+        out = export_hf(load_run(args.model), args.out, force=args.force)
     else:
         from ownllm.interop.gguf import export_gguf
 
-        out = export_gguf(load_run(args.model), args.out, quant=args.quant)
+        out = export_gguf(load_run(args.model), args.out, quant=args.quant, force=args.force)
     print(f"exported {args.model} to {out} ({args.to}{'' if args.to == 'hf' else ', ' + args.quant})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from ownllm.demo import run_demo
 
-    run_demo(Path(args.out), max_steps=args.max_steps, max_minutes=args.max_minutes)
+    run_demo(Path(args.out), max_steps=args.max_steps, max_minutes=args.max_minutes, force=args.force)
 
 
 COMMANDS = {"tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "pretrain": cmd_pretrain,

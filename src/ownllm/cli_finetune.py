@@ -26,6 +26,7 @@ from typing import Any
 from ownllm.cli_options import (FINETUNE, RUN, TRAIN, Option, add_options, add_sampling_flags, opt, option_values,
                                 sampling_options)
 from ownllm.errors import OwnLLMError
+from ownllm.outputs import atomic_file, check_output
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cl.add_argument("model", help="classifier run directory")
     cl.add_argument("--text", action="append", help="a text to classify (repeatable)")
     cl.add_argument("--input", help="a file with one text per line ('-' = stdin)")
-    cl.add_argument("--output", help="JSON Lines out (default: stdout)")
+    cl.add_argument("--output", help="JSON Lines out (default: stdout); one line per input line")
+    cl.add_argument("--force", action="store_true", help="replace an existing --output file")
     cl.add_argument("--batch-size", type=int, default=32)
     cl.add_argument("--device", default="auto")
 
@@ -111,11 +113,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     merge = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into its base weights: a standalone run")
     merge.add_argument("model", help="LoRA run directory")
     merge.add_argument("--out", required=True, help="new run directory")
+    merge.add_argument("--force", action="store_true", help="replace an existing --out directory")
 
 
 def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruction", help="answer this instruction in the run's prompt template")
-    parser.add_argument("--input", default="", help="the instruction's input (with --instruction)")
+    parser.add_argument("--input", default=None, help="the instruction's input (with --instruction)")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -129,18 +132,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _lines(path: str) -> Iterator[str]:
-    handle = sys.stdin if path == "-" else _open(path)
-    for line in handle:
-        line = line.rstrip("\r\n")
-        if line.strip():
-            yield line
+    """The lines of `path` ('-' = stdin), blank ones included (the output keeps one result per input line)."""
+    if path == "-":
+        yield from (line.rstrip("\r\n") for line in sys.stdin)
+        return
+    from ownllm.tokenizer import iter_text_chunks
 
-
-def _open(path: str):
-    try:
-        return open(path, encoding="utf-8")
-    except OSError as error:
-        raise OwnLLMError(f"{path}: cannot read ({error.strerror})") from None
+    for chunk in iter_text_chunks(path):  # strict UTF-8; a binary or non-UTF-8 file is one clear error
+        yield from (line.rstrip("\r") for line in chunk.removesuffix("\n").split("\n"))
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -149,46 +148,62 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
     if not args.text and not args.input:
         raise OwnLLMError("give --text TEXT or --input FILE")
+    if args.text and args.input:
+        raise OwnLLMError("--text and --input: give one of them (texts on the command line, or a file)")
+    if any(not text.strip() for text in args.text or []):
+        raise OwnLLMError("--text: an empty text has no label; give some text")
+    if args.output:
+        check_output(args.output, "file", inputs=[args.input, args.model], force=args.force, flag="--output")
     run = load_run(args.model, device=args.device)
     if run.run_config.get("task") != "classify":
         raise OwnLLMError(f"{args.model}: not a classifier run; train one with `ownllm finetune classify`")
-    if args.text and not args.input and not args.output:
+    if args.text and not args.output:
         for text, result in zip(args.text, classify_texts(run, args.text)):
             probabilities = ", ".join(f"{label} {p:.4f}" for label, p in result["probabilities"].items())
             print(f"{result['label']}\t({probabilities})\t{text}")
         return
-    texts = iter(args.text or []) if not args.input else _lines(args.input)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        batch: list[str] = []
-        for text in [*texts, None]:
-            if text is not None:
-                batch.append(text)
-            if batch and (text is None or len(batch) == args.batch_size):
-                for item, result in zip(batch, classify_texts(run, batch, batch_size=args.batch_size)):
-                    out.write(json.dumps({"text": item, **result}, ensure_ascii=False) + "\n")
-                out.flush()
-                batch = []
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    texts = iter(args.text) if args.text else _lines(args.input)
+    if not args.output:
+        _classify_lines(run, texts, args.batch_size, sys.stdout)
+        return
+    with atomic_file(args.output) as out:  # a failure half-way leaves no truncated file, an earlier one intact
+        _classify_lines(run, texts, args.batch_size, out)
 
 
-def _instruct_run(path: str, device: str):
+def _classify_lines(run: Any, texts: Iterator[str], batch_size: int, out: Any) -> None:
+    """One JSON line per text, in order; a blank line gets {"label": null, "probabilities": null}."""
+    from ownllm.finetune import classify_texts
+
+    batch: list[str] = []
+    for text in [*texts, None]:
+        if text is not None:
+            batch.append(text)
+        if batch and (text is None or len(batch) == batch_size):
+            real = [item for item in batch if item.strip()]
+            results = iter(classify_texts(run, real, batch_size=batch_size) if real else [])
+            for item in batch:
+                result = next(results) if item.strip() else {"label": None, "probabilities": None}
+                out.write(json.dumps({"text": item, **result}, ensure_ascii=False) + "\n")
+            out.flush()
+            batch = []
+
+
+def _instruct_run(path: str, device: str, instead: str = ""):
     from ownllm.data.instructions import get_template
     from ownllm.runs import load_run
 
     run = load_run(path, device=device)
     if not run.run_config.get("template"):
         raise OwnLLMError(f"{path}: has no prompt template (not an instruct run); fine-tune one with "
-                          "`ownllm finetune instruct`, or use --prompt")
+                          f"`ownllm finetune instruct`{instead}")
     return run, get_template(run.run_config["template"])
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from ownllm.decoding import chat_loop
 
-    run, template = _instruct_run(args.model, args.device)
+    options = sampling_options(args)
+    run, template = _instruct_run(args.model, args.device, ", or sample it with `ownllm generate --prompt`")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model} ({template.name} template); /reset starts over, /exit or Ctrl-D ends")
@@ -201,7 +216,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    chat_loop(run.model, run.tokenizer, template, sampling_options(args), read_line, write, system=args.system,
+    chat_loop(run.model, run.tokenizer, template, options, read_line, write, system=args.system,
               prompt_marker="> " if interactive else "")
 
 
@@ -212,9 +227,10 @@ def generate_instruction(args: argparse.Namespace) -> None:
 
     if args.prompt:
         raise OwnLLMError("give either --prompt or --instruction, not both")
-    run, template = _instruct_run(args.model, args.device)
+    options = sampling_options(args)
+    run, template = _instruct_run(args.model, args.device, ", or drop --instruction and use --prompt")
     chat_reply(run.model, run.tokenizer, template, [Message("user", args.instruction, args.input or "")],
-               sampling_options(args), on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+               options, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     sys.stdout.write("\n")
 
 
@@ -222,7 +238,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> None:
     from ownllm.finetune import merge_lora_run
     from ownllm.runs import load_run
 
-    out = merge_lora_run(load_run(args.model), args.out)
+    out = merge_lora_run(load_run(args.model), args.out, force=args.force)
     print(f"merged the adapters of {args.model} into {Path(out)}")
 
 

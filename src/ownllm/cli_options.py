@@ -90,6 +90,8 @@ TRAIN: tuple[Option, ...] = (
 RUN: tuple[Option, ...] = (
     opt("out", "run directory", required=True),
     opt("resume", "continue the run in --out exactly where it stopped", action="store_true"),
+    opt("force", "start over in --out even if it holds a run (without it, a run is never replaced)",
+        action="store_true"),
     opt("device"),
 )
 
@@ -116,10 +118,10 @@ MODEL_OVERRIDES = tuple(MODEL_FLAGS)
 
 PRETRAIN: tuple[Option, ...] = (
     opt("data", "a prepared dataset directory, or text files/folders", nargs="+"),
-    opt("preset", f"preset: {', '.join(PRESETS)}", flag="--model"),
-    opt("tokenizer", "for raw text: bpe, char, or a tokenizer path"),
-    opt("vocab_size", "BPE vocabulary size for raw text", type=int),
-    opt("val_fraction", type=float),
+    opt("preset", f"preset (default mini): {', '.join(PRESETS)}", flag="--model"),
+    opt("tokenizer", "for raw text: bpe (default), char, or a tokenizer path"),
+    opt("vocab_size", "BPE vocabulary size for raw text (default 8000)", type=int),
+    opt("val_fraction", "held-out share of raw text (default 0.05)", type=float),
     *(opt(name, **settings) for name, settings in MODEL_FLAGS.items()),
 )
 
@@ -173,8 +175,11 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_options(args: argparse.Namespace) -> Any:
-    """The `SamplingOptions` of the flags `add_sampling_flags` added."""
+    """The `SamplingOptions` of the flags `add_sampling_flags` added (at least one new token)."""
     from ownllm.decoding import SamplingOptions
+    from ownllm.errors import OwnLLMError
 
+    if args.max_new_tokens < 1:
+        raise OwnLLMError(f"--max-new-tokens {args.max_new_tokens}: generates nothing; give at least 1")
     return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, stop=args.stop)

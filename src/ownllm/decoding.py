@@ -356,10 +356,11 @@ def chat_loop(model: GPT, tokenizer: Tokenizer, template: "Template", options: S
             return conversation
         if line.strip() == "/reset":
             conversation = list(start)
+            write("(conversation reset: the model no longer sees the earlier messages)\n\n")
             continue
         if not line.strip():
             continue
         conversation.append(Message("user", line.rstrip("\n")))
         answer = chat_reply(model, tokenizer, template, conversation, options, on_text=write)
-        write("\n")
+        write("\n\n")  # a blank line ends each answer
         conversation.append(Message("assistant", answer))

@@ -34,21 +34,25 @@ class TextEvaluation:
     loss: float  # mean negative log-likelihood per predicted token, in nats
     perplexity: float
     bits_per_byte: float
-    tokens: int  # tokens predicted
+    tokens: int  # tokens predicted (unknown characters included)
     bytes: int  # UTF-8 bytes of the predicted tokens
+    unknown: int = 0  # characters the tokenizer cannot spell, each scored as a uniform guess over the vocabulary
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
 
-def encode_file(tokenizer: Tokenizer, path: str | Path) -> tuple[list[int], int]:
-    """Token ids of a UTF-8 text file (streamed in chunks) and its size in bytes."""
+def encode_file(tokenizer: Tokenizer, path: str | Path) -> tuple[list[int], int, int]:
+    """Token ids of a UTF-8 text file (streamed in chunks), its size in bytes, and the number of characters the
+    tokenizer cannot spell (left out of the ids; see `Tokenizer.encode_known`)."""
     ids: list[int] = []
-    size = 0
+    size = unknown = 0
     for chunk in iter_text_chunks(Path(path)):
-        ids.extend(tokenizer.encode(chunk))
+        chunk_ids, chunk_unknown = tokenizer.encode_known(chunk)
+        ids.extend(chunk_ids)
+        unknown += chunk_unknown
         size += len(chunk.encode("utf-8"))
-    return ids, size
+    return ids, size, unknown
 
 
 @torch.no_grad()
@@ -81,16 +85,22 @@ def evaluate_ids(model: GPT, ids: list[int], batch_size: int = 8, precision: str
 
 def evaluate_text(model: GPT, tokenizer: Tokenizer, path: str | Path, batch_size: int = 8,
                   precision: str = "fp32") -> TextEvaluation:
-    """Loss, perplexity and bits per byte of `model` on the text file at `path`."""
-    ids, size = encode_file(tokenizer, path)
+    """Loss, perplexity and bits per byte of `model` on the text file at `path`.
+
+    A character a char tokenizer never saw has no id: it is left out of what the model reads and scored as a
+    uniform guess over the vocabulary (ln vocab_size nats), so every byte of the file is accounted for and bits
+    per byte stay comparable across models; `unknown` reports how many there were."""
+    ids, size, unknown = encode_file(tokenizer, path)
     if len(ids) < 2:
         raise OwnLLMError(f"{path}: needs at least two tokens of text to evaluate")
     total, count = evaluate_ids(model, ids, batch_size=batch_size, precision=precision)
+    total += unknown * math.log(tokenizer.vocab_size)
+    count += unknown
     predicted_bytes = size - len(tokenizer.token_bytes(ids[0]))
     loss = total / count
     return TextEvaluation(loss=loss, perplexity=math.exp(min(loss, 700.0)),
                           bits_per_byte=total / math.log(2) / max(predicted_bytes, 1), tokens=count,
-                          bytes=predicted_bytes)
+                          bytes=predicted_bytes, unknown=unknown)
 
 
 # ---- classification ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ownllm.device import pick_device, pick_precision
 from ownllm.errors import OwnLLMError
 from ownllm.model import GPT, flops_per_token
 from ownllm.probe import SpeedChoice, choose_speed, planned_steps
+from ownllm.outputs import warn
 from ownllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
 from ownllm.training import (TrainJob, TrainResult, discard_run_dir, resumed_train_config, start_run_dir,
                              train)
@@ -56,37 +57,50 @@ def prepare_run_data(data: Sequence[str | Path], run_dir: Path, tokenizer_spec: 
 def pretrain(
     out: str | Path,
     data: str | Path | Sequence[str | Path] | None = None,
-    preset: str = "mini",
+    preset: str | None = None,
     *,
     resume: bool = False,
-    tokenizer: str = "bpe",
-    vocab_size: int = 8000,
-    val_fraction: float = 0.05,
+    tokenizer: str | None = None,
+    vocab_size: int | None = None,
+    val_fraction: float | None = None,
     model_overrides: dict[str, Any] | None = None,
     device: str = "auto",
     show_progress: bool = True,
+    force: bool = False,
     **train_overrides: Any,
 ) -> TrainResult:
     """Train a GPT on `data` into the run directory `out`, or resume the run in `out`.
 
     `model_overrides` change preset fields (n_layer, n_head, n_embd, block_size, dropout, ...); `train_overrides`
-    are TrainConfig fields (lr, max_steps, batch_size, ...). On resume, only the train settings given here change.
+    are TrainConfig fields (lr, max_steps, batch_size, ...). On resume, only the train settings given here change;
+    a model, data or tokenizer setting given with `resume` is refused (the run's own are used). Defaults: preset
+    mini, tokenizer bpe, vocab_size 8000, val_fraction 0.05. `force` starts over in a folder that holds a run.
     """
     run_dir = Path(out)
+    given = _data_and_model_settings(data, preset, tokenizer, vocab_size, val_fraction, model_overrides)
     if resume:
+        if force:
+            raise OwnLLMError("--force and --resume: choose one (--resume continues the run, --force starts it over)")
+        if given:
+            raise OwnLLMError(f"{', '.join(given)}: cannot change when resuming (the run keeps its model, data and "
+                              "tokenizer); drop them, or start a new run with another --out")
         return _resume(run_dir, device, show_progress, train_overrides)
+    preset, tokenizer = preset or "mini", tokenizer or "bpe"
+    vocab_size = 8000 if vocab_size is None else vocab_size
+    val_fraction = 0.05 if val_fraction is None else val_fraction
     distributed.init(pick_device(device))
     if not distributed.is_main():  # under torchrun: rank 0 prepares the run (tokenizer, dataset, config) meanwhile
         distributed.barrier()
         return _resume(run_dir, device, show_progress, train_overrides, new_run=True)
-    run_dir, created = start_run_dir(run_dir)
+    if data is None:
+        raise OwnLLMError("--data is required for a new run (a prepared dataset or text files/folders)")
+    inputs = [data] if isinstance(data, (str, Path)) else list(data)
+    model_config = model_config_from_preset(preset, **(model_overrides or {}))  # fail fast on a bad preset
+    train_config = train_config_for(preset, **train_overrides)
+    distributed.check_batch_size(train_config.batch_size)
+    _check_tokenizer_flags(inputs, tokenizer, given)
+    run_dir, created = start_run_dir(run_dir, force=force, inputs=inputs)
     try:
-        if data is None:
-            raise OwnLLMError("--data is required for a new run (a prepared dataset or text files/folders)")
-        inputs = [data] if isinstance(data, (str, Path)) else list(data)
-        model_config = model_config_from_preset(preset, **(model_overrides or {}))  # fail fast on a bad preset
-        train_config = train_config_for(preset, **train_overrides)
-        distributed.check_batch_size(train_config.batch_size)
         prepared = prepare_run_data(inputs, run_dir, tokenizer, vocab_size, val_fraction, show_progress)
         model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": prepared.vocab_size})
         WindowSampler(prepared.train, model_config.block_size, train_config.batch_size)  # enough data?
@@ -103,6 +117,26 @@ def pretrain(
                                 tokenizer=tok.kind)
     distributed.barrier()
     return _train_prepared(run_dir, model_config, train_config, prepared, device, show_progress, resume=False)
+
+
+def _data_and_model_settings(data: Any, preset: str | None, tokenizer: str | None, vocab_size: int | None,
+                             val_fraction: float | None, model_overrides: dict[str, Any] | None) -> list[str]:
+    """The flags given among those that set a new run's data, tokenizer and model."""
+    values = {"--data": data, "--model": preset, "--tokenizer": tokenizer, "--vocab-size": vocab_size,
+              "--val-fraction": val_fraction}
+    values.update({f"--{name.replace('_', '-')}": value for name, value in (model_overrides or {}).items()})
+    return [flag for flag, value in values.items() if value is not None]
+
+
+def _check_tokenizer_flags(inputs: list[Any], tokenizer: str, given: list[str]) -> None:
+    """Say so when tokenizer flags cannot apply: a prepared dataset has its tokenizer and split already, and only
+    a BPE tokenizer trained here has a vocabulary size to choose."""
+    if len(inputs) == 1 and is_prepared_dataset(inputs[0]):
+        ignored = [flag for flag in ("--tokenizer", "--vocab-size", "--val-fraction") if flag in given]
+        if ignored:
+            warn(f"{', '.join(ignored)}: ignored, {inputs[0]} is a prepared dataset with its own tokenizer and split")
+    elif "--vocab-size" in given and tokenizer != "bpe":
+        warn(f"--vocab-size: ignored, it applies to a BPE tokenizer trained here, not to --tokenizer {tokenizer}")
 
 
 def _resume(run_dir: Path, device: str, show_progress: bool, train_overrides: dict[str, Any],

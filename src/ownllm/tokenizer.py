@@ -321,6 +321,15 @@ class Tokenizer:
         """Token ids of `text`; "<|endoftext|>" (and the tokenizer's other special tokens) become single ids."""
         return self._backend.encode(text)
 
+    def encode_known(self, text: str) -> tuple[list[int], int]:
+        """`encode` of `text` without the characters this tokenizer cannot spell, and how many there were
+        (always 0 for byte-level BPE, which spells every byte; a char tokenizer knows only what it was trained on)."""
+        if not isinstance(self._backend, _CharBackend):
+            return self.encode(text), 0
+        known = self._backend.index
+        kept = EOT.join("".join(ch for ch in piece if ch in known) for piece in text.split(EOT))
+        return self.encode(kept), len(text) - len(kept)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` for many texts at once (in parallel for BPE)."""
         return self._backend.encode_batch(list(texts))

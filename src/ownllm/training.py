@@ -388,17 +388,15 @@ def resumed_train_config(run_config: dict[str, Any], overrides: dict[str, Any]) 
     return TrainConfig.from_dict(stored)
 
 
-def start_run_dir(out: str | Path) -> tuple[Path, bool]:
-    """The new run's directory (refusing to overwrite a run) and whether it was created here. Under torchrun,
-    rank 0 alone checks and creates it."""
+def start_run_dir(out: str | Path, force: bool = False, inputs: Any = ()) -> tuple[Path, bool]:
+    """The new run's directory and whether it was created here (`ownllm.outputs.start_run_dir`: a run with a
+    checkpoint is kept unless `force`, one without is started over). Under torchrun, rank 0 alone does this."""
+    from ownllm.outputs import start_run_dir as prepare_run_dir
+
     run_dir = Path(out)
     if not distributed.is_main():
         return run_dir, False
-    if (run_dir / checkpoint.CONFIG_FILE).exists():
-        raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, created
+    return run_dir, prepare_run_dir(run_dir, force=force, inputs=inputs)
 
 
 def discard_run_dir(run_dir: Path, created: bool) -> None:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ownllm.data.batching import EpochBatches, fixed_batches
 from ownllm.errors import OwnLLMError
-from ownllm.tokenizer import EOT, Tokenizer
+from ownllm.tokenizer import EOT, Tokenizer, read_text_file
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -131,7 +131,30 @@ class ChatMLTemplate(Template):
         return pieces
 
 
-TEMPLATES: dict[str, Template] = {"alpaca": AlpacaTemplate(), "chatml": ChatMLTemplate()}
+class TranscriptTemplate(Template):
+    """Plain text, like the dialogue of a play ("USER:", "ASSISTANT:"), each turn ending in a blank line: the chat
+    format of a served base model whose tokenizer cannot spell ChatML's markers (a char tokenizer)."""
+
+    name = "transcript"
+    end = "\n\n"
+
+    def pieces(self, conversation: Sequence[Message]) -> list[tuple[str, bool]]:
+        pieces: list[tuple[str, bool]] = []
+        prompt = ""
+        for message in conversation:
+            if message.role == "assistant":
+                pieces += [(prompt + "ASSISTANT:\n", False), (message.content + self.end, True)]
+                prompt = ""
+            else:
+                content = message.content + (f"\n{message.input}" if message.input else "")
+                prompt += f"{message.role.upper()}:\n{content}\n\n"
+        if prompt:
+            pieces.append((prompt, False))
+        return pieces
+
+
+TEMPLATES: dict[str, Template] = {"alpaca": AlpacaTemplate(), "chatml": ChatMLTemplate(),
+                                  "transcript": TranscriptTemplate()}
 
 
 def get_template(name: str) -> Template:
@@ -144,20 +167,18 @@ def get_template(name: str) -> Template:
 
 def _records(path: Path) -> list[tuple[str, object]]:
     """(location, record) pairs from a JSON list or JSON Lines file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OwnLLMError(f"{path}: no such file") from None
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise OwnLLMError(f"{path}:{line}: unreadable line (not UTF-8)") from None
-    stripped = text.lstrip("\ufeff").lstrip()
+    text = read_text_file(path)  # a missing, binary or non-UTF-8 file (or a folder): one clear error
+    stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             data = json.loads(stripped)
         except json.JSONDecodeError as error:
             raise OwnLLMError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
         return [(f"{path} item {i}", record) for i, record in enumerate(data)]
+    one_record_expected = path.suffix.lower() != ".json" and "\n" not in stripped.strip()  # JSON Lines, one line
+    if stripped.startswith("{") and not one_record_expected and _is_one_json_object(stripped):
+        raise OwnLLMError(f"{path}: holds one JSON object, not a list of examples; write a JSON list of records "
+                          "([{...}, {...}]) or JSON Lines (one record per line)")
     records = []
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
@@ -166,6 +187,13 @@ def _records(path: Path) -> list[tuple[str, object]]:
             except json.JSONDecodeError as error:
                 raise OwnLLMError(f"{path}:{number}: unreadable line (not JSON: {error.msg})") from None
     return records
+
+
+def _is_one_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _conversation(where: str, record: object) -> Conversation:
@@ -238,6 +266,17 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
     return inputs, targets, torch.tensor([len(ids) - 1 for ids, _ in rows], dtype=torch.long)
 
 
+def _context_too_small(rows: Sequence[tuple[list[int], list[int]]], block_size: int) -> str:
+    """Why no example fits, and the --block-size that would hold half of the examples whole."""
+    prompt_lengths = sorted(next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+                            for _, labels in rows)
+    median_length = sorted(len(ids) for ids, _ in rows)[len(rows) // 2]
+    suggested = 1 << max(0, median_length - 1).bit_length()
+    return (f"no instruction example has a response within the context window ({block_size} tokens): the shortest "
+            f"prompt takes {prompt_lengths[0]} tokens and half the examples need {median_length}; fine-tune a base "
+            f"model pretrained with --block-size {suggested} or more (the mini preset has 256)")
+
+
 class InstructionBatches:
     """Encoded conversations; `batch(step)` (length-aware, pure in the step) and `eval_batches()`."""
 
@@ -248,8 +287,7 @@ class InstructionBatches:
         self.rows = [r for r in rows if any(label != IGNORE for label in r[1][1: block_size + 1])]
         self.dropped = len(rows) - len(self.rows)
         if not self.rows:
-            raise OwnLLMError(f"no instruction example has a response within the context window ({block_size} "
-                              "tokens): the prompts are too long for this model")
+            raise OwnLLMError(_context_too_small(rows, block_size))
         self.truncated = sum(len(ids) > block_size + 1 for ids, _ in self.rows)
         self.pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
         self.block_size, self.batch_size = block_size, batch_size

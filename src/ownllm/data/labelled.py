@@ -59,6 +59,8 @@ def _decoded_lines(path: Path) -> list[tuple[int, str]]:
         raise OwnLLMError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise OwnLLMError(f"{path}: is a directory, not a data file") from None
+    if b"\x00" in raw[:8192]:
+        raise OwnLLMError(f"{path}: looks like a binary file, not CSV, TSV or JSON Lines text")
     lines = []
     for number, chunk in enumerate(raw.split(b"\n"), start=1):
         try:

@@ -15,9 +15,6 @@ exactly the batches it would have seen; `eval_windows` gives a fixed set of eval
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from tqdm import tqdm
 
 from ownllm.checkpoint import TOKENIZER_DIR, read_json
 from ownllm.errors import OwnLLMError
+from ownllm.outputs import check_output, replaced_dir
 from ownllm.tokenizer import Tokenizer, iter_text_chunks
 
 FORMAT = "ownllm-tokens-v1"
@@ -142,30 +140,26 @@ def prepare_corpus(
     show_progress: bool = True,
     *,
     chunk_chars: int = 1 << 20,
+    force: bool = False,
 ) -> PreparedData:
     """Tokenize text files into `out_dir` (train.bin, val.bin, meta.json, tokenizer/) and memory-map the result.
 
     Each file is streamed; the last `val_fraction` of it (cut after a line, roughly) goes to val, the rest to
     train, and each non-empty part is followed by the tokenizer's end-of-text id when it has one. Everything is
-    written to a temporary folder first and moved into place at the end, meta.json last.
+    written to a staging folder that replaces `out_dir` at the end; an existing non-empty `out_dir` is replaced
+    only with `force` (it may be the dataset a run resumes on), and a failure leaves no folder behind.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise OwnLLMError(f"val fraction {val_fraction} is out of range: use a value in [0, 1), e.g. 0.05")
     out_dir = Path(out_dir)
+    check_output(out_dir, "dir", inputs=inputs, force=force)
     files = [path for path in find_text_files(inputs) if not _is_inside(path, out_dir)]
     if not files:
         raise OwnLLMError(f"no text files found in {', '.join(map(str, inputs))} outside the output folder {out_dir}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OwnLLMError(f"{out_dir}: exists and is not a folder: choose another output folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
-    try:
+    with replaced_dir(out_dir) as staging:
         meta = _write_dataset(files, tokenizer, staging, val_fraction, show_progress, chunk_chars)
         if meta["train_tokens"] + meta["val_tokens"] == 0:
             raise OwnLLMError(f"no tokens in {', '.join(map(str, inputs))}: the text files are empty")
-        _move_into_place(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return load_prepared(out_dir)
 
 
@@ -185,8 +179,12 @@ def _write_dataset(
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress) as bar,
     ):
         train, val = _SplitWriter(train_file, dtype), _SplitWriter(val_file, dtype)
-        for path in files:
-            _tokenize_file(path, tokenizer, train, val, val_fraction, bar, chunk_chars)
+        try:
+            for path in files:
+                _tokenize_file(path, tokenizer, train, val, val_fraction, bar, chunk_chars)
+        except BaseException:
+            bar.leave = False  # the bar is cleared: the error stays the one line printed
+            raise
     tokenizer.save(staging / TOKENIZER_DIR)
     meta = {
         "format": FORMAT,
@@ -255,18 +253,6 @@ def _line_pieces(text: str, piece_chars: int) -> list[str]:
         pieces.append(text[start:end])
         start = end
     return pieces
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Replace the dataset in `out_dir` with the one in `staging`; meta.json goes last, so a crash never
-    leaves a folder that looks complete but is not."""
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    os.replace(staging / "train.bin", out_dir / "train.bin")
-    os.replace(staging / "val.bin", out_dir / "val.bin")
-    if (out_dir / TOKENIZER_DIR).exists():
-        shutil.rmtree(out_dir / TOKENIZER_DIR)
-    os.replace(staging / TOKENIZER_DIR, out_dir / TOKENIZER_DIR)
-    os.replace(staging / "meta.json", out_dir / "meta.json")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -155,6 +155,7 @@ def finetune_classify(
     dropout: float | None = None,
     device: str = "auto",
     show_progress: bool = True,
+    force: bool = False,
     **train_overrides: Any,
 ) -> ClassifyResult:
     """Fine-tune the language model run `model` into a classifier of `data` in the run directory `out`.
@@ -168,7 +169,7 @@ def finetune_classify(
         balance=balance, train_layers=train_layers, pooling=pooling, max_length=max_length, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, epochs=epochs, dropout=dropout))
     return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
-                     train_overrides=train_overrides)
+                     train_overrides=train_overrides, force=force)
 
 
 class ClassifyStage(FinetuneStage):

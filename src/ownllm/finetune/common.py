@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ownllm import checkpoint, distributed
+from ownllm import checkpoint, distributed, outputs
 from ownllm.checkpoint import TOKENIZER_DIR
 from ownllm.config import ModelConfig, TrainConfig
 from ownllm.device import pick_device, pick_precision
@@ -47,7 +47,10 @@ def select_trainable(model: GPT, spec: str, head: tuple[str, ...] = ()) -> None:
             raise OwnLLMError("--train-layers head needs a task head (classification); use last:N, all or LoRA")
         blocks = 0
     elif spec.startswith("last:") and spec[5:].isdigit() and int(spec[5:]) >= 1:
-        blocks = min(int(spec[5:]), len(model.blocks))
+        blocks = int(spec[5:])
+        if blocks > len(model.blocks):
+            raise OwnLLMError(f"--train-layers {spec}: the model has {len(model.blocks)} blocks; use last:N with "
+                              f"N <= {len(model.blocks)}, or all")
     else:
         raise OwnLLMError(f"--train-layers {spec!r}: use all, head or last:N (N >= 1)")
     modules = [getattr(model, name) for name in head]
@@ -82,6 +85,16 @@ def train_config_for_finetune(overrides: dict[str, Any], batches_per_epoch: int,
     return TrainConfig(**values)
 
 
+def refuse_on_resume(**given: Any) -> None:
+    """A resumed run keeps its base model and data: refuse the flags that would set them (they would be ignored)."""
+    if given.pop("force", False):
+        raise OwnLLMError("--force and --resume: choose one (--resume continues the run, --force starts it over)")
+    flags = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if flags:
+        raise OwnLLMError(f"{', '.join(flags)}: cannot change when resuming (the run keeps its base model and data); "
+                          "drop them, or start a new run with another --out")
+
+
 def adapt_model(model: GPT, lora: LoRAConfig | None, train_layers: str, head: tuple[str, ...]) -> None:
     """Make the right parameters trainable: LoRA adapters plus the head, or a `select_trainable` spec."""
     if lora is None:
@@ -95,21 +108,19 @@ def adapt_model(model: GPT, lora: LoRAConfig | None, train_layers: str, head: tu
             param.requires_grad_(True)
 
 
-def merge_lora_run(run: LoadedRun, out: str | Path) -> Path:
-    """Fold a loaded LoRA run's adapters into its base weights and write a self-contained run at `out`."""
+def merge_lora_run(run: LoadedRun, out: str | Path, force: bool = False) -> Path:
+    """Fold a loaded LoRA run's adapters into its base weights and write a self-contained run at `out` (an
+    existing non-empty `out` is replaced only with `force`, never when it is the LoRA run itself)."""
     if not run.run_config.get("lora"):
         raise OwnLLMError(f"{run.path}: not a LoRA run (its config has no \"lora\" section)")
-    out_dir, created = start_run_dir(out)
-    try:
-        merge_lora(run.model)
-        sections = {k: v for k, v in run.run_config.items() if k not in ("format", "model", "lora")}
-        sections["merged_from"] = str(Path(run.path).resolve())
-        checkpoint.save_weights(run.model, out_dir / checkpoint.WEIGHTS_FILE)
-        run.tokenizer.save(out_dir / TOKENIZER_DIR)
-        checkpoint.write_run_config(out_dir, run.config, **sections)
-    except BaseException:
-        discard_run_dir(out_dir, created)
-        raise
+    out_dir = outputs.check_output(out, "dir", inputs=[run.path], force=force)
+    merge_lora(run.model)
+    sections = {k: v for k, v in run.run_config.items() if k not in ("format", "model", "lora")}
+    sections["merged_from"] = str(Path(run.path).resolve())
+    with outputs.replaced_dir(out_dir) as staging:
+        checkpoint.save_weights(run.model, staging / checkpoint.WEIGHTS_FILE)
+        run.tokenizer.save(staging / TOKENIZER_DIR)
+        checkpoint.write_run_config(staging, run.config, **sections)
     return out_dir
 
 
@@ -166,14 +177,17 @@ NOT_STORED = ("resume", "device", "show_progress")  # per invocation, not part o
 
 
 def run_stage(stage: FinetuneStage, out: str | Path, *, resume: bool, device: str, show_progress: bool,
-              train_overrides: dict[str, Any]) -> Any:
+              train_overrides: dict[str, Any], force: bool = False) -> Any:
     """Start a fine-tuning run in `out` with `stage.options` (a new run), or resume the run in `out` with the
-    options it stored. A new run that fails before its first checkpoint leaves no directory behind."""
+    options it stored. A new run that fails before its first checkpoint leaves no directory behind; `force` starts
+    over in a folder that holds a run (`ownllm.outputs.start_run_dir`)."""
+    paths = {name: stage.options.get(name) for name in ("model", "data", "val_file", "test_file")}
     if resume:
+        refuse_on_resume(force=force, **paths)
         config = checkpoint.read_run_config(Path(out))
         stage.options = {**config["options"], "resume": True, "device": device, "show_progress": show_progress}
         return _fit(stage, Path(out), resumed_train_config(config, train_overrides))
-    run_dir, created = start_run_dir(out)
+    run_dir, created = start_run_dir(out, force=force, inputs=paths.values())
     try:
         o = stage.options
         if o["data"] is None:

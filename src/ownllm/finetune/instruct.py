@@ -108,6 +108,7 @@ def finetune_instruct(
     max_new_tokens: int = 256,
     device: str = "auto",
     show_progress: bool = True,
+    force: bool = False,
     **train_overrides: Any,
 ) -> InstructResult:
     """Fine-tune the language model run `model` on the instructions in `data` into the run directory `out`."""
@@ -119,7 +120,7 @@ def finetune_instruct(
         train_layers=train_layers, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_targets=lora_targets, epochs=epochs, dropout=dropout, max_new_tokens=max_new_tokens))
     return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
-                     train_overrides=train_overrides)
+                     train_overrides=train_overrides, force=force)
 
 
 class InstructStage(FinetuneStage):

@@ -27,6 +27,7 @@ from torch import Tensor
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.interop.hf import bias_or_zeros, export_state_dict, hf_model_type
+from ownllm.outputs import check_output, temporary_path
 from ownllm.tokenizer import Tokenizer, _merge_pair
 
 if TYPE_CHECKING:
@@ -49,32 +50,39 @@ def _import_gguf():
     return gguf
 
 
-def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16") -> Path:
-    """Write a loaded run (`ownllm.runs.load_run`) as one GGUF file that llama.cpp loads."""
+def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool = False) -> Path:
+    """Write a loaded run (`ownllm.runs.load_run`) as one GGUF file that llama.cpp loads. An existing `out` is
+    replaced only with `force`; a classifier run is refused (GGUF has no classification head)."""
     gguf = _import_gguf()
     if quant not in QUANTS:
         raise OwnLLMError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
+    out = check_output(out, "file", inputs=[run.path], force=force)
+    if run.run_config.get("task") == "classify":
+        raise OwnLLMError(f"{run.path}: is a classifier run; GGUF (llama.cpp) has no classification head, so its "
+                          "head and labels would be lost: export it with --to hf")
     config, tokenizer = run.config, run.tokenizer
     arch = "gpt2" if hf_model_type(config) == "gpt2" else "llama"
     vocab = _vocabulary(tokenizer, config, gguf)  # checks the tokenizer before anything is written
     state = export_state_dict(run.model)
     tensors = _gpt2_tensors(state, config) if arch == "gpt2" else _llama_tensors(state, config)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    tmp = temporary_path(out)
     try:
-        _write_metadata(writer, gguf, arch, config, quant, name=Path(run.path).name or "ownllm")
-        _write_tokenizer(writer, gguf, tokenizer, vocab)
-        for name, tensor in tensors.items():
-            _add_tensor(writer, gguf, name, tensor, quant)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, out)
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            _write_metadata(writer, gguf, arch, config, quant, name=Path(run.path).name or "ownllm")
+            _write_tokenizer(writer, gguf, tokenizer, vocab)
+            for name, tensor in tensors.items():
+                _add_tensor(writer, gguf, name, tensor, quant)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

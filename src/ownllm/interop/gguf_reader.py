@@ -24,8 +24,6 @@ extra tensor, a truncated file) is an OwnLLMError naming the key or tensor, rais
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,9 +33,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ownllm.checkpoint import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, write_run_config
+from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, write_run_config
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
+from ownllm.outputs import check_output, replaced_dir
 from ownllm.interop.gguf import deinterleave_rope_rows
 from ownllm.interop.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
 from ownllm.interop.hf import template_section
@@ -402,25 +401,16 @@ def read_gguf_model(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, Model
     return net, model.tokenizer, model.config, run_config
 
 
-def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Path:
+def import_gguf(path: str | Path, out: str | Path, progress: bool = True, force: bool = False) -> Path:
     """Write a GGUF file as an ownllm run directory (model.safetensors, config.json, tokenizer/); the directory
-    appears whole or not at all."""
-    path, out = Path(path), Path(out)
-    if (out / CONFIG_FILE).exists() or (out.is_dir() and any(out.iterdir())):
-        raise OwnLLMError(f"{out}: already exists and is not empty; choose a new --out directory")
+    appears whole or not at all, and an existing non-empty `out` is replaced only with `force`."""
+    path = Path(path)
+    out = check_output(out, "dir", inputs=[path], force=force)
     model = read_gguf(path, progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.importing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file({name: t.contiguous() for name, t in model.state.items()}, str(tmp / WEIGHTS_FILE))
-        model.tokenizer.save(tmp / TOKENIZER_DIR)
-        write_run_config(tmp, model.config, **run_sections(path, model))
-        os.replace(tmp, out)  # an empty --out directory is replaced as a whole
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with replaced_dir(out) as staging:
+        save_file({name: t.contiguous() for name, t in model.state.items()}, str(staging / WEIGHTS_FILE))
+        model.tokenizer.save(staging / TOKENIZER_DIR)
+        write_run_config(staging, model.config, **run_sections(path, model))
     return out
 
 

@@ -41,6 +41,7 @@ from ownllm.checkpoint import (
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.model import GPT
+from ownllm.outputs import check_output, replaced_dir
 from ownllm.tokenizer import Tokenizer, _with_specials_from, load_tokenizer
 
 if TYPE_CHECKING:
@@ -395,16 +396,15 @@ def _source_record(directory: Path, hf: dict[str, Any]) -> dict[str, Any]:
             "architectures": hf.get("architectures")}
 
 
-def import_hf(path: str | Path, out: str | Path) -> Path:
-    """Convert an HF model directory into an ownllm run directory (config.json, model.safetensors, tokenizer/)."""
+def import_hf(path: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Convert an HF model directory into an ownllm run directory (config.json, model.safetensors, tokenizer/).
+    An existing non-empty `out` is replaced only with `force`."""
+    out = check_output(out, "dir", inputs=[path], force=force)
     model, tokenizer, config, run_config = read_hf_model(Path(path))
-    out = Path(out)
-    if (out / CONFIG_FILE).exists():
-        raise OwnLLMError(f"{out}: already holds a config.json; choose a new --out directory")
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / WEIGHTS_FILE)
-    tokenizer.save(out / TOKENIZER_DIR)
-    write_run_config(out, config, source=run_config["source"], **template_section(tokenizer))
+    with replaced_dir(out) as staging:
+        save_weights(model, staging / WEIGHTS_FILE)
+        tokenizer.save(staging / TOKENIZER_DIR)
+        write_run_config(staging, config, source=run_config["source"], **template_section(tokenizer))
     return out
 
 
@@ -539,25 +539,52 @@ def hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]
     return record
 
 
-def export_hf(run: LoadedRun, out: str | Path) -> Path:
+def export_hf(run: LoadedRun, out: str | Path, force: bool = False) -> Path:
     """Write a loaded run (`ownllm.runs.load_run`) as an HF directory: config.json, generation_config.json,
-    model.safetensors, tokenizer.json, tokenizer_config.json."""
+    model.safetensors, tokenizer.json, tokenizer_config.json. A classifier run becomes a
+    `...ForSequenceClassification` with its labels. An existing non-empty `out` is replaced only with `force`."""
+    out = check_output(out, "dir", inputs=[run.path], force=force)
     tokenizer = run.tokenizer
     if tokenizer.hf is None:
         raise OwnLLMError("export --to hf needs a BPE tokenizer (tokenizer.json); this run uses a char tokenizer, "
                           "which transformers cannot load")
     config_dict = hf_config_dict(run.config, tokenizer)  # raises before anything is written
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(hf_state_dict(run.model, run.config), str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / WEIGHTS_FILE)
-    write_json_atomic(out / CONFIG_FILE, config_dict)
-    generation = {"bos_token_id": config_dict["bos_token_id"], "eos_token_id": config_dict["eos_token_id"]}
-    write_json_atomic(out / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
-    Tokenizer(tokenizer.hf).save(out)  # tokenizer.json alone; the specials go in HF's own tokenizer_config.json
-    write_json_atomic(out / TOKENIZER_CONFIG_FILE, hf_tokenizer_config(tokenizer, run.config.block_size))
+    state = hf_state_dict(run.model, run.config)
+    classifier = run.run_config.get("task") == "classify"
+    if classifier:
+        config_dict, state = sequence_classifier(run, config_dict, state)
+    with replaced_dir(out) as staging:
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json_atomic(staging / CONFIG_FILE, config_dict)
+        if not classifier:
+            generation = {"bos_token_id": config_dict["bos_token_id"], "eos_token_id": config_dict["eos_token_id"]}
+            write_json_atomic(staging / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
+        Tokenizer(tokenizer.hf).save(staging)  # tokenizer.json alone; the specials go in tokenizer_config.json
+        write_json_atomic(staging / TOKENIZER_CONFIG_FILE, hf_tokenizer_config(tokenizer, run.config.block_size))
     return out
+
+
+def sequence_classifier(run: LoadedRun, config_dict: dict[str, Any],
+                        state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """config.json and weights of transformers' `...ForSequenceClassification` for a classifier run: the `score`
+    head and id2label; no LM head. transformers reads the last token that is not padding, as ownllm's `last`
+    pooling does; with the end-of-text token appended to each text (ownllm's default), no pad token is set, so
+    texts are classified one at a time (or padded on the left)."""
+    run_config = run.run_config
+    if run_config.get("pooling", "last") != "last":
+        raise OwnLLMError(f"{run.path}: a classifier with --pooling {run_config['pooling']} has no transformers "
+                          "class (...ForSequenceClassification reads the last token); train one with --pooling last")
+    labels = list(run_config["labels"])
+    architecture = config_dict["architectures"][0].replace("LMHeadModel", "ForCausalLM")
+    appends_eot = run_config.get("append_eot", True)
+    config_dict = dict(config_dict, architectures=[architecture.replace("ForCausalLM", "ForSequenceClassification")],
+                       id2label={str(i): label for i, label in enumerate(labels)},
+                       label2id={label: i for i, label in enumerate(labels)},
+                       problem_type="single_label_classification",
+                       pad_token_id=None if appends_eot else run.tokenizer.eot_id)
+    state = {name: tensor for name, tensor in state.items() if name != "lm_head.weight"}
+    state["score.weight"] = run.model.score.weight.detach().float().cpu().contiguous()
+    return config_dict, state
 
 
 __all__ = ["is_hf_model_dir", "read_hf_model", "import_hf", "export_hf", "model_config_from_hf", "read_hf_weights",

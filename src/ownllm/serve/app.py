@@ -130,8 +130,8 @@ async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0] if error.errors() else {}
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
-    if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a parameter
+        message, param = "the request body is not valid JSON", None
     elif not location and first.get("type") == "model_attributes_type":
         message = "the request body must be a JSON object (send it with Content-Type: application/json)"
     else:

@@ -134,7 +134,10 @@ class Engine:
         return request
 
     def cancel(self, request: Request) -> None:
-        """Stop a request (its client went away); its slot is freed at the next step."""
+        """Stop a request (its client went away); its slot is freed at the next step. A finished request is left as
+        it is (a stream that ended normally is not a cancellation)."""
+        if request.finished:
+            return
         request.cancelled = True
         with self._wake:
             self._wake.notify()

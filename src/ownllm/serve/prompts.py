@@ -2,8 +2,9 @@
 
 Which chat template a served model uses, in order: the prompt template it was fine-tuned with (`alpaca` or
 `chatml`, from `ownllm finetune instruct`), else the Jinja chat template that came with an imported Hugging Face
-model, else ChatML (what llama.cpp's server falls back to as well). Prompts are encoded piece by piece exactly as
-in fine-tuning, so the model sees the token boundaries it learned.
+model, else ChatML (what llama.cpp's server falls back to as well), or, where the tokenizer cannot spell ChatML's
+markers (a char tokenizer trained on a play), the plain-text `transcript` template. Prompts are encoded piece by
+piece exactly as in fine-tuning, so the model sees the token boundaries it learned.
 """
 
 from __future__ import annotations
@@ -121,4 +122,7 @@ def chat_format_for(run_config: dict, tokenizer: Tokenizer) -> ChatFormat:
         return ChatFormat(tokenizer, template=get_template(run_config["template"]))
     if getattr(tokenizer, "chat_template", None):
         return ChatFormat(tokenizer, jinja=tokenizer.chat_template)
-    return ChatFormat(tokenizer, template=get_template("chatml"))
+    chatml = get_template("chatml")
+    if tokenizer.encode_known(chatml.render([Message("user", ""), Message("assistant", "")]))[1]:
+        return ChatFormat(tokenizer, template=get_template("transcript"))  # a char tokenizer cannot spell <|im_end|>
+    return ChatFormat(tokenizer, template=chatml)

@@ -124,7 +124,8 @@ def check_fits(prompts: Sequence[list[int]], max_tokens: int, context: int, para
     """As the OpenAI API: each prompt, and the prompt with the tokens asked for, must fit the context window."""
     longest = max(len(p) for p in prompts)
     if longest >= context:
-        raise BadRequest(f"this model's context window is {context} tokens, but the {param} take {longest} tokens "
+        raise BadRequest(f"this model's context window is {context} tokens, but the {param} "
+                         f"{'take' if param.endswith('s') else 'takes'} {longest} tokens "
                          "(leave room for at least one new token)", param, code="context_length_exceeded")
     if longest + max_tokens > context:
         raise BadRequest(f"this model's context window is {context} tokens, but {longest + max_tokens} were asked "
@@ -136,4 +137,7 @@ def classify_texts_of(body: ClassifyRequest) -> list[str]:
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not 1 <= len(texts) <= MAX_CLASSIFY_INPUTS:
         raise BadRequest(f"input takes 1 to {MAX_CLASSIFY_INPUTS} texts; got {len(texts)}", "input")
+    empty = [index for index, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise BadRequest(f"input {empty[0]} is empty: an empty text has no label", "input")
     return texts

@@ -17,10 +17,9 @@ from ownllm.errors import OwnLLMError
 
 def read_api_key(path: str | Path) -> str:
     """The API key in a file (its first line); a missing or empty file is an error."""
-    try:
-        key = Path(path).read_text(encoding="utf-8").strip().splitlines()
-    except OSError as error:
-        raise OwnLLMError(f"{path}: cannot read the API key file ({error.strerror})") from error
+    from ownllm.tokenizer import read_text_file
+
+    key = read_text_file(path).strip().splitlines()  # a missing, binary or non-UTF-8 file: one clear error
     if not key or not key[0].strip():
         raise OwnLLMError(f"{path}: the API key file is empty")
     return key[0].strip()

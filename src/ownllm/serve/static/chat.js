@@ -45,6 +45,24 @@ async function loadModel() {
   state.model = body.data[0].id;
   $("model-name").textContent = state.model;
   showError("");
+  await loadLimits();
+}
+
+// The served model's context window (from /health) bounds "Max tokens"; left empty, the server answers with up to
+// the rest of the context, so a first message never fails on the page's own settings.
+async function loadLimits() {
+  const response = await fetch("/health");
+  if (!response.ok) return;
+  const health = await response.json();
+  if (health.context) {
+    $("max-tokens").max = health.context;
+    $("max-tokens").placeholder = "auto (context " + health.context + ")";
+  }
+}
+
+function maxTokens() {
+  const value = $("max-tokens").value.trim();
+  return value ? { max_tokens: Number(value) } : {};
 }
 
 function requestMessages() {
@@ -64,7 +82,7 @@ async function streamAnswer(bubble) {
       messages: requestMessages(),
       stream: true,
       temperature: Number($("temperature").value),
-      max_tokens: Number($("max-tokens").value),
+      ...maxTokens(),
     }),
   });
   if (!response.ok) throw await errorMessage(response);
