@@ -254,3 +254,24 @@ def test_report_table_marks_tasks_without_acc_norm(tokenizer, tmp_path, one_thre
     report = evaluate_tasks(model, tokenizer, [str(path)], show_progress=False)
     report.tasks[0].acc_norm = None
     assert format_report(report).splitlines()[1].split()[3] == "-"
+
+
+def test_pretraining_logs_benchmark_accuracy(tmp_path, one_thread):
+    from finetune_helpers import python_docs
+    from ownllm.pretrain import pretrain
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text(python_docs(20_000), encoding="utf-8")
+    task = tmp_path / "quiz.jsonl"
+    write_jsonl(task, [{"context": "def f(x):\n    return", "choices": [" x", " import os"], "answer": 0},
+                       {"context": "import", "choices": [" os", " ((("], "answer": 0}])
+    with pytest.raises(OwnLLMError, match="unknown task 'helaswag'"):
+        pretrain(out=tmp_path / "bad", data=corpus, preset="tiny", tokenizer="char", eval_tasks="helaswag")
+    assert not (tmp_path / "bad").exists()
+    pretrain(out=tmp_path / "run", data=corpus, preset="tiny", tokenizer="char", show_progress=False, max_steps=4,
+             eval_interval=2, eval_steps=1, batch_size=4, precision="fp32", eval_tasks=str(task), eval_limit=2)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = [row for row in rows if "benchmarks" in row]
+    assert [row["step"] for row in scored] == [2, 4]
+    assert all(row["benchmarks"]["quiz"]["acc"] in (0.0, 0.5, 1.0) for row in scored)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0

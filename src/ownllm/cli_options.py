@@ -97,6 +97,9 @@ PRETRAIN: tuple[Option, ...] = (
     opt("vocab_size", "BPE vocabulary size for raw text", type=int),
     opt("val_fraction", type=float),
     *(opt(name, type=float if name == "dropout" else int) for name in MODEL_OVERRIDES),
+    opt("eval_tasks", "benchmarks scored at each evaluation, e.g. hellaswag,arc_easy (accuracy into metrics.jsonl "
+        "and loss.png; docs/evaluation.md)"),
+    opt("eval_limit", "items per benchmark at each evaluation (default 200)", type=int),
 )
 
 # shared by every fine-tuning stage

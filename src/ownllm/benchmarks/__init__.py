@@ -134,6 +134,31 @@ def evaluate_tasks(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], shots
     return BenchmarkReport(results)
 
 
+def training_hook(tasks: str, limit: int, tokenizer: Tokenizer | None, precision: str = "fp32",
+                  data_dir: str | Path | None = None) -> Callable[[GPT], dict[str, dict[str, float | None]]]:
+    """What pretraining's `--eval-tasks` runs at each evaluation: the first `limit` items of each task (read once,
+    here), scored 0-shot -> {task: {"acc": ..., "acc_norm": ...}}."""
+    from ownllm.errors import OwnLLMError
+
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    check_task_names(names)
+    if limit < 1:
+        raise OwnLLMError("--eval-limit must be at least 1")
+    loaded = {name: load_task(name, limit=limit, data_dir=data_dir) for name in names}
+
+    def score(model: GPT) -> dict[str, dict[str, float | None]]:
+        results = {}
+        for name, questions in loaded.items():
+            spec = TASKS.get(name)
+            result = evaluate_questions(model, tokenizer, questions, name=name, show_progress=False,
+                                        reports_acc_norm=spec.reports_acc_norm if spec else True,
+                                        precision=precision)
+            results[name if spec else Path(name).stem] = {"acc": result.acc, "acc_norm": result.acc_norm}
+        return results
+
+    return score
+
+
 def format_report(report: BenchmarkReport) -> str:
     """A plain-text table: task, n, acc, acc_norm, stderr (of acc), seconds; then the CORE-style summary."""
     width = max([4, *(len(t.task) for t in report.tasks)])

@@ -65,10 +65,12 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return shortest
 
 
-def _continuation_logprob(logits: Tensor, targets: Tensor) -> Tensor:
-    """Sum over positions of log softmax(logits)[target]; logits [time, vocab], targets [time]."""
+def _continuation_logprob(logits: Tensor, targets: Tensor) -> tuple[float, bool]:
+    """Sum over positions of log softmax(logits)[target], and whether every target is the most likely token;
+    logits [time, vocab], targets [time]."""
     logprobs = F.log_softmax(logits.float(), dim=-1)
-    return logprobs.gather(-1, targets.unsqueeze(-1)).sum()
+    greedy = bool((logprobs.argmax(dim=-1) == targets).all())
+    return float(logprobs.gather(-1, targets.unsqueeze(-1)).sum()), greedy
 
 
 def _fork_cache(model: GPT, prefix: KVCache, rows: int, max_len: int) -> KVCache:
@@ -80,9 +82,14 @@ def _fork_cache(model: GPT, prefix: KVCache, rows: int, max_len: int) -> KVCache
     return cache
 
 
-@torch.inference_mode()
 def score_alone(model: GPT, pair: TokenPair, precision: str = "fp32") -> float:
     """Log-likelihood of one continuation by a plain forward pass of context + continuation (left-cut to fit)."""
+    return score_alone_greedy(model, pair, precision)[0]
+
+
+@torch.inference_mode()
+def score_alone_greedy(model: GPT, pair: TokenPair, precision: str = "fp32") -> tuple[float, bool]:
+    """`score_alone`, and whether greedy decoding would produce the continuation."""
     context, continuation = pair
     window = model.config.block_size
     sequence = (context + continuation)[-(window + 1):]
@@ -92,17 +99,23 @@ def score_alone(model: GPT, pair: TokenPair, precision: str = "fp32") -> float:
         logits = model(inputs)[0]
     count = len(continuation)
     targets = torch.tensor(sequence[-count:], device=device)
-    return float(_continuation_logprob(logits[-count:], targets))
+    return _continuation_logprob(logits[-count:], targets)
+
+
+def score_choices(model: GPT, pairs: Sequence[TokenPair], precision: str = "fp32") -> list[float]:
+    """Log-likelihood of each (context, continuation) pair of one question, the shared prefix computed once."""
+    return [logprob for logprob, _ in score_choices_greedy(model, pairs, precision)]
 
 
 @torch.inference_mode()
-def score_choices(model: GPT, pairs: Sequence[TokenPair], precision: str = "fp32") -> list[float]:
-    """Log-likelihood of each (context, continuation) pair of one question, the shared prefix computed once."""
+def score_choices_greedy(model: GPT, pairs: Sequence[TokenPair], precision: str = "fp32") -> list[tuple[float, bool]]:
+    """`score_choices`, each with whether greedy decoding would produce that continuation (the harness's
+    `is_greedy`)."""
     if any(not continuation for _, continuation in pairs):
         raise ValueError("every continuation needs at least one token")
     window = model.config.block_size
     if any(len(context) + len(continuation) - 1 > window for context, continuation in pairs):
-        return [score_alone(model, pair, precision) for pair in pairs]
+        return [score_alone_greedy(model, pair, precision) for pair in pairs]
     inputs = [(context + continuation)[:-1] for context, continuation in pairs]
     # The cached prefix ends before the last context token of the shortest context, so the logits that predict
     # every continuation's first token come out of the batched part.
@@ -124,5 +137,5 @@ def score_choices(model: GPT, pairs: Sequence[TokenPair], precision: str = "fp32
     for row, (context, continuation) in enumerate(pairs):
         first = len(context) - 1 - shared  # the position (within the batch row) that predicts continuation[0]
         targets = torch.tensor(continuation, device=device)
-        scores.append(float(_continuation_logprob(logits[row, first:first + len(continuation)], targets)))
+        scores.append(_continuation_logprob(logits[row, first:first + len(continuation)], targets))
     return scores
