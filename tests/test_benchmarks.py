@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pyarrow as pa  # the `test` extra installs it (the `evals` extra for users)
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,6 @@ from ownllm.errors import OwnLLMError
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, char_tokenizer_from_text
 
-pa = pytest.importorskip("pyarrow", reason="the benchmark data tests need pyarrow (the `test` extra installs it)")
 
 TEXT = "Question: which is heavier?\nAnswer: a stone a feather the sentence goes on _ abcdefghijklmnopqrstuvwxyz.,"
 
