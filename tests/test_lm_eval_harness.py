@@ -35,12 +35,7 @@ metric_list:
 """
 
 
-def test_lm_eval_with_the_ownllm_model_matches_ownllm_evaluate(tmp_path, monkeypatch):
-    lm_eval = pytest.importorskip("lm_eval", reason="pip install 'ownllm[lm-eval]'")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import ownllm.benchmarks.harness  # noqa: F401 - registers the `ownllm` model
-    from lm_eval.tasks import TaskManager
-
+def tiny_run(tmp_path):
     text = "abcdefghijklmnopqrstuvwxyz ?:\n"
     tokenizer = char_tokenizer_from_text(text)
     torch.manual_seed(3)
@@ -50,7 +45,44 @@ def test_lm_eval_with_the_ownllm_model_matches_ownllm_evaluate(tmp_path, monkeyp
     write_run_config(run, model.config, task="lm")
     save_weights(model, run / WEIGHTS_FILE)
     tokenizer.save(run / "tokenizer")
+    return run, model, tokenizer
 
+
+def test_rolling_loglikelihood_and_generation(tmp_path):
+    pytest.importorskip("lm_eval", reason="pip install 'ownllm[lm-eval]'")
+    from lm_eval.api.instance import Instance
+
+    from ownllm.benchmarks.harness import OwnLLMHarnessModel
+    from ownllm.generation import SamplingOptions, generate
+
+    run, model, tokenizer = tiny_run(tmp_path)
+    lm = OwnLLMHarnessModel(path=str(run), device="cpu")
+    text = "the quick brown fox jumps over the lazy dog " * 4  # 176 tokens: three windows of 64
+    rolling = Instance("loglikelihood_rolling", {}, (text,), 0)
+    ids = [tokenizer.eot_id] + tokenizer.encode(text)  # no BOS: conditioned on end-of-text, as the harness does
+    expected, predicted = 0.0, 0
+    with torch.no_grad():
+        while predicted < len(ids) - 1:  # windows predicting up to 64 new tokens, each with a full window of input
+            count = min(64, len(ids) - 1 - predicted)
+            end = predicted + count
+            piece = torch.tensor(ids[max(0, end - 64):end + 1])
+            logprobs = torch.log_softmax(model(piece[None, :-1])[0], dim=-1)
+            expected += float(logprobs[torch.arange(len(piece) - 1), piece[1:]][-count:].sum())
+            predicted = end
+    assert lm.loglikelihood_rolling([rolling], disable_tqdm=True)[0] == pytest.approx(expected, abs=1e-3)
+    greedy = generate(model, tokenizer, ["abc"], SamplingOptions(max_new_tokens=12, temperature=0))[0]
+    stop = greedy[3:5]
+    request = Instance("generate_until", {}, ("abc", {"until": [stop], "max_gen_toks": 12}), 0)
+    assert lm.generate_until([request], disable_tqdm=True) == [greedy.split(stop)[0]]
+
+
+def test_lm_eval_with_the_ownllm_model_matches_ownllm_evaluate(tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval", reason="pip install 'ownllm[lm-eval]'")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import ownllm.benchmarks.harness  # noqa: F401 - registers the `ownllm` model
+    from lm_eval.tasks import TaskManager
+
+    run, model, tokenizer = tiny_run(tmp_path)
     words = ["stone", "feather", "sky", "tree", "a cat", "the sea", "blue", "red", "on", "up and away"]
     items = [{"context": f"question {chr(97 + i)}: which one?\nanswer:",
               "choices": [words[i % 10], words[(i + 3) % 10], words[(i + 7) % 10]], "answer": i % 3}

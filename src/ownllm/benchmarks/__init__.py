@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ownllm.benchmarks.scoring import encode_pair, score_choices
 from ownllm.benchmarks.tasks import TASKS, Question, check_task_names, load_task
+from ownllm.errors import OwnLLMError
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
 
@@ -117,8 +118,6 @@ def evaluate_tasks(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], shots
     Every task is read before any is scored, so a missing data set or a bad file fails at once."""
     check_task_names(tasks)
     if limit is not None and limit < 1:
-        from ownllm.errors import OwnLLMError
-
         raise OwnLLMError("--limit must be at least 1")
     loaded = [(name, load_task(name, limit=limit, shots=shots, seed=seed, data_dir=data_dir)) for name in tasks]
     results = []
@@ -138,8 +137,6 @@ def training_hook(tasks: str, limit: int, tokenizer: Tokenizer | None, precision
                   data_dir: str | Path | None = None) -> Callable[[GPT], dict[str, dict[str, float | None]]]:
     """What pretraining's `--eval-tasks` runs at each evaluation: the first `limit` items of each task (read once,
     here), scored 0-shot -> {task: {"acc": ..., "acc_norm": ...}}."""
-    from ownllm.errors import OwnLLMError
-
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     check_task_names(names)
     if limit < 1:
