@@ -53,7 +53,7 @@ def test_rolling_loglikelihood_and_generation(tmp_path):
     from lm_eval.api.instance import Instance
 
     from ownllm.benchmarks.harness import OwnLLMHarnessModel
-    from ownllm.generation import SamplingOptions, generate
+    from ownllm.decoding import SamplingOptions, generate
 
     run, model, tokenizer = tiny_run(tmp_path)
     lm = OwnLLMHarnessModel(path=str(run), device="cpu")
