@@ -5,6 +5,7 @@
     ownllm pretrain --data data/ --out runs/my-model --model mini --max-steps 2000
     ownllm generate runs/my-model --prompt "To be or" --max-new-tokens 200
     ownllm evaluate runs/my-model --text held-out.txt
+    ownllm evaluate runs/my-model --tasks arc_easy,hellaswag --limit 500   # benchmarks (cli_benchmarks)
     ownllm finetune classify|instruct ..., ownllm classify, ownllm chat, ownllm merge-lora   (see cli_finetune)
     ownllm import path/to/hf-model --out runs/base          # or pass the HF directory to any verb directly
     ownllm import model.gguf --out runs/base                # a llama.cpp GGUF file, dequantized to float32
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ownllm import cli_finetune, cli_serve
+from ownllm import cli_benchmarks, cli_finetune, cli_serve
 from ownllm.cli_options import (MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN, add_options, add_sampling_flags, option_values,
                                 sampling_options)
 from ownllm.errors import OwnLLMError
@@ -83,12 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     cli_finetune.add_generate_flags(gen)
     _add_loading_flags(gen, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
 
-    ev = sub.add_parser("evaluate", help="loss, perplexity and bits per byte on a text file")
+    ev = sub.add_parser("evaluate", help="perplexity on a text file (--text), or benchmarks (--tasks)")
     ev.add_argument("model", help=MODEL_HELP)
-    ev.add_argument("--text", required=True, help="held-out UTF-8 text file")
+    ev.add_argument("--text", help="held-out UTF-8 text file: loss, perplexity and bits per byte")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _add_loading_flags(ev, "measure the model with int8 or bf16 weights (the quality cost of `serve --quantize`)")
+    cli_benchmarks.add_flags(ev)  # --tasks, --shots, --limit, ...
 
     imp = sub.add_parser("import", help="convert a Hugging Face model directory or a GGUF file (GPT-2, Llama, "
                                         "Qwen2) into a run")
@@ -203,6 +205,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ownllm.evaluation import evaluate_text
     from ownllm.runs import load_run
 
+    if (args.text is None) == (args.tasks is None):
+        raise OwnLLMError("evaluate needs either --text FILE or --tasks NAMES (one of the two)")
+    if args.tasks is not None:
+        return cli_benchmarks.cmd_benchmarks(args)
     run = load_run(args.model, args.device, quantize=args.quantize)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{args.model}: is a classifier run, which predicts labels, not text; its test metrics "

@@ -123,6 +123,9 @@ PRETRAIN: tuple[Option, ...] = (
     opt("vocab_size", "BPE vocabulary size for raw text (default 8000)", type=int),
     opt("val_fraction", "held-out share of raw text (default 0.05)", type=float),
     *(opt(name, **settings) for name, settings in MODEL_FLAGS.items()),
+    opt("eval_tasks", "benchmarks scored at each evaluation, e.g. hellaswag,arc_easy (accuracy into metrics.jsonl "
+        "and loss.png; docs/evaluation.md)"),
+    opt("eval_limit", "items per benchmark at each evaluation (default 200)", type=int),
 )
 
 # shared by every fine-tuning stage

@@ -197,6 +197,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     strategy: str = "auto"  # with several processes (torchrun): "ddp" (auto) or "fsdp"; ignored alone
+    eval_tasks: str = ""  # pretraining: benchmarks scored at each evaluation (ownllm.benchmarks), comma-separated
+    eval_limit: int = 200  # items per benchmark at each evaluation
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

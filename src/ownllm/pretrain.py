@@ -99,6 +99,10 @@ def pretrain(
     train_config = train_config_for(preset, **train_overrides)
     distributed.check_batch_size(train_config.batch_size)
     _check_tokenizer_flags(inputs, tokenizer, given)
+    if train_config.eval_tasks:  # a missing data set or a misspelt task fails now, not at the first evaluation
+        from ownllm.benchmarks import training_hook
+
+        training_hook(train_config.eval_tasks, 1, tokenizer=None)
     run_dir, created = start_run_dir(run_dir, force=force, inputs=inputs)
     try:
         prepared = prepare_run_data(inputs, run_dir, tokenizer, vocab_size, val_fraction, show_progress)
@@ -166,9 +170,15 @@ def _train_prepared(run_dir: Path, model_config: ModelConfig, train_config: Trai
         eval_batches = lambda: fixed  # noqa: E731 - the same batches at every evaluation
     torch.manual_seed(train_config.seed)
     model = GPT(model_config)
+    benchmarks = None
+    if train_config.eval_tasks:
+        from ownllm.benchmarks import training_hook
+
+        benchmarks = training_hook(train_config.eval_tasks, train_config.eval_limit,
+                                   load_tokenizer(run_dir / TOKENIZER_DIR), precision=speed.precision)
     job = TrainJob(model=model, config=train_config, run_dir=run_dir, micro_batch=sampler.batch,
                    eval_batches=eval_batches, device=device, precision=speed.precision,
-                   flops_per_token=flops_per_token(model), compile_model=speed.compile)
+                   flops_per_token=flops_per_token(model), compile_model=speed.compile, benchmarks=benchmarks)
     return train(job, resume=resume, show_progress=show_progress)
 
 

