@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sqlite3
 from collections import Counter
@@ -182,10 +183,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as error:
         connection.close()
         raise OwnLLMError(f"{path}: not an ownllm index, or a damaged one ({error})") from None
-    if rows.get("format") != INDEX_FORMAT:
+    if rows.get("format") != json.dumps(INDEX_FORMAT):
         connection.close()
         raise OwnLLMError(f"{path}: not an ownllm index (a SQLite file of something else)")
-    if rows.get("version") != str(INDEX_VERSION):
+    if rows.get("version") != json.dumps(INDEX_VERSION):
         connection.close()
         raise OwnLLMError(f"{path}: index format version {rows.get('version')} is not supported (this ownllm "
                           f"reads {INDEX_VERSION}); rebuild it with `ownllm index`")
@@ -193,7 +194,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _read_meta(connection: sqlite3.Connection) -> dict[str, Any]:
-    return {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM meta")}
+    try:
+        return {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM meta")}
+    except ValueError as error:
+        raise OwnLLMError(f"a damaged index (unreadable settings: {error})") from None
 
 
 def _create(path: Path) -> sqlite3.Connection:
@@ -206,7 +210,7 @@ def _create(path: Path) -> sqlite3.Connection:
         CREATE INDEX chunks_by_path ON chunks(path);
     """)
     connection.executemany("INSERT INTO meta VALUES (?, ?)",
-                           [("format", INDEX_FORMAT), ("version", str(INDEX_VERSION))])
+                           [("format", json.dumps(INDEX_FORMAT)), ("version", json.dumps(INDEX_VERSION))])
     connection.commit()
     return connection
 
@@ -250,7 +254,7 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
                 overlap: int = 40, pooling: str = "mean", batch_size: int = 16,
                 progress: Callable[[int, int], None] | None = None) -> IndexReport:
     """Index the .txt/.md/.rst files under `docs` into the file `out`, incrementally (see the module docstring).
-    All changes are written in one transaction: an interrupted run leaves the previous index as it was."""
+    All changes are written in one transaction: an interrupted run leaves the previous index as it was (or none)."""
     from ownllm.checkpoint import LoadedRun, load_run
 
     check_pooling(pooling)
@@ -259,7 +263,11 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
     files = find_documents(docs)
     run = model if isinstance(model, LoadedRun) else load_run(model)
     settings = _settings(run, pooling, chunk_size, overlap)
-    connection = _connect(out) if out.exists() else _create(out)
+    fresh = not out.exists()  # a new index is built beside and moved into place when complete
+    target = out.with_name(out.name + ".tmp") if fresh else out
+    if fresh:
+        target.unlink(missing_ok=True)
+    connection = _create(target) if fresh else _connect(out)
     try:
         old_meta = _read_meta(connection)
         same = _same_embedder(old_meta, settings)
@@ -282,10 +290,16 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
         removed = _write_changes(connection, settings, same, changed, set(known) - set(current), chunks, vectors,
                                  hashes)
         total = connection.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-    except sqlite3.DatabaseError as error:
-        raise OwnLLMError(f"{out}: cannot update the index ({error})") from None
-    finally:
+    except BaseException as error:
         connection.close()
+        if fresh:
+            target.unlink(missing_ok=True)
+        if isinstance(error, sqlite3.DatabaseError):
+            raise OwnLLMError(f"{out}: cannot update the index ({error})") from None
+        raise
+    connection.close()
+    if fresh:
+        os.replace(target, out)
     return IndexReport(files_embedded=len(changed), files_unchanged=len(current) - len(changed),
                        files_removed=removed, chunks_embedded=len(chunks), chunks_total=total)
 
