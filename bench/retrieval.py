@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
-    parser.add_argument("--query-prefix", default="", help="text put before each question when it is embedded")
+    parser.add_argument("--query-template", default="{text}", help="how a question is embedded ({text}: it)")
+    parser.add_argument("--save-vectors", help="also write the pooled vectors to this .npz file")
+    parser.add_argument("--doc-template", default="{text}", help="how a paragraph is embedded ({text}: it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import ownllm
@@ -88,10 +90,14 @@ def main() -> None:
         questions, targets = questions[:args.limit], targets[:args.limit]
     run = ownllm.load(args.model)
     window = run.config.block_size
-    doc_rows = [r[:window] for r in encode_for_embedding(run.tokenizer, paragraphs)]
-    query_rows = encode_for_embedding(run.tokenizer, [args.query_prefix + q for q in questions])
+    doc_rows = [r[:window] for r in encode_for_embedding(run.tokenizer, [args.doc_template.format(text=p)
+                                                                           for p in paragraphs])]
+    query_rows = encode_for_embedding(run.tokenizer, [args.query_template.format(text=q) for q in questions])
     doc_vectors, doc_seconds = pooled_vectors(run.model, doc_rows, args.batch_size)
     query_vectors, query_seconds = pooled_vectors(run.model, query_rows, args.batch_size)
+    if args.save_vectors:
+        np.savez(args.save_vectors, **{f"doc_{p}": v for p, v in doc_vectors.items()},
+                 **{f"query_{p}": v for p, v in query_vectors.items()})
     bm25 = BM25(paragraphs)
     lexical = np.stack([bm25.scores(q) for q in questions])
     rows = [("BM25", lexical)]
@@ -100,7 +106,7 @@ def main() -> None:
         rows.append((f"embeddings, {pooling}", dense))
         rows.append((f"hybrid (BM25 + {pooling}, RRF)", np.stack([fuse([a, b]) for a, b in zip(lexical, dense)])))
     print(f"SciQ validation: {len(questions)} questions, {len(paragraphs)} paragraphs; model {Path(args.model).name}; "
-          f"{args.threads} threads")
+          f"{args.threads} threads; templates {args.query_template!r} / {args.doc_template!r}")
     print("| ranking | recall@1 | recall@5 |\n|---|---|---|")
     for name, scores in rows:
         print(f"| {name} | {100 * recall(scores, targets, 1):.1f}% | {100 * recall(scores, targets, 5):.1f}% |")
