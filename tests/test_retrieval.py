@@ -53,7 +53,7 @@ def test_index_then_ask_end_to_end(tiny, tmp_path, capsys):  # noqa: F811
     import ownllm
     from ownllm.cli import main
     from ownllm.data.instructions import Message, get_template
-    from ownllm.generation import SamplingOptions, chat_reply
+    from ownllm.decoding import SamplingOptions, chat_reply
     from ownllm.retrieval import build_question_prompt, open_index, search
 
     docs = write_docs(tmp_path / "docs", DOCS)

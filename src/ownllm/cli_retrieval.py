@@ -20,7 +20,7 @@ from ownllm.errors import OwnLLMError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from ownllm.cli import _add_sampling_flags
+    from ownllm.cli_options import add_sampling_flags
 
     emb = sub.add_parser("embed", help="embed texts (one per line) into vectors (JSON Lines)",
                          description="One output line {\"line\": N, \"embedding\": [...]} per input line, in order.")
@@ -51,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("-k", "--chunks", type=int, default=4, help="retrieved chunks put in the prompt (default 4)")
     ask.add_argument("--mode", choices=["hybrid", "bm25", "embeddings"], default="hybrid", help="retrieval ranking")
     ask.add_argument("--sources-only", action="store_true", help="print the retrieved sources, do not answer")
-    _add_sampling_flags(ask)
+    add_sampling_flags(ask)
     ask.set_defaults(max_new_tokens=256, temperature=0.0)
     ask.add_argument("--device", default="auto")
 
@@ -86,7 +86,7 @@ def _progress_bar(total: int, unit: str):
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from ownllm.checkpoint import load_run
+    from ownllm.runs import load_run
     from ownllm.device import pick_device
     from ownllm.embeddings import embed_texts
 
@@ -109,7 +109,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from ownllm.checkpoint import load_run
+    from ownllm.runs import load_run
     from ownllm.device import pick_device
     from ownllm.retrieval import build_index
 
@@ -133,8 +133,8 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from ownllm.checkpoint import load_run
-    from ownllm.cli_finetune import _options
+    from ownllm.runs import load_run
+    from ownllm.cli_options import sampling_options
     from ownllm.device import pick_device
     from ownllm.retrieval import answer, open_index, search
 
@@ -145,7 +145,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     if args.sources_only:
         hits = search(index, embedder, args.question, k=args.chunks, mode=args.mode)
     else:
-        _, hits = answer(run, index, args.question, k=args.chunks, mode=args.mode, options=_options(args),
+        _, hits = answer(run, index, args.question, k=args.chunks, mode=args.mode, options=sampling_options(args),
                          embedder=embedder, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         sys.stdout.write("\n\n")
     print("sources:")

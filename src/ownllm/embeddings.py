@@ -29,7 +29,7 @@ from ownllm.data.labelled import pad_right
 from ownllm.errors import OwnLLMError
 
 if TYPE_CHECKING:
-    from ownllm.checkpoint import LoadedRun
+    from ownllm.runs import LoadedRun
     from ownllm.model import GPT
     from ownllm.tokenizer import Tokenizer
 
@@ -55,9 +55,7 @@ def check_pooling(pooling: str) -> str:
 def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text as the model reads a document: a begin-of-sequence token first where the model
     uses one; an empty text becomes the end-of-text token (a vector still comes out)."""
-    rows = tokenizer.encode_batch(list(texts))
-    if getattr(tokenizer, "add_bos", False):
-        rows = [[tokenizer.bos_id, *ids] for ids in rows]
+    rows = [tokenizer.starting_sequence(ids) for ids in tokenizer.encode_batch(list(texts))]
     fallback = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     return [ids or list(fallback) for ids in rows]
 

@@ -33,7 +33,7 @@ from ownllm.embeddings import check_pooling, embed_texts
 from ownllm.errors import OwnLLMError
 
 if TYPE_CHECKING:
-    from ownllm.checkpoint import LoadedRun
+    from ownllm.runs import LoadedRun
 
 INDEX_FORMAT = "ownllm-index"
 INDEX_VERSION = 1
@@ -255,7 +255,7 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
                 progress: Callable[[int, int], None] | None = None) -> IndexReport:
     """Index the .txt/.md/.rst files under `docs` into the file `out`, incrementally (see the module docstring).
     All changes are written in one transaction: an interrupted run leaves the previous index as it was (or none)."""
-    from ownllm.checkpoint import LoadedRun, load_run
+    from ownllm.runs import LoadedRun, load_run
 
     check_pooling(pooling)
     chunk_text("", chunk_size, overlap)  # validates the sizes before the model loads
@@ -388,10 +388,11 @@ def answer(run: "LoadedRun", index: Index, question: str, *, k: int = 4, mode: s
 
 def reply_to_prompt(run: "LoadedRun", prompt: list[int], stop: Sequence[str], options: Any = None,
                     on_text: Callable[[str], None] | None = None) -> str:
-    """Decode the answer to an encoded chat prompt, streamed through `on_text`, stopping at the template's end."""
+    """Decode the answer to an encoded chat prompt (ownllm.decoding), streamed through `on_text`, stopping at the
+    chat format's end marker."""
     import dataclasses
 
-    from ownllm.generation import IncrementalText, SamplingOptions, generate_ids
+    from ownllm.decoding import Continuation, IncrementalText, SamplingOptions, decode
 
     options = options or SamplingOptions(max_new_tokens=256, temperature=0)
     options = dataclasses.replace(options, stop=[*options.stop, *stop])
@@ -399,16 +400,7 @@ def reply_to_prompt(run: "LoadedRun", prompt: list[int], stop: Sequence[str], op
     if len(prompt) > room:
         raise OwnLLMError(f"the question and its sources take {len(prompt)} tokens, more than fit the context "
                           f"({run.config.block_size}) with the answer: use a smaller -k or smaller chunks")
-    row = IncrementalText(run.tokenizer, options.stop)
-
-    def on_token(_: int, token: int) -> bool:
-        piece = row.add(token)
-        if piece and on_text is not None:
-            on_text(piece)
-        return row.finished
-
-    generate_ids(run.model, [prompt], options, eot_id=run.tokenizer.eot_id, on_token=on_token)
-    rest = row.flush()
-    if rest and on_text is not None:
-        on_text(rest)
-    return row.text
+    continuation = Continuation(list(prompt), options, IncrementalText(run.tokenizer, options.stop))
+    decode(run.model, [continuation], run.tokenizer.eot_id,
+           None if on_text is None else (lambda _, piece: on_text(piece)))
+    return continuation.text.text
