@@ -12,6 +12,8 @@
     ownllm download ORG/NAME --out models/name              # from the Hugging Face Hub; hf:ORG/NAME works as a model
     ownllm export runs/my-model --to hf --out exported/hf   # or --to gguf --out m.gguf --quant q8_0
     ownllm serve runs/my-model --port 8000 [--quantize int8]  # OpenAI-compatible API + chat page (cli_serve)
+    ownllm embed RUN --input texts.txt --output vectors.jsonl; ownllm index DOCS --model RUN --out docs.index;
+    ownllm ask RUN --index docs.index "question"                # embeddings and retrieval (cli_retrieval)
     ownllm demo
 
 A user mistake (bad file, unknown preset, corrupt checkpoint) prints one line and exits with code 2.
@@ -26,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ownllm import cli_benchmarks, cli_finetune, cli_serve
+from ownllm import cli_benchmarks, cli_finetune, cli_retrieval, cli_serve
 from ownllm.cli_options import (MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN, add_options, add_sampling_flags, option_values,
                                 sampling_options)
 from ownllm.errors import OwnLLMError
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_finetune.add_parsers(sub)  # finetune classify|instruct, classify, chat, merge-lora
     cli_serve.add_parser(sub)  # serve
+    cli_retrieval.add_parsers(sub)  # embed, index, ask
 
     demo = sub.add_parser("demo", help="train a small model on Python's own docs (offline) and print samples")
     demo.add_argument("--out", default="runs/demo")
@@ -279,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return exit_code
         if args.command in cli_serve.COMMANDS:
             return cli_serve.COMMANDS[args.command](args) or 0
+        if args.command in cli_retrieval.COMMANDS:
+            return cli_retrieval.COMMANDS[args.command](args) or 0
         if args.command in cli_finetune.COMMANDS:
             return cli_finetune.COMMANDS[args.command](args) or 0
         COMMANDS[args.command](args)

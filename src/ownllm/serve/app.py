@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /v1/classify,
-/health, and the chat page at /.
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
+/v1/classify, /health, and the chat page at /.
 
     app = create_app(ownllm.load("runs/assistant"), model_name="assistant", api_key=None)
     uvicorn.run(app, host="127.0.0.1", port=8000)          # what `ownllm serve` does
@@ -17,6 +17,7 @@ their checks are in `ownllm.serve.schemas`, prompts in `ownllm.serve.prompts`, t
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import time
@@ -39,8 +40,9 @@ from ownllm.runs import LoadedRun
 from ownllm.errors import OwnLLMError
 from ownllm.serve.engine import Engine, EngineBusy
 from ownllm.serve.prompts import BadRequest, ChatFormat, chat_format_for, encode_completion_prompt, parse_messages
-from ownllm.serve.schemas import (ChatRequest, ClassifyRequest, CompletionRequest, check_chat_request, check_fits,
-                                  classify_texts_of, completion_prompts, sampling_options)
+from ownllm.serve.schemas import (ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
+                                  check_chat_request, check_fits, classify_texts_of, completion_prompts,
+                                  embedding_options, embedding_rows, sampling_options)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -164,7 +166,7 @@ class ServerState:
     engine: Engine | None
     chat_format: ChatFormat | None
     created: int = field(default_factory=lambda: int(time.time()))
-    classify_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one classification batch at a time
+    classify_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one classification/embedding batch at a time
 
     @property
     def is_classifier(self) -> bool:
@@ -336,6 +338,30 @@ async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+    """Vectors as `ownllm embed` writes them (ownllm.embeddings), for any run: a language model or a classifier."""
+    state = _state(request)
+    state.check_model(body.model)
+    run = state.run
+    pooling, encoding = embedding_options(body, run.run_config.get("embedding_pooling") or "mean", run.config.n_embd)
+    rows = embedding_rows(body, run.tokenizer, run.config.block_size)
+    from ownllm.embeddings import embed_token_rows
+
+    async with state.classify_lock:  # one batch at a time on the model (beside the engine's decoding)
+        result = await run_in_threadpool(embed_token_rows, run.model, rows, pooling=pooling, warn=False)
+    data = [{"object": "embedding", "index": index, "embedding": _encode_vector(vector, encoding)}
+            for index, vector in enumerate(result.vectors.numpy())]
+    tokens = sum(len(row) for row in rows)
+    return {"object": "list", "data": data, "model": state.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _encode_vector(vector: Any, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # little-endian float32, as OpenAI's API sends it
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
 def _add_routes(app: FastAPI) -> None:
     keyed = {"dependencies": [Depends(require_key)]}
     app.get("/", include_in_schema=False)(chat_page)
@@ -345,6 +371,7 @@ def _add_routes(app: FastAPI) -> None:
     app.get("/v1/models/{model_id}", **keyed)(get_model)
     app.post("/v1/completions", response_model=None, **keyed)(completions)
     app.post("/v1/chat/completions", response_model=None, **keyed)(chat_completions)
+    app.post("/v1/embeddings", **keyed)(embeddings)
     app.post("/v1/classify", **keyed)(classify)
 
 

@@ -16,6 +16,7 @@ from ownllm.serve.prompts import BadRequest
 
 MAX_STOP_STRINGS = 4
 MAX_CLASSIFY_INPUTS = 256
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
 
 
 class SamplingFields(BaseModel):
@@ -61,6 +62,17 @@ class ClassifyRequest(BaseModel):
 
     input: str | list[str]
     model: str | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: str | None = None
+    dimensions: int | None = None
+    user: str | None = None
+    pooling: str | None = None  # an extra field: mean, last, weighted-mean (ownllm.embeddings)
 
 
 def sampling_options(body: SamplingFields, context: int, default_max_tokens: int, stop: Sequence[str] = (),
@@ -141,3 +153,50 @@ def classify_texts_of(body: ClassifyRequest) -> list[str]:
     if empty:
         raise BadRequest(f"input {empty[0]} is empty: an empty text has no label", "input")
     return texts
+
+
+def embedding_rows(body: EmbeddingRequest, tokenizer: Any, context: int) -> list[list[int]]:
+    """Token ids of each input (strings encoded as `ownllm embed` does), checked: BadRequest naming the input.
+    An input longer than the context window is refused (`context_length_exceeded`), as OpenAI's API does."""
+    from ownllm.embeddings import encode_for_embedding
+
+    single = isinstance(body.input, str) or bool(body.input) and all(isinstance(i, int) for i in body.input)
+    inputs: list[Any] = [body.input] if single else list(body.input)
+    if not 1 <= len(inputs) <= MAX_EMBEDDING_INPUTS:
+        raise BadRequest(f"input takes 1 to {MAX_EMBEDDING_INPUTS} items; got {len(inputs)}", "input")
+    rows = []
+    for index, item in enumerate(inputs):
+        param = "input" if single else f"input[{index}]"
+        if isinstance(item, str):
+            if not item:
+                raise BadRequest(f"{param} is an empty string", param)
+            row = encode_for_embedding(tokenizer, [item])[0]
+        else:
+            row = list(item)
+            if not row:
+                raise BadRequest(f"{param} is an empty list of token ids", param)
+            bad = next((i for i in row if not 0 <= i < tokenizer.vocab_size), None)
+            if bad is not None:
+                raise BadRequest(f"{param}: token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                                 param)
+        if len(row) > context:
+            raise BadRequest(f"{param} takes {len(row)} tokens; this model's context window is {context} tokens",
+                             param, code="context_length_exceeded")
+        rows.append(row)
+    return rows
+
+
+def embedding_options(body: EmbeddingRequest, default_pooling: str, dim: int) -> tuple[str, str]:
+    """(pooling, encoding format) of an embeddings request, or BadRequest naming the field."""
+    from ownllm.embeddings import POOLINGS
+
+    encoding = body.encoding_format or "float"
+    if encoding not in ("float", "base64"):
+        raise BadRequest(f"encoding_format must be 'float' or 'base64', not {encoding!r}", "encoding_format")
+    if body.dimensions is not None and body.dimensions != dim:
+        raise BadRequest(f"this model's embeddings have {dim} dimensions; other sizes are not supported "
+                         f"(leave dimensions out)", "dimensions")
+    pooling = body.pooling or default_pooling
+    if pooling not in POOLINGS:
+        raise BadRequest(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}", "pooling")
+    return pooling, encoding

@@ -1,0 +1,156 @@
+"""The embedding and retrieval verbs of the `ownllm` command (registered by `ownllm.cli`), thin calls into
+`ownllm.embeddings` and `ownllm.retrieval`.
+
+    ownllm embed runs/smol --input texts.txt --output vectors.jsonl [--pooling mean|last|weighted-mean]
+    ownllm index notes/ --model runs/smol --out notes.index [--chunk-size 200 --overlap 40]   # incremental
+    ownllm ask runs/smol --index notes.index "How do I renew my permit?" [-k 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from ownllm.embeddings import LONG_TEXTS, POOLINGS
+from ownllm.errors import OwnLLMError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from ownllm.cli_options import add_sampling_flags
+
+    emb = sub.add_parser("embed", help="embed texts (one per line) into vectors (JSON Lines)",
+                         description="One output line {\"line\": N, \"embedding\": [...]} per input line, in order.")
+    emb.add_argument("model", help="run directory or Hugging Face model directory")
+    emb.add_argument("--input", required=True, help="UTF-8 text file, one text per line ('-' = stdin)")
+    emb.add_argument("--output", required=True, help="JSON Lines file to write (replaced atomically)")
+    _add_embedding_flags(emb)
+    emb.add_argument("--long-texts", choices=LONG_TEXTS, default="truncate",
+                     help="a text longer than the context: keep its start (truncate) or average its pieces (chunk)")
+    emb.add_argument("--no-normalize", action="store_true", help="raw pooled vectors instead of unit length")
+    emb.add_argument("--device", default="auto")
+
+    idx = sub.add_parser("index", help="chunk and embed a folder of .txt/.md files into one index file "
+                                       "(re-running re-embeds only changed files)")
+    idx.add_argument("docs", help="folder of documents (.txt, .md, .rst; searched recursively)")
+    idx.add_argument("--model", required=True, help="the embedding model: run or Hugging Face directory")
+    idx.add_argument("--out", required=True, help="index file (created, or updated in place)")
+    idx.add_argument("--chunk-size", type=int, default=200, help="words per chunk")
+    idx.add_argument("--overlap", type=int, default=40, help="words shared by neighbouring chunks")
+    _add_embedding_flags(idx)
+    idx.add_argument("--device", default="auto")
+
+    ask = sub.add_parser("ask", help="answer a question from an index's documents, printing the sources used")
+    ask.add_argument("model", help="the answering model (an instruct run or a Hugging Face chat model)")
+    ask.add_argument("question")
+    ask.add_argument("--index", required=True, help="index file made by `ownllm index`")
+    ask.add_argument("--embed-model", help="the model that embedded the index (default: the answering model)")
+    ask.add_argument("-k", "--chunks", type=int, default=4, help="retrieved chunks put in the prompt (default 4)")
+    ask.add_argument("--mode", choices=["hybrid", "bm25", "embeddings"], default="hybrid", help="retrieval ranking")
+    ask.add_argument("--sources-only", action="store_true", help="print the retrieved sources, do not answer")
+    add_sampling_flags(ask)
+    ask.set_defaults(max_new_tokens=256, temperature=0.0)
+    ask.add_argument("--device", default="auto")
+
+
+def _add_embedding_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pooling", choices=POOLINGS, default="mean",
+                        help="mean over tokens (default), the last token, or position-weighted mean (SGPT)")
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
+def read_input_lines(path: str) -> list[str]:
+    """The texts of an input file, one per line; a blank line is an error naming it."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        raise OwnLLMError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise OwnLLMError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise OwnLLMError(f"{path}:{number}: blank line (each line is one text to embed; remove it)")
+    if not lines:
+        raise OwnLLMError(f"{path}: no texts to embed")
+    return lines
+
+
+def _progress_bar(total: int, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not sys.stderr.isatty(), file=sys.stderr)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from ownllm.runs import load_run
+    from ownllm.device import pick_device
+    from ownllm.embeddings import embed_texts
+
+    texts = read_input_lines(args.input)
+    run = load_run(args.model, device=pick_device(args.device))
+    with _progress_bar(len(texts), "text") as bar, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = embed_texts(run, texts, pooling=args.pooling, normalize=not args.no_normalize,
+                             long_texts=args.long_texts, batch_size=args.batch_size, progress=bar.update)
+    for warning in caught:
+        print(f"ownllm: warning: {warning.message}", file=sys.stderr)
+    out = Path(args.output)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for number, vector in enumerate(result.vectors.tolist(), start=1):
+            handle.write(json.dumps({"line": number, "embedding": vector}) + "\n")
+    os.replace(tmp, out)
+    print(f"{len(texts)} vectors of {result.vectors.shape[1]} dimensions ({args.pooling} pooling) written to {out}",
+          file=sys.stderr)
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from ownllm.runs import load_run
+    from ownllm.device import pick_device
+    from ownllm.retrieval import build_index
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _progress_bar(total, "chunk")
+        bar.update(done - bar.n)
+
+    run = load_run(args.model, device=pick_device(args.device))
+    try:
+        report = build_index(args.docs, run, args.out, chunk_size=args.chunk_size, overlap=args.overlap,
+                             pooling=args.pooling, batch_size=args.batch_size, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{args.out}: embedded {report.chunks_embedded} chunks of {report.files_embedded} new or changed files; "
+          f"{report.files_unchanged} unchanged, {report.files_removed} removed; {report.chunks_total} chunks in all")
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from ownllm.runs import load_run
+    from ownllm.cli_options import sampling_options
+    from ownllm.device import pick_device
+    from ownllm.retrieval import answer, open_index, search
+
+    index = open_index(args.index)  # a bad index file fails before any model loads
+    device = pick_device(args.device)
+    run = load_run(args.model, device=device)
+    embedder = load_run(args.embed_model, device=device) if args.embed_model else run
+    if args.sources_only:
+        hits = search(index, embedder, args.question, k=args.chunks, mode=args.mode)
+    else:
+        _, hits = answer(run, index, args.question, k=args.chunks, mode=args.mode, options=sampling_options(args),
+                         embedder=embedder, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n\n")
+    print("sources:")
+    for number, hit in enumerate(hits, start=1):
+        print(f"  [{number}] {hit.chunk.source}")
+
+
+COMMANDS = {"embed": cmd_embed, "index": cmd_index, "ask": cmd_ask}

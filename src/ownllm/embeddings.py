@@ -1,0 +1,148 @@
+"""Text embeddings from any run ownllm loads: one vector per text, pooled from the model's final hidden states.
+
+    run = ownllm.load("runs/smol")
+    vectors = embed_texts(run, ["first text", "second text"], pooling="mean").vectors   # [2, n_embd], float32
+
+Poolings: `mean` (average over the text's tokens), `last` (the hidden state of the last real token: what a causal
+model has read the whole text at), `weighted-mean` (SGPT's position weighting: token i of n counts i / (1+..+n),
+so later tokens, which have seen more of the text, weigh more). Vectors are L2-normalised unless `normalize=False`
+(then cosine similarity is a dot product).
+
+Padding-safe: texts are right-padded in length-sorted batches; a causal model's real tokens never attend to the
+padding after them and the pooling reads real tokens only, so a text's vector does not depend on its batch
+neighbours. A text longer than the context window is cut to its start (`long_texts="truncate"`) or split into
+context-sized pieces whose pooled vectors are averaged, weighted by their token counts (`"chunk"`); both warn.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ownllm.data.batching import fixed_batches
+from ownllm.data.labelled import pad_right
+from ownllm.errors import OwnLLMError
+
+if TYPE_CHECKING:
+    from ownllm.runs import LoadedRun
+    from ownllm.model import GPT
+    from ownllm.tokenizer import Tokenizer
+
+POOLINGS = ("mean", "last", "weighted-mean")
+LONG_TEXTS = ("truncate", "chunk")
+
+
+@dataclass
+class Embeddings:
+    """Vectors [texts, n_embd] (float32, on the CPU), the tokens each text used, and how many were cut/split."""
+
+    vectors: Tensor
+    token_counts: list[int]
+    shortened: int = 0
+
+
+def check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise OwnLLMError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    return pooling
+
+
+def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text as the model reads a document: a begin-of-sequence token first where the model
+    uses one; an empty text becomes the end-of-text token (a vector still comes out)."""
+    rows = [tokenizer.starting_sequence(ids) for ids in tokenizer.encode_batch(list(texts))]
+    fallback = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    return [ids or list(fallback) for ids in rows]
+
+
+def pool(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
+    """Pooled vectors [batch, n_embd] from right-padded hidden states [batch, time, n_embd] with `lengths` real
+    tokens per row (float32)."""
+    hidden = hidden.float()
+    batch, time = hidden.shape[:2]
+    if pooling == "last":
+        return hidden[torch.arange(batch, device=hidden.device), lengths - 1]
+    position = torch.arange(1, time + 1, device=hidden.device, dtype=torch.float32)[None, :]
+    real = (position <= lengths[:, None]).float()
+    weights = real * position if pooling == "weighted-mean" else real
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return (hidden * weights[..., None]).sum(dim=1)
+
+
+@torch.inference_mode()
+def embed_ids(model: "GPT", rows: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 16,
+              progress: Callable[[int], None] | None = None) -> Tensor:
+    """Pooled (not normalised) float32 vectors [len(rows), n_embd] of token-id rows that fit the context window,
+    in input order. `progress(n)` is called after each batch of n rows."""
+    check_pooling(pooling)
+    if any(not row for row in rows):
+        raise OwnLLMError("every text to embed needs at least one token")
+    longest = max((len(row) for row in rows), default=0)
+    if longest > model.config.block_size:
+        raise OwnLLMError(f"a text of {longest} tokens is longer than the context window ({model.config.block_size})")
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    out = torch.empty(len(rows), model.config.n_embd, dtype=torch.float32)
+    for indices in fixed_batches([len(row) for row in rows], batch_size):
+        ids, lengths = pad_right([rows[i] for i in indices], pad_id=0)
+        hidden = model.hidden_states(ids.to(device))
+        out[indices] = pool(hidden, lengths.to(device), pooling).cpu()
+        if progress is not None:
+            progress(len(indices))
+    model.train(was_training)
+    return out
+
+
+def normalize_rows(vectors: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(vectors, dim=-1)
+
+
+def embed_token_rows(model: "GPT", rows: Sequence[Sequence[int]], *, pooling: str = "mean", normalize: bool = True,
+                     long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
+                     progress: Callable[[int], None] | None = None) -> Embeddings:
+    """Embeddings of token-id rows, with rows longer than the context cut or chunked (see the module docstring)."""
+    if long_texts not in LONG_TEXTS:
+        raise OwnLLMError(f"long_texts must be one of {', '.join(LONG_TEXTS)}, not {long_texts!r}")
+    window = model.config.block_size
+    pieces: list[list[int]] = []
+    owner: list[int] = []
+    shortened = 0
+    for index, row in enumerate(rows):
+        row = list(row)
+        if len(row) > window:
+            shortened += 1
+            parts = [row[:window]] if long_texts == "truncate" else [row[i:i + window]
+                                                                       for i in range(0, len(row), window)]
+        else:
+            parts = [row]
+        pieces.extend(parts)
+        owner.extend([index] * len(parts))
+    if shortened and warn:
+        what = "cut to their first" if long_texts == "truncate" else "split into pieces of"
+        warnings.warn(f"{shortened} text(s) longer than the context window were {what} {window} tokens",
+                      stacklevel=2)
+    pooled = embed_ids(model, pieces, pooling, batch_size, progress)
+    if len(pieces) != len(rows):  # chunked: average each text's pieces, weighted by their lengths
+        weights = torch.tensor([len(p) for p in pieces], dtype=torch.float32)
+        summed = torch.zeros(len(rows), pooled.shape[1]).index_add_(0, torch.tensor(owner), pooled * weights[:, None])
+        totals = torch.zeros(len(rows)).index_add_(0, torch.tensor(owner), weights)
+        pooled = summed / totals[:, None]
+    vectors = normalize_rows(pooled) if normalize else pooled
+    counts = [min(len(r), window) if long_texts == "truncate" else len(r) for r in rows]
+    return Embeddings(vectors=vectors, token_counts=counts, shortened=shortened)
+
+
+def embed_texts(run: "LoadedRun", texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+                long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
+                progress: Callable[[int], None] | None = None) -> Embeddings:
+    """Embeddings of texts with a loaded run (`ownllm.load(path)`); see the module docstring."""
+    rows = encode_for_embedding(run.tokenizer, texts)
+    return embed_token_rows(run.model, rows, pooling=pooling, normalize=normalize, long_texts=long_texts,
+                            batch_size=batch_size, warn=warn, progress=progress)
+

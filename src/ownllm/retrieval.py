@@ -1,0 +1,406 @@
+"""Ask your own documents, privately: chunk a folder, embed the chunks, keep them in one local index file, and
+retrieve with hybrid ranking (BM25 + embeddings, fused by reciprocal rank).
+
+    report = build_index("notes/", model="runs/smol", out="notes.index")   # again later: only changed files
+    index = open_index("notes.index")
+    hits = search(index, run, "How do I renew my permit?", k=4)            # ranked chunks with their sources
+
+The index is one SQLite file (Python's own sqlite3: no extra dependency, one file, transactions): a `meta` table
+(format, version, model, pooling, chunking, a probe vector that identifies the embedding model), `files` (path,
+SHA-256 of the content) and `chunks` (file, lines, text, float32 vector). Search is exact (a matrix product over
+all vectors; fine up to a few hundred thousand chunks on a laptop), and BM25 is computed in memory from the
+chunk texts at load time (`BM25` below: a few lines, so no dependency). Re-indexing compares each file's hash and
+re-embeds only new or changed files; a different model, pooling or chunking re-embeds everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ownllm.embeddings import check_pooling, embed_texts
+from ownllm.errors import OwnLLMError
+
+if TYPE_CHECKING:
+    from ownllm.runs import LoadedRun
+
+INDEX_FORMAT = "ownllm-index"
+INDEX_VERSION = 1
+SQLITE_MAGIC = b"SQLite format 3\x00"
+DOC_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+PROBE_TEXT = "ownllm index probe: which model embedded these chunks?"
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+MODES = ("hybrid", "bm25", "embeddings")
+
+
+# ---- chunking ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Chunk:
+    path: str  # relative to the indexed folder
+    start_line: int  # 1-based, inclusive
+    end_line: int
+    text: str
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.start_line}-{self.end_line}"
+
+
+def chunk_text(text: str, size: int = 200, overlap: int = 40) -> list[tuple[int, int]]:
+    """(start, end) character spans of chunks of `size` words, each sharing `overlap` words with the one before."""
+    if size < 1 or not 0 <= overlap < size:
+        raise OwnLLMError(f"chunk size must be at least 1 and overlap in [0, size); got size {size}, overlap {overlap}")
+    words = [match.span() for match in re.finditer(r"\S+", text)]
+    spans = []
+    start = 0
+    while start < len(words):
+        end = min(start + size, len(words))
+        spans.append((words[start][0], words[end - 1][1]))
+        if end == len(words):
+            break
+        start = end - overlap
+    return spans
+
+
+def chunk_file(text: str, path: str, size: int, overlap: int) -> list[Chunk]:
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    chunks = []
+    for start, end in chunk_text(text, size, overlap):
+        first = int(np.searchsorted(line_starts, start, side="right"))
+        last = int(np.searchsorted(line_starts, end - 1, side="right"))
+        chunks.append(Chunk(path, first, last, text[start:end]))
+    return chunks
+
+
+def find_documents(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OwnLLMError(f"{folder}: not a folder")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _read_document(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise OwnLLMError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise OwnLLMError(f"{path}: cannot read ({error.strerror})") from None
+
+
+# ---- BM25 ----------------------------------------------------------------------------------------------------------
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+class BM25:
+    """Okapi BM25 over a fixed list of texts (k1 1.5, b 0.75): `scores(query)` -> one score per text."""
+
+    def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
+        self.k1, self.b = k1, b
+        self.counts = [Counter(words_of(t)) for t in texts]
+        self.lengths = np.array([sum(c.values()) for c in self.counts], dtype=np.float64)
+        self.average = float(self.lengths.mean()) if len(texts) else 0.0
+        self.postings: dict[str, list[int]] = {}
+        for index, counts in enumerate(self.counts):
+            for word in counts:
+                self.postings.setdefault(word, []).append(index)
+
+    def idf(self, word: str) -> float:
+        n, df = len(self.counts), len(self.postings.get(word, ()))
+        return math.log(1.0 + (n - df + 0.5) / (df + 0.5))
+
+    def scores(self, query: str) -> np.ndarray:
+        scores = np.zeros(len(self.counts))
+        norm = self.k1 * (1.0 - self.b + self.b * self.lengths / max(self.average, 1e-9))
+        for word in set(words_of(query)):
+            docs = self.postings.get(word)
+            if not docs:
+                continue
+            tf = np.array([self.counts[d][word] for d in docs], dtype=np.float64)
+            scores[docs] += self.idf(word) * tf * (self.k1 + 1.0) / (tf + norm[docs])
+        return scores
+
+
+def ranks_of(scores: np.ndarray) -> np.ndarray:
+    """Rank (0 = best) of each item by descending score."""
+    ranks = np.empty(len(scores), dtype=np.int64)
+    ranks[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
+    return ranks
+
+
+def fuse(score_lists: Sequence[np.ndarray], weights: Sequence[float] | None = None, k: int = RRF_K) -> np.ndarray:
+    """Reciprocal rank fusion: sum of weight / (k + rank + 1) over the rankings."""
+    weights = weights or [1.0] * len(score_lists)
+    return sum(w / (k + ranks_of(s) + 1.0) for w, s in zip(weights, score_lists))
+
+
+# ---- the index file ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Index:
+    path: Path
+    meta: dict[str, Any]
+    chunks: list[Chunk]
+    vectors: np.ndarray  # [chunks, dim] float32, L2-normalised
+    bm25: BM25
+
+
+@dataclass
+class IndexReport:
+    files_embedded: int
+    files_unchanged: int
+    files_removed: int
+    chunks_embedded: int
+    chunks_total: int
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """An open index database; a missing, corrupt or foreign file is an OwnLLMError."""
+    try:
+        head = path.open("rb").read(len(SQLITE_MAGIC))
+    except OSError as error:
+        raise OwnLLMError(f"{path}: cannot read the index ({error.strerror})") from None
+    if head != SQLITE_MAGIC:
+        raise OwnLLMError(f"{path}: not an ownllm index (build one with `ownllm index DOCS --model RUN --out FILE`)")
+    connection = sqlite3.connect(path)
+    try:
+        rows = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as error:
+        connection.close()
+        raise OwnLLMError(f"{path}: not an ownllm index, or a damaged one ({error})") from None
+    if rows.get("format") != json.dumps(INDEX_FORMAT):
+        connection.close()
+        raise OwnLLMError(f"{path}: not an ownllm index (a SQLite file of something else)")
+    if rows.get("version") != json.dumps(INDEX_VERSION):
+        connection.close()
+        raise OwnLLMError(f"{path}: index format version {rows.get('version')} is not supported (this ownllm "
+                          f"reads {INDEX_VERSION}); rebuild it with `ownllm index`")
+    return connection
+
+
+def _read_meta(connection: sqlite3.Connection) -> dict[str, Any]:
+    try:
+        return {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM meta")}
+    except ValueError as error:
+        raise OwnLLMError(f"a damaged index (unreadable settings: {error})") from None
+
+
+def _create(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path)
+    connection.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE files (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL);
+        CREATE TABLE chunks (id INTEGER PRIMARY KEY, path TEXT NOT NULL, start_line INTEGER, end_line INTEGER,
+                             text TEXT NOT NULL, vector BLOB NOT NULL);
+        CREATE INDEX chunks_by_path ON chunks(path);
+    """)
+    connection.executemany("INSERT INTO meta VALUES (?, ?)",
+                           [("format", json.dumps(INDEX_FORMAT)), ("version", json.dumps(INDEX_VERSION))])
+    connection.commit()
+    return connection
+
+
+def open_index(path: str | Path) -> Index:
+    """Load an index file: chunks, their vectors and the BM25 statistics."""
+    path = Path(path)
+    connection = _connect(path)
+    try:
+        meta = _read_meta(connection)
+        dim = int(meta.get("dim", 0))
+        chunks, vectors = [], []
+        for file, start, end, text, blob in connection.execute(
+                "SELECT path, start_line, end_line, text, vector FROM chunks ORDER BY id"):
+            if len(blob) != 4 * dim:
+                raise OwnLLMError(f"{path}: a damaged index (a vector of {len(blob)} bytes, expected {4 * dim})")
+            chunks.append(Chunk(file, start, end, text))
+            vectors.append(np.frombuffer(blob, dtype="<f4"))
+    except sqlite3.DatabaseError as error:
+        raise OwnLLMError(f"{path}: a damaged index ({error})") from None
+    finally:
+        connection.close()
+    matrix = np.stack(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
+    return Index(path, meta, chunks, matrix, BM25([c.text for c in chunks]))
+
+
+def _settings(run: "LoadedRun", pooling: str, chunk_size: int, overlap: int) -> dict[str, Any]:
+    probe = embed_texts(run, [PROBE_TEXT], pooling=pooling).vectors[0]
+    return {"model": str(Path(run.path).resolve()), "pooling": pooling, "chunk_size": chunk_size,
+            "overlap": overlap, "dim": int(probe.shape[0]), "probe": [round(float(x), 6) for x in probe]}
+
+
+def _same_embedder(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    keys = ("pooling", "chunk_size", "overlap", "dim")
+    if any(old.get(key) != new[key] for key in keys) or len(old.get("probe", ())) != len(new["probe"]):
+        return False
+    return bool(np.allclose(old["probe"], new["probe"], atol=1e-4))
+
+
+def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Path, *, chunk_size: int = 200,
+                overlap: int = 40, pooling: str = "mean", batch_size: int = 16,
+                progress: Callable[[int, int], None] | None = None) -> IndexReport:
+    """Index the .txt/.md/.rst files under `docs` into the file `out`, incrementally (see the module docstring).
+    All changes are written in one transaction: an interrupted run leaves the previous index as it was (or none)."""
+    from ownllm.runs import LoadedRun, load_run
+
+    check_pooling(pooling)
+    chunk_text("", chunk_size, overlap)  # validates the sizes before the model loads
+    docs, out = Path(docs), Path(out)
+    files = find_documents(docs)
+    run = model if isinstance(model, LoadedRun) else load_run(model)
+    settings = _settings(run, pooling, chunk_size, overlap)
+    fresh = not out.exists()  # a new index is built beside and moved into place when complete
+    target = out.with_name(out.name + ".tmp") if fresh else out
+    if fresh:
+        target.unlink(missing_ok=True)
+    connection = _create(target) if fresh else _connect(out)
+    try:
+        old_meta = _read_meta(connection)
+        same = _same_embedder(old_meta, settings)
+        known = dict(connection.execute("SELECT path, sha256 FROM files")) if same else {}
+        current = {p.relative_to(docs).as_posix(): p for p in files}
+        texts = {name: _read_document(p) for name, p in current.items()}
+        hashes = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in texts.items()}
+        changed = [name for name in current if known.get(name) != hashes[name]]
+        chunks = [c for name in changed for c in chunk_file(texts[name], name, chunk_size, overlap)]
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, len(chunks))
+
+        vectors = embed_texts(run, [c.text for c in chunks], pooling=pooling, batch_size=batch_size,
+                              progress=step).vectors.numpy().astype("<f4") if chunks else None
+        removed = _write_changes(connection, settings, same, changed, set(known) - set(current), chunks, vectors,
+                                 hashes)
+        total = connection.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    except BaseException as error:
+        connection.close()
+        if fresh:
+            target.unlink(missing_ok=True)
+        if isinstance(error, sqlite3.DatabaseError):
+            raise OwnLLMError(f"{out}: cannot update the index ({error})") from None
+        raise
+    connection.close()
+    if fresh:
+        os.replace(target, out)
+    return IndexReport(files_embedded=len(changed), files_unchanged=len(current) - len(changed),
+                       files_removed=removed, chunks_embedded=len(chunks), chunks_total=total)
+
+
+def _write_changes(connection: sqlite3.Connection, settings: dict[str, Any], same: bool, changed: list[str],
+                   removed: set[str], chunks: list[Chunk], vectors: np.ndarray | None,
+                   hashes: dict[str, str]) -> int:
+    with connection:  # one transaction
+        if not same:
+            connection.execute("DELETE FROM chunks")
+            connection.execute("DELETE FROM files")
+        for name in [*changed, *removed]:
+            connection.execute("DELETE FROM chunks WHERE path = ?", (name,))
+            connection.execute("DELETE FROM files WHERE path = ?", (name,))
+        connection.executemany(
+            "INSERT INTO chunks (path, start_line, end_line, text, vector) VALUES (?, ?, ?, ?, ?)",
+            [(c.path, c.start_line, c.end_line, c.text, vectors[i].tobytes()) for i, c in enumerate(chunks)])
+        connection.executemany("INSERT INTO files VALUES (?, ?)", [(name, hashes[name]) for name in changed])
+        connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                               [(key, json.dumps(value)) for key, value in settings.items()])
+    return len(removed)
+
+
+# ---- search and answers --------------------------------------------------------------------------------------------
+
+@dataclass
+class Hit:
+    chunk: Chunk
+    score: float
+
+
+def query_vector(index: Index, run: "LoadedRun") -> Callable[[str], np.ndarray]:
+    """A function embedding queries as the index's chunks were (same model and pooling), checked by the probe."""
+    settings = _settings(run, index.meta["pooling"], index.meta["chunk_size"], index.meta["overlap"])
+    if not _same_embedder(index.meta, settings):
+        raise OwnLLMError(f"{index.path}: was embedded with {index.meta.get('model')} ({index.meta.get('pooling')} "
+                          f"pooling), not with {run.path}: pass that model, or re-index with this one")
+    return lambda text: embed_texts(run, [text], pooling=index.meta["pooling"]).vectors[0].numpy()
+
+
+def rank(index: Index, query: str, vector: np.ndarray | None, mode: str = "hybrid") -> np.ndarray:
+    """Scores of every chunk for a query: BM25, cosine similarity, or their reciprocal rank fusion."""
+    if mode not in MODES:
+        raise OwnLLMError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    lexical = index.bm25.scores(query) if mode != "embeddings" else None
+    dense = index.vectors @ vector if mode != "bm25" else None
+    if mode == "bm25":
+        return lexical
+    if mode == "embeddings":
+        return dense
+    return fuse([lexical, dense])
+
+
+def search(index: Index, run: "LoadedRun", query: str, k: int = 4, mode: str = "hybrid") -> list[Hit]:
+    """The top-k chunks for `query`, best first."""
+    if not index.chunks:
+        raise OwnLLMError(f"{index.path}: the index holds no chunks (was the folder empty?)")
+    vector = query_vector(index, run)(query) if mode != "bm25" else None
+    scores = rank(index, query, vector, mode)
+    best = np.argsort(-scores, kind="stable")[:k]
+    return [Hit(index.chunks[i], float(scores[i])) for i in best]
+
+
+PROMPT = ("Answer the question using only the sources below. Say which source you used, as [1], [2], ... "
+          "If the sources do not hold the answer, say so.\n\n{sources}\n\nQuestion: {question}")
+
+
+def build_question_prompt(question: str, hits: Sequence[Hit]) -> str:
+    sources = "\n\n".join(f"[{i + 1}] ({hit.chunk.source})\n{hit.chunk.text}" for i, hit in enumerate(hits))
+    return PROMPT.format(sources=sources, question=question)
+
+
+def answer(run: "LoadedRun", index: Index, question: str, *, k: int = 4, mode: str = "hybrid",
+           options: Any = None, embedder: "LoadedRun | None" = None,
+           on_text: Callable[[str], None] | None = None) -> tuple[str, list[Hit]]:
+    """Retrieve the top-k chunks (queries embedded by `embedder`, default `run`), put them in the prompt and answer
+    with the run's chat template."""
+    from ownllm.data.instructions import Message
+    from ownllm.serve.prompts import chat_format_for
+
+    hits = search(index, embedder or run, question, k=k, mode=mode)
+    chat_format = chat_format_for(run.run_config, run.tokenizer)
+    prompt = chat_format.encode([Message("user", build_question_prompt(question, hits))])
+    return reply_to_prompt(run, prompt, chat_format.stop, options, on_text), hits
+
+
+def reply_to_prompt(run: "LoadedRun", prompt: list[int], stop: Sequence[str], options: Any = None,
+                    on_text: Callable[[str], None] | None = None) -> str:
+    """Decode the answer to an encoded chat prompt (ownllm.decoding), streamed through `on_text`, stopping at the
+    chat format's end marker."""
+    import dataclasses
+
+    from ownllm.decoding import Continuation, IncrementalText, SamplingOptions, decode
+
+    options = options or SamplingOptions(max_new_tokens=256, temperature=0)
+    options = dataclasses.replace(options, stop=[*options.stop, *stop])
+    room = run.config.block_size - min(options.max_new_tokens, run.config.block_size // 2)
+    if len(prompt) > room:
+        raise OwnLLMError(f"the question and its sources take {len(prompt)} tokens, more than fit the context "
+                          f"({run.config.block_size}) with the answer: use a smaller -k or smaller chunks")
+    continuation = Continuation(list(prompt), options, IncrementalText(run.tokenizer, options.stop))
+    decode(run.model, [continuation], run.tokenizer.eot_id,
+           None if on_text is None else (lambda _, piece: on_text(piece)))
+    return continuation.text.text
