@@ -128,6 +128,9 @@ class TrainJob:
     # what the loss of a batch averages over (default: rows; lm_loss with -100 targets: the counted targets), so that
     # a batch split over processes gives exactly the full batch's mean (see ownllm.distributed.shard)
     loss_weight: Callable[[Batch], float] = distributed.weight_by_rows
+    # metrics measured at each evaluation besides (or instead of) the val loss of eval_batches, e.g. a preference
+    # accuracy; every process calls it, rank 0 adds the returned fields to the metrics row ("val_loss" counts as one)
+    eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 def counted_targets(batch: Batch) -> float:
@@ -172,13 +175,23 @@ def _rewrite_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
-    """Train and val loss against step, as a PNG."""
+    """Train and val loss against step, as a PNG; other val_* metrics (e.g. accuracy) in a panel beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    extra = sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and k != "val_loss"
+                    and isinstance(v, (int, float))})
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(12 if extra else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if extra:
+        for name in extra:
+            axes[0][1].plot(*zip(*[(r["step"], r[name]) for r in rows if name in r]), marker="o", label=name[4:])
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("validation")
+        axes[0][1].grid(alpha=0.3)
+        axes[0][1].legend()
     train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if train:
@@ -252,7 +265,8 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
                                                          run.device)
             run.train_loss = loss_sum / distributed.world_size()
             bar.update(1)
-            evaluate_now = job.eval_batches is not None and cfg.eval_interval and (
+            evaluates = job.eval_batches is not None or job.eval_metrics is not None
+            evaluate_now = evaluates and cfg.eval_interval and (
                 run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps)
             if run.step % cfg.log_interval == 0 or evaluate_now or run.step == last_step:
                 _log_step(job, run, forward_model, lr, evaluate_now, metrics, bar)
@@ -329,9 +343,12 @@ def _log_step(job: TrainJob, run: _Progress, forward_model: nn.Module, lr: float
     row: dict[str, Any] = {"step": run.step, "train_loss": run.train_loss, "lr": lr,
                            "tokens_per_sec": round(run.tokens_per_sec, 1)}
     if evaluate_now:
-        run.val_loss = evaluate_loss(forward_model, job.eval_batches(), job.loss_fn, run.device, job.precision,
-                                     split_by=job.loss_weight)
-        row["val_loss"] = run.val_loss
+        if job.eval_batches is not None:
+            row["val_loss"] = evaluate_loss(forward_model, job.eval_batches(), job.loss_fn, run.device, job.precision,
+                                            split_by=job.loss_weight)
+        if job.eval_metrics is not None:
+            row.update(job.eval_metrics(forward_model))
+        run.val_loss = row.get("val_loss", run.val_loss)
         run.window_start = time.perf_counter()  # evaluation time is not training throughput
     if run.main:
         run.rows.append(row)
