@@ -1,7 +1,7 @@
 """What the fine-tuning stages share: which parameters train, LoRA runs, train settings, the run directory, merging.
 
 A fine-tuned run directory is an ordinary run (config.json, tokenizer/, checkpoint/, metrics.jsonl, loss.png) with
-"task": "classify" or "instruct" in its config. A full fine-tune publishes its weights as model.safetensors; a LoRA
+"task": "classify", "instruct" or "prefer" in its config. A full fine-tune publishes its weights as model.safetensors; a LoRA
 run keeps only its adapters (and head) in the PEFT layout, adapter_config.json + adapter_model.safetensors, and
 names its base run in config.json ("base"), which must stay where it was (or merge with `ownllm merge-lora`).
 Loading any of these runs (and the base model a stage starts from) is ownllm.runs.
