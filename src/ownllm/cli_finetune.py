@@ -60,6 +60,14 @@ def _report_instruct(result: Any, args: argparse.Namespace) -> None:
           f"{'; '.join(parts) or 'no held-out data'}; run saved in {args.out}")
 
 
+def _report_prefer(result: Any, args: argparse.Namespace) -> None:
+    held_out = (("val", result.val), ("test", result.test))
+    parts = [f"{name}: preference accuracy {100 * m['preference_accuracy']:.1f}%, reward margin "
+             f"{m['reward_margin']:.3f}, loss {m['loss']:.4f}" for name, m in held_out if m]
+    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
+          f"{'; '.join(parts) or 'no held-out pairs'}; run saved in {args.out}")
+
+
 CLASSIFY: tuple[Option, ...] = (
     opt("text_column", "text column name (or number, 1 = first, in a file without a header)"),
     opt("label_column", "label column name (or number)"),
@@ -77,11 +85,21 @@ INSTRUCT: tuple[Option, ...] = (
     opt("mask_prompt", "learn only the responses (default) or the whole text", action=argparse.BooleanOptionalAction),
     opt("max_new_tokens", "length of the held-out responses", type=int),
 )
+PREFER: tuple[Option, ...] = (
+    opt("val_fraction", type=float),
+    opt("test_fraction", type=float),
+    opt("template", "prompt template (default: the model's own, from its instruct run or chat template)",
+        choices=["alpaca", "chatml"]),
+    opt("beta", "DPO beta: how far the model may move from where it started", type=float),
+    opt("loss", "DPO (sigmoid) or IPO loss", choices=["sigmoid", "ipo"]),
+)
 STAGES: dict[str, Stage] = {
     "classify": Stage("train a classifier head (and the model, or LoRA) on labelled texts", CLASSIFY,
                       "ownllm.finetune.classify:finetune_classify", _report_classify),
     "instruct": Stage("train a model to follow instructions in a prompt template", INSTRUCT,
                       "ownllm.finetune.instruct:finetune_instruct", _report_instruct),
+    "prefer": Stage("preference tuning (DPO): prefer the chosen of two answers", PREFER,
+                    "ownllm.finetune.prefer:finetune_prefer", _report_prefer),
 }
 
 

@@ -5,6 +5,7 @@
     ...train: only lora_A / lora_B (and anything you unfreeze yourself, e.g. a classifier head) change...
     save_peft_adapter(model, config, "runs/x", base="runs/base", task_type="CAUSAL_LM")
     merge_lora(model)                           # folds B @ A * alpha / rank into each weight; plain nn.Linear again
+    with adapters_disabled(model): ...          # the base model's outputs, without a second copy (DPO's reference)
 
 A wrapped layer computes W x + b + (alpha / rank) * B A dropout(x), with A [rank, in] drawn like nn.Linear's weight
 and B [out, rank] zero, so at init the adapted model equals the base model. Targets are ownllm module names
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,8 +87,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # False: the base layer alone (see `adapters_disabled`)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return F.linear(x, self.weight, self.bias) + update * self.scaling
 
@@ -131,6 +136,21 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not wrapped:
         raise OwnLLMError("no LoRA target modules found in the model")
     return wrapped
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block every LoRA layer of `model` computes its frozen base layer alone: the model as it was before
+    adaptation, with no second copy in memory. A model without adapters is unchanged."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    states = [m.enabled for m in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, states):
+            layer.enabled = state
 
 
 def merge_lora(model: nn.Module) -> int:

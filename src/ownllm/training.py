@@ -119,6 +119,9 @@ class TrainJob:
     compile_model: bool | None = None  # the resolved --compile (None: config.compile is True)
     # scores benchmarks with the (unwrapped) model at each evaluation, on rank 0: {task: {"acc": .., ...}}
     benchmarks: Callable[[nn.Module], dict[str, Any]] | None = None
+    # metrics measured at each evaluation besides (or instead of) the val loss of eval_batches, e.g. a preference
+    # accuracy; every process calls it, rank 0 adds the returned fields to the metrics row ("val_loss" counts as one)
+    eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 def counted_targets(batch: Batch) -> float:
@@ -177,13 +180,23 @@ def _plot_benchmarks(ax: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
-    """Train and val loss against step, as a PNG."""
+    """Train and val loss against step, as a PNG; other val_* metrics (e.g. accuracy) in a panel beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    extra = sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and k != "val_loss"
+                    and isinstance(v, (int, float))})
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(12 if extra else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if extra:
+        for name in extra:
+            axes[0][1].plot(*zip(*[(r["step"], r[name]) for r in rows if name in r]), marker="o", label=name[4:])
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("validation")
+        axes[0][1].grid(alpha=0.3)
+        axes[0][1].legend()
     train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if train:
@@ -259,7 +272,8 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
                                                          run.device)
             run.train_loss = loss_sum / distributed.world_size()
             bar.update(1)
-            evaluate_now = (job.eval_batches is not None or job.benchmarks is not None) and cfg.eval_interval and (
+            evaluates = job.eval_batches is not None or job.eval_metrics is not None or job.benchmarks is not None
+            evaluate_now = evaluates and cfg.eval_interval and (
                 run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps or out_of_time)  # timed runs end evaluated
             if run.step % cfg.log_interval == 0 or evaluate_now or run.step == last_step:
                 _log_step(job, run, forward_model, lr, evaluate_now, metrics, bar)
@@ -349,14 +363,16 @@ def _log_step(job: TrainJob, run: _Progress, forward_model: nn.Module, lr: float
     run.window_tokens, run.window_start = 0, time.perf_counter()
     row: dict[str, Any] = {"step": run.step, "train_loss": run.train_loss, "lr": lr,
                            "tokens_per_sec": round(run.tokens_per_sec, 1)}
-    if evaluate_now and job.eval_batches is not None:
-        run.val_loss = evaluate_loss(forward_model, job.eval_batches(), job.loss_fn, run.device, job.precision,
-                                     split_by=job.loss_weight)
-        row["val_loss"] = run.val_loss
-        row["time"] = round(time.time(), 2)  # wall clock of the evaluation (time-to-loss benchmarks)
-    if evaluate_now and job.benchmarks is not None and run.main and run.strategy != "fsdp":
-        row["benchmarks"] = job.benchmarks(job.model)  # FSDP shards the weights: not scored there
     if evaluate_now:
+        if job.eval_batches is not None:
+            row["val_loss"] = evaluate_loss(forward_model, job.eval_batches(), job.loss_fn, run.device, job.precision,
+                                            split_by=job.loss_weight)
+        if job.eval_metrics is not None:
+            row.update(job.eval_metrics(forward_model))
+        run.val_loss = row.get("val_loss", run.val_loss)
+        row["time"] = round(time.time(), 2)  # wall clock of the evaluation (time-to-loss benchmarks)
+        if job.benchmarks is not None and run.main and run.strategy != "fsdp":
+            row["benchmarks"] = job.benchmarks(job.model)  # FSDP shards the weights: not scored there
         run.window_start = time.perf_counter()  # evaluation time is not training throughput
     if run.main:
         run.rows.append(row)

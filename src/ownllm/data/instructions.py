@@ -165,7 +165,7 @@ def get_template(name: str) -> Template:
 
 # ---- reading ------------------------------------------------------------------------------------------------------
 
-def _records(path: Path) -> list[tuple[str, object]]:
+def read_records(path: Path) -> list[tuple[str, object]]:
     """(location, record) pairs from a JSON list or JSON Lines file."""
     text = read_text_file(path)  # a missing, binary or non-UTF-8 file (or a folder): one clear error
     stripped = text.lstrip()
@@ -224,7 +224,7 @@ def _conversation(where: str, record: object) -> Conversation:
 def read_instructions(path: str | Path) -> list[Conversation]:
     """Conversations from Alpaca JSON/JSONL (instruction, input, output) or chat JSONL ({"messages": [...]})."""
     path = Path(path)
-    conversations = [_conversation(where, record) for where, record in _records(path)]
+    conversations = [_conversation(where, record) for where, record in read_records(path)]
     if not conversations:
         raise OwnLLMError(f"{path}: no examples")
     return conversations

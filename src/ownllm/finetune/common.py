@@ -1,7 +1,7 @@
 """What the fine-tuning stages share: which parameters train, LoRA runs, train settings, the run directory, merging.
 
 A fine-tuned run directory is an ordinary run (config.json, tokenizer/, checkpoint/, metrics.jsonl, loss.png) with
-"task": "classify" or "instruct" in its config. A full fine-tune publishes its weights as model.safetensors; a LoRA
+"task": "classify", "instruct" or "prefer" in its config. A full fine-tune publishes its weights as model.safetensors; a LoRA
 run keeps only its adapters (and head) in the PEFT layout, adapter_config.json + adapter_model.safetensors, and
 names its base run in config.json ("base"), which must stay where it was (or merge with `ownllm merge-lora`).
 Loading any of these runs (and the base model a stage starts from) is ownllm.runs.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ownllm import checkpoint, distributed, outputs
 from ownllm.checkpoint import TOKENIZER_DIR
@@ -136,6 +137,7 @@ class StageTraining:
     eval_batches: Callable[[], Iterable[Batch]] | None = None
     tokens_in: Callable[[Batch], int] | None = None
     loss_weight: Callable[[Batch], float] | None = None  # None: the loop's default (rows)
+    eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None  # more metrics per evaluation (TrainJob's)
 
 
 class FinetuneStage:
@@ -153,6 +155,9 @@ class FinetuneStage:
     def read_data(self) -> None:
         raise NotImplementedError
 
+    def use_base(self, base: LoadedRun) -> None:
+        """Read what the stage needs from the base run (prefer: its prompt template); nothing by default."""
+
     def default_lr(self, lora: LoRAConfig | None) -> float:
         raise NotImplementedError
 
@@ -166,6 +171,10 @@ class FinetuneStage:
     def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
                  device: torch.device) -> StageTraining:
         raise NotImplementedError
+
+    def prepare(self, model: GPT, run_dir: Path, device: torch.device, precision: str) -> None:
+        """Just before training, with the starting weights (a resume loads its checkpoint later): prefer computes
+        its reference log-probs here; nothing by default."""
 
     def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
                precision: str) -> Any:
@@ -209,6 +218,7 @@ def _fit(stage: FinetuneStage, run_dir: Path, train_config: TrainConfig | None,
     o, overrides = stage.options, train_overrides or {}
     stage.read_data()
     base = load_base(o["model"])
+    stage.use_base(base)
     model_config = with_dropout(base.config, o["dropout"])
     lora = lora_config_from(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], o["lora_targets"])
     batch_size = (train_config.batch_size if train_config else overrides.get("batch_size")) or 8
@@ -233,10 +243,12 @@ def _fit(stage: FinetuneStage, run_dir: Path, train_config: TrainConfig | None,
             train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
             train=train_config.to_dict(), options={k: v for k, v in o.items() if k not in NOT_STORED})
     precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
+    stage.prepare(model, run_dir, device, precision)
     job = TrainJob(model=model, config=train_config, run_dir=run_dir, micro_batch=training.micro_batch,
                    loss_fn=training.loss_fn, eval_batches=training.eval_batches, device=device, precision=precision,
                    flops_per_token=flops_per_token(model), tokens_in=training.tokens_in,
-                   save_trainable_only=lora is not None, on_checkpoint=_adapter_writer(stage, model, lora))
+                   save_trainable_only=lora is not None, on_checkpoint=_adapter_writer(stage, model, lora),
+                   eval_metrics=training.eval_metrics)
     if training.loss_weight is not None:
         job.loss_weight = training.loss_weight
     result = train(job, resume=o["resume"], show_progress=o["show_progress"])

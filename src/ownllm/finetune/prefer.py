@@ -1,0 +1,212 @@
+"""Preference tuning (DPO): shift an instruction-tuned model towards the preferred of two answers, fully or with LoRA.
+
+    from ownllm.finetune import finetune_prefer
+    result = finetune_prefer(out="runs/polite", model="runs/assistant", data="prefs.json", beta=0.1, lora_rank=16)
+    result.val["preference_accuracy"], result.val["reward_margin"]
+
+CLI: `ownllm finetune prefer --model RUN --data prefs.json --out runs/polite --beta 0.1 [--lora-rank 16]
+[--loss sigmoid|ipo]`, then `ownllm chat runs/polite`.
+
+Data: the book's {instruction, input, chosen, rejected} or trl's {prompt, chosen, rejected} (strings or chat
+messages), see `ownllm.data.preferences`. The prompt is rendered in the model's template (an instruct run's own;
+else `--template`), each answer ends with the template's end marker, and only answer tokens count.
+
+The reference model is the starting model. Its log-probabilities of every pair are computed once before training,
+with LoRA adapters disabled, and kept in RUN/reference_logps.safetensors (for --resume), so there is never a second
+copy of the model in memory and no step pays a reference forward pass (`ownllm.finetune.dpo`). At each evaluation,
+metrics.jsonl gets the validation split's DPO loss (val_loss), rewards of the chosen and rejected answers, their
+margin and the preference accuracy (the share of pairs whose chosen answer gets the higher reward), also plotted in
+loss.png; at the end RUN/metrics.json holds them for val and test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ownllm import distributed
+from ownllm.checkpoint import write_json_atomic
+from ownllm.config import ModelConfig
+from ownllm.data.instructions import TEMPLATES, Template, get_template
+from ownllm.data.labelled import split_examples
+from ownllm.data.preferences import PreferenceBatches, PreferencePair, pair_tokens, read_preferences
+from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
+from ownllm.finetune.dpo import (answer_tokens, check_loss_kind, dpo_losses, evaluate_pairs, pair_logps,
+                                 reference_logps)
+from ownllm.lora import TARGETS, LoRAConfig
+from ownllm.model import GPT
+from ownllm.runs import LoadedRun
+from ownllm.tokenizer import Tokenizer
+from ownllm.training import TrainResult
+
+REFERENCE_FILE = "reference_logps.safetensors"  # the starting model's log-probs of every pair, kept for --resume
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PreferResult:
+    run_dir: Path
+    train: TrainResult
+    val: dict[str, float] | None  # ownllm.finetune.dpo.METRICS on the validation pairs
+    test: dict[str, float] | None
+
+
+def split_pairs(data: str | Path, val_file: str | Path | None, test_file: str | Path | None, val_fraction: float,
+                test_fraction: float, split_seed: int) -> tuple[list[PreferencePair], ...]:
+    """Train / val / test pairs: from their files, or cut (seeded shuffle) from the data file."""
+    train_set, val, test = split_examples(read_preferences(data), 0.0 if val_file else val_fraction,
+                                          0.0 if test_file else test_fraction, split_seed)
+    return (train_set, read_preferences(val_file) if val_file else val,
+            read_preferences(test_file) if test_file else test)
+
+
+def template_for(base: LoadedRun, name: str | None) -> Template:
+    """The prompt template: the one asked for, else the base run's own (an instruct run), else ChatML for a
+    tokenizer whose chat template speaks it, else Alpaca."""
+    if name:
+        return get_template(name)
+    own = base.run_config.get("template")
+    if own in TEMPLATES:
+        return get_template(own)
+    chat_template = getattr(base.tokenizer, "chat_template", None) or ""
+    return get_template("chatml" if "<|im_start|>" in chat_template else "alpaca")
+
+
+def finetune_prefer(
+    out: str | Path,
+    model: str | Path | None = None,
+    data: str | Path | None = None,
+    *,
+    resume: bool = False,
+    val_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.0,
+    split_seed: int = 123,
+    template: str | None = None,
+    beta: float = 0.1,
+    loss: str = "sigmoid",
+    train_layers: str = "all",
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: Sequence[str] = TARGETS,
+    epochs: float = 1,
+    dropout: float | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+    **train_overrides: Any,
+) -> PreferResult:
+    """Preference-tune the model run `model` on the pairs in `data` (DPO) into the run directory `out`."""
+    if not resume:
+        check_loss_kind(loss, beta)  # fail fast
+        if template:
+            get_template(template)
+    stage = PreferStage(dict(
+        model=model, data=data, val_file=val_file, test_file=test_file, val_fraction=val_fraction,
+        test_fraction=test_fraction, split_seed=split_seed, template=template, beta=beta, loss=loss,
+        train_layers=train_layers, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_targets=lora_targets, epochs=epochs, dropout=dropout))
+    return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
+                     train_overrides=train_overrides)
+
+
+def dpo_loss_fn(references: list[Tensor | None], beta: float, kind: str):
+    """The training loss of a preference batch (inputs, targets, lengths, index): mean DPO loss over its pairs,
+    against the train split's reference log-probs (references[0], filled in before training starts)."""
+    def loss_fn(net: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+        inputs, targets, _, index = batch
+        policy = pair_logps(net, inputs, targets)
+        reference = references[0][index.cpu()].to(policy.device)
+        return dpo_losses(policy, reference, answer_tokens(targets), beta, kind)[0].mean()
+    return loss_fn
+
+
+class PreferStage(FinetuneStage):
+    """Preference pairs -> a GPT that prefers the chosen answers (DPO or IPO); rewards, margin and accuracy."""
+
+    task = "prefer"
+    data_kind = "preference pairs: JSON or JSONL"
+
+    def read_data(self) -> None:
+        o = self.options
+        self.splits = split_pairs(o["data"], o["val_file"], o["test_file"], o["val_fraction"], o["test_fraction"],
+                                  o["split_seed"])
+
+    def use_base(self, base: LoadedRun) -> None:
+        self.template = template_for(base, self.options["template"])
+
+    def default_lr(self, lora: LoRAConfig | None) -> float:
+        return 5e-5 if lora else 5e-6
+
+    def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
+        return dict(template=self.template.name, beta=self.options["beta"], loss=self.options["loss"])
+
+    def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
+                 device: torch.device) -> StageTraining:
+        o, context = self.options, model_config.block_size
+        self.batches = [PreferenceBatches(items, self.template, tokenizer, context, batch_size, seed=seed)
+                        if items else None for items in self.splits]
+        if o["show_progress"] and distributed.is_main():
+            for name, split in zip(SPLITS, self.batches):
+                if split is not None and (split.truncated or split.dropped):
+                    print(f"note: {name}: {split.truncated} pairs have answers that run past the context ({context} "
+                          f"tokens) and were cut; {split.dropped} whose prompt leaves no room for an answer were "
+                          "left out")
+        self.fixed = [split.eval_batches() if split is not None else None for split in self.batches]
+        self.references: list[Tensor | None] = [None, None, None]
+        train = self.batches[0]
+        return StageTraining(micro_batch=train.batch, batches_per_epoch=train.plan.batches_per_epoch,
+                             loss_fn=dpo_loss_fn(self.references, o["beta"], o["loss"]), tokens_in=pair_tokens,
+                             eval_metrics=self.val_metrics if self.batches[1] is not None else None)
+
+    def prepare(self, model: GPT, run_dir: Path, device: torch.device, precision: str) -> None:
+        """The reference log-probs of every pair, from the starting weights (before a resume loads the checkpoint)."""
+        self.device, self.precision = device, precision
+        self.references[:] = reference_for(run_dir, self.options["resume"], model.to(device), self.batches,
+                                           self.fixed, device, precision,
+                                           self.options["show_progress"] and distributed.is_main())
+
+    def val_metrics(self, net: nn.Module) -> dict[str, float]:
+        stats = evaluate_pairs(net, self.fixed[1], self.references[1], self.options["beta"], self.options["loss"],
+                               self.device, self.precision)
+        return {f"val_{k}": v for k, v in stats.items()}
+
+    def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
+               precision: str) -> PreferResult:
+        if not distributed.is_main():  # rank 0 evaluates and writes the results
+            return PreferResult(run_dir=run_dir, train=result, val=None, test=None)
+        o = self.options
+        val, test = (evaluate_pairs(model, self.fixed[i], self.references[i], o["beta"], o["loss"], device, precision)
+                     if self.batches[i] is not None else None for i in (1, 2))
+        write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "val": val, "test": test,
+                                                   "train_pairs": len(self.batches[0])})
+        return PreferResult(run_dir=run_dir, train=result, val=val, test=test)
+
+
+def reference_for(run_dir: Path, resume: bool, model: nn.Module, batches: Sequence[PreferenceBatches | None],
+                  fixed: Sequence[list | None], device: torch.device, precision: str,
+                  show: bool) -> list[Tensor | None]:
+    """The reference log-probs [pairs, 2] of the train, val and test pairs: on a resume, read from
+    RUN/reference_logps.safetensors when it holds them for these pairs; else computed from `model` (the starting
+    weights, adapters off) and stored there."""
+    path = run_dir / REFERENCE_FILE
+    expected = {name: (len(split), 2) for name, split in zip(SPLITS, batches) if split is not None}
+    if resume and path.is_file():
+        stored = load_file(str(path))
+        if {name: tuple(t.shape) for name, t in stored.items()} == expected:
+            return [stored.get(name) for name in SPLITS]
+    references = [reference_logps(model, rows, len(split), device, precision,
+                                  desc=f"reference log-probs ({name})" if show else None) if split is not None else None
+                  for name, split, rows in zip(SPLITS, batches, fixed)]
+    if distributed.is_main():
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({name: t for name, t in zip(SPLITS, references) if t is not None}, str(tmp))
+        tmp.replace(path)
+    return references

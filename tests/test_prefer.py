@@ -1,0 +1,206 @@
+"""Preference tuning (DPO): the loss and rewards against the formula, answer log-probs with the prompt masked,
+reading the book's and trl's formats, adapters off = the base model, and tiny runs end to end (LoRA and full, the
+CLI, an exact resume, bad data)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from finetune_helpers import metrics_rows, write_json
+from ownllm.cli import main
+from ownllm.config import ModelConfig
+from ownllm.data.instructions import IGNORE, get_template
+from ownllm.data.preferences import PreferenceBatches, collate_pairs, read_preferences
+from ownllm.errors import OwnLLMError
+from ownllm.finetune import finetune_prefer
+from ownllm.finetune.dpo import dpo_losses, pair_logps, pair_stats
+from ownllm.lora import LoRAConfig, adapters_disabled, apply_lora
+from ownllm.model import GPT
+from ownllm.tokenizer import char_tokenizer_from_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+POLICY = [[-12.5, -15.0], [-8.0, -7.5], [-20.25, -19.0]]
+REFERENCE = [[-13.0, -14.0], [-8.5, -7.0], [-20.0, -21.0]]
+COUNTS = [[5, 7], [3, 4], [10, 9]]
+
+
+def test_dpo_loss_and_rewards_equal_the_formula():
+    policy, reference, counts = torch.tensor(POLICY), torch.tensor(REFERENCE), torch.tensor(COUNTS)
+    for beta in (0.1, 0.5):
+        losses, chosen, rejected = dpo_losses(policy, reference, counts, beta, "sigmoid")
+        for i, ((pc, pr), (rc, rr), (nc, nr)) in enumerate(zip(POLICY, REFERENCE, COUNTS)):
+            z = beta * ((pc - rc) - (pr - rr))
+            assert losses[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-z))), rel=1e-6)
+            assert chosen[i].item() == pytest.approx(beta * (pc - rc), rel=1e-6)
+            assert rejected[i].item() == pytest.approx(beta * (pr - rr), rel=1e-6)
+        ipo, _, _ = dpo_losses(policy, reference, counts, beta, "ipo")
+        for i, ((pc, pr), (rc, rr), (nc, nr)) in enumerate(zip(POLICY, REFERENCE, COUNTS)):
+            assert ipo[i].item() == pytest.approx(((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2, rel=1e-6)
+    losses, chosen, rejected = dpo_losses(policy, reference, counts, 0.1, "sigmoid")
+    stats = pair_stats(losses, chosen, rejected)
+    margins = [0.1 * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(POLICY, REFERENCE)]
+    assert stats["reward_margin"] == pytest.approx(sum(margins) / 3, rel=1e-6)
+    assert stats["preference_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)  # 2 of 3
+    assert stats["loss"] == pytest.approx(losses.mean().item())
+    # at the start the policy is the reference: loss log 2, rewards 0
+    start = dpo_losses(reference, reference, counts, 0.1, "sigmoid")
+    assert torch.allclose(start[0], torch.full((3,), math.log(2))) and not start[1].any()
+
+
+def test_answer_log_probs_count_only_answer_tokens_whatever_the_padding():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt_a, prompt_b = [3, 4, 5, 6], [7, 8]
+    rows = [(prompt_a + [10, 11, 12], prompt_a + [13], len(prompt_a)),
+            (prompt_b + [14, 15, 16, 17, 18, 19], prompt_b + [20, 21], len(prompt_b))]
+    inputs, targets, lengths, index = collate_pairs(rows, [5, 9], pad_id=0)
+    assert inputs.shape == (2, 2, 7) and lengths.tolist() == [[6, 4], [7, 3]] and index.tolist() == [5, 9]
+    assert (targets[0, 0] != IGNORE).sum() == 3 and (targets[0, 1] != IGNORE).sum() == 1
+    with torch.no_grad():
+        logps = pair_logps(model, inputs, targets)
+        for i, row in enumerate(rows):
+            for j in range(2):
+                ids, start = row[j], row[2]
+                log_probs = F.log_softmax(model(torch.tensor([ids[:-1]])).float()[0], dim=-1)
+                expected = sum(log_probs[t - 1, ids[t]].item() for t in range(start, len(ids)))
+                assert logps[i, j].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_reading_the_books_and_trls_formats(tmp_path):
+    records = [
+        {"instruction": "Fix it.", "input": "He go.", "output": "He goes.", "chosen": "He goes.",
+         "rejected": "He goes, obviously."},
+        {"prompt": "Hi?", "chosen": "Hello!", "rejected": "What."},
+        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+         "chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "assistant", "content": "No."}]},
+        {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+         "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "B"}]},
+    ]
+    pairs = read_preferences(write_json(tmp_path / "p.json", records))
+    assert [(p.prompt[-1].content, p.prompt[-1].input, p.chosen, p.rejected) for p in pairs] == [
+        ("Fix it.", "He go.", "He goes.", "He goes, obviously."), ("Hi?", "", "Hello!", "What."),
+        ("Hi?", "", "Hello!", "No."), ("Q", "", "A", "B")]
+    assert [m.role for m in pairs[2].prompt] == ["system", "user"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    assert read_preferences(jsonl) == pairs
+    bad = {"instruction": "x", "chosen": "a"}
+    for record, message in [(bad, "item 1: missing field 'rejected'"),
+                            ({"chosen": "a", "rejected": "b"}, "item 1: missing field 'prompt'"),
+                            ({"prompt": "x", "chosen": "same", "rejected": "same"}, "item 1: 'chosen' and 'rejected' "
+                                                                                    "are identical")]:
+        with pytest.raises(OwnLLMError, match=message):
+            read_preferences(write_json(tmp_path / "bad.json", [records[1], record]))
+
+
+def test_too_long_pairs_are_cut_or_dropped_and_counted():
+    text = "abcdefghijklmnopqrstuvwxyz .?!#:\n"
+    tok = char_tokenizer_from_text(text + "Below is an instruction that describes a task. Write a response that "
+                                   "appropriately completes the request.INR")
+    from ownllm.data.preferences import PreferencePair
+    from ownllm.data.instructions import Message
+    template = get_template("alpaca")
+    short = PreferencePair([Message("user", "hi")], "yes", "no")
+    long_answer = PreferencePair([Message("user", "hi")], "y" * 300, "n")
+    long_prompt = PreferencePair([Message("user", "h" * 400)], "yes", "no")
+    batches = PreferenceBatches([short, long_answer, long_prompt], template, tok, block_size=200, batch_size=2)
+    assert (len(batches), batches.truncated, batches.dropped) == (2, 1, 1)
+    inputs, targets, lengths, _ = batches.batch(0)
+    assert inputs.shape[-1] <= 200 and int(lengths.max()) <= 200
+    with pytest.raises(OwnLLMError, match="no preference pair has room"):
+        PreferenceBatches([long_prompt], template, tok, block_size=200, batch_size=2)
+
+
+def test_adapters_disabled_gives_the_base_model():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    ids = torch.randint(0, 40, (2, 10))
+    with torch.no_grad():
+        base = model(ids)
+        apply_lora(model, LoRAConfig(rank=2, alpha=4))
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_()
+        adapted = model(ids)
+        with adapters_disabled(model):
+            off = model(ids)
+        again = model(ids)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    assert torch.equal(off, base) and torch.equal(again, adapted)
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+
+WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
+
+
+def preference_records(n: int) -> list[dict[str, str]]:
+    """The chosen answer says please, the rejected one is curt; alternately in the book's and trl's format."""
+    records = []
+    for i in range(n):
+        word = WORDS[i % len(WORDS)]
+        if i % 2:
+            records.append({"instruction": f"Name the fruit {word}.", "input": "", "chosen": f"Please: {word}.",
+                            "rejected": f"{word}!"})
+        else:
+            records.append({"prompt": f"Say {word}.", "chosen": f"Please: {word}.", "rejected": f"{word}!"})
+    return records
+
+
+def _tiny_run(base, tmp_path, name, **options):
+    data = write_json(tmp_path / "prefs.json", preference_records(32))
+    common = dict(model=base, data=data, val_file=data, val_fraction=0.0, beta=0.1, show_progress=False,
+                  batch_size=8, eval_interval=10, log_interval=5, precision="fp32")
+    return finetune_prefer(out=tmp_path / name, **{**common, **options})
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_preference_accuracy_on_the_training_pairs_rises_above_0_9(base, tmp_path, lora):
+    options = dict(lora_rank=8, lr=3e-3) if lora else dict(lr=3e-4)
+    result = _tiny_run(base, tmp_path, "run", max_steps=20, **options)
+    rows = [r for r in metrics_rows(tmp_path / "run") if "val_preference_accuracy" in r]
+    assert rows[0]["step"] == 10 and rows[-1]["step"] == 20
+    assert result.val["preference_accuracy"] > 0.9 and result.val["reward_margin"] > 0.5
+    assert result.val["rewards_chosen"] > result.val["rewards_rejected"]
+    assert rows[-1]["val_reward_margin"] == pytest.approx(result.val["reward_margin"], rel=1e-4)
+    assert rows[-1]["val_loss"] < math.log(2) - 0.2
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["task"] == "prefer" and config["template"] == "alpaca" and bool(config["lora"]) == lora
+    assert (tmp_path / "run" / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(base, tmp_path):
+    common = dict(max_steps=15, lr=3e-4, dropout=0.1, loss="ipo")
+    straight = _tiny_run(base, tmp_path, "a", **common)
+    _tiny_run(base, tmp_path, "b", stop_at=10, **common)
+    assert (tmp_path / "b" / "reference_logps.safetensors").is_file()
+    resumed = finetune_prefer(out=tmp_path / "b", resume=True, show_progress=False)
+    assert resumed.train.step == straight.train.step == 15
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = lambda run: [{k: v for k, v in r.items() if k != "tokens_per_sec"}  # noqa: E731
+                          for r in metrics_rows(tmp_path / run)]
+    assert logged("a") == logged("b") and any("val_preference_accuracy" in r for r in logged("a"))
+    assert resumed.val == straight.val
+
+
+def test_the_cli_runs_and_bad_data_gets_one_line_and_exit_2(base, tmp_path, capsys):
+    data = write_json(tmp_path / "prefs.json", preference_records(16))
+    assert main(["finetune", "prefer", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "polite"),
+                 "--beta", "0.2", "--lora-rank", "4", "--max-steps", "2", "--batch-size", "4", "--val-fraction",
+                 "0.25", "--precision", "fp32"]) == 0
+    assert "val: preference accuracy" in capsys.readouterr().out
+    bad = write_json(tmp_path / "bad.json", [*preference_records(3), {"instruction": "x", "chosen": "y"}])
+    assert main(["finetune", "prefer", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ownllm: error: {bad} item 3: missing field 'rejected' (a pair needs a prompt or instruction, "
+                   "chosen and rejected)"]
+    assert not (tmp_path / "r").exists()
