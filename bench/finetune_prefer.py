@@ -50,13 +50,13 @@ def pair_metrics(run, pairs_file: Path, template, reference: torch.Tensor | None
                  beta: float) -> tuple[dict, torch.Tensor]:
     """DPO metrics against `reference` (None: the model is its own reference) and log-prob accuracy; the log-probs."""
     batches = PreferenceBatches(read_preferences(pairs_file), template, run.tokenizer, run.config.block_size, 8)
-    device = torch.device("cpu")
+    device = next(run.model.parameters()).device
     logps = logps_of_pairs(run.model, batches.eval_batches(), len(batches), device, "fp32")
     counts = torch.ones_like(logps)
     losses, chosen, rejected = dpo_losses(logps, logps if reference is None else reference, counts, beta)
     stats = pair_stats(losses, chosen, rejected)
     stats["logp_accuracy"] = (logps[:, 0] > logps[:, 1]).float().mean().item()
-    return stats, logps
+    return stats, logps.cpu()
 
 
 def rouge(run, template, items: list[dict], max_new_tokens: int) -> float:
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (training and scoring)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="training precision")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -92,7 +94,7 @@ def main() -> None:
     template = get_template("chatml")
 
     start = time.perf_counter()
-    base = load_run(args.model)
+    base = load_run(args.model, device=args.device)
     before, reference = pair_metrics(base, files["val"], template, None, args.beta)
     rouge_before = rouge(base, template, test_items, args.max_new_tokens)
     del base
@@ -103,11 +105,11 @@ def main() -> None:
     result = finetune_prefer(out=out / "run", model=args.model, data=files["train"], val_file=files["val"],
                              val_fraction=0.0, template="chatml", beta=args.beta, lora_rank=args.lora_rank,
                              epochs=args.epochs, batch_size=args.batch_size, show_progress=args.progress,
-                             eval_interval=0, **lr)
+                             eval_interval=0, device=args.device, precision=args.precision, **lr)
     train_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    tuned = load_run(out / "run")
+    tuned = load_run(out / "run", device=args.device)
     after, _ = pair_metrics(tuned, files["val"], template, reference, args.beta)
     rouge_after = rouge(tuned, template, test_items, args.max_new_tokens)
     after_s = time.perf_counter() - start

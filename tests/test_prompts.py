@@ -40,7 +40,7 @@ def prompts_fed_to_the_model(monkeypatch, tok, template_name: str) -> dict[str, 
         continuations[0].accept(eot_id, eot_id)
 
     monkeypatch.setattr(decoding, "decode", spy_decode)
-    monkeypatch.setattr(cli_finetune, "_instruct_run", lambda path, device: (run, get_template(template_name)))
+    monkeypatch.setattr(cli_finetune, "_instruct_run", lambda path, device, *advice: (run, get_template(template_name)))
     monkeypatch.setattr("sys.stdin", io.StringIO(INSTRUCTION + "\n"))
     assert cli.main(["chat", "RUN"]) == 0
     assert cli.main(["generate", "RUN", "--instruction", INSTRUCTION]) == 0
