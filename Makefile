@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; on a machine with a GPU, install the torch you want into .venv first and set TORCH= .
 TORCH ?= torch==2.13.0
+# Test processes (pytest-xdist): most tests wait on subprocesses and servers, so 2 workers halve the wall time on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all install browser clean
 
@@ -27,10 +29,10 @@ browser:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-all: install browser
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m ""
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info
