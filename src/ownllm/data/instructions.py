@@ -196,19 +196,25 @@ def _is_one_json_object(text: str) -> bool:
         return False
 
 
+def parse_messages(where: str, field: str, value: object) -> Conversation:
+    """A JSON list of {"role", "content"} objects (field `field` of the record at `where`) as Messages; anything
+    else is an OwnLLMError naming the record and the field."""
+    if not isinstance(value, list) or not value:
+        raise OwnLLMError(f"{where}: field {field!r} must be a non-empty list of messages")
+    messages = []
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise OwnLLMError(f"{where}: each message needs a role (system, user or assistant) and a content "
+                              f"string (field {field!r})")
+        messages.append(Message(m["role"], m["content"]))
+    return messages
+
+
 def _conversation(where: str, record: object) -> Conversation:
     if not isinstance(record, dict):
         raise OwnLLMError(f"{where}: expected a JSON object")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise OwnLLMError(f"{where}: \"messages\" must be a non-empty list")
-        conversation = []
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise OwnLLMError(f"{where}: each message needs a role (system, user or assistant) and a "
-                                  "content string")
-            conversation.append(Message(m["role"], m["content"]))
+        conversation = parse_messages(where, "messages", record["messages"])
         if not any(m.role == "assistant" for m in conversation):
             raise OwnLLMError(f"{where}: no assistant message to learn from")
         return conversation

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from ownllm.data.batching import EpochBatches, fixed_batches
-from ownllm.data.instructions import IGNORE, ROLES, Conversation, Message, Template, encode_prompt, read_records
+from ownllm.data.instructions import (IGNORE, Conversation, Message, Template, encode_prompt, parse_messages,
+                                      read_records)
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import Tokenizer
 
@@ -45,23 +46,11 @@ class PreferencePair:
 
 # ---- reading ------------------------------------------------------------------------------------------------------
 
-def _messages(where: str, field: str, value: object) -> Conversation:
-    if not isinstance(value, list) or not value:
-        raise OwnLLMError(f"{where}: field {field!r} must be a string or a non-empty list of messages")
-    messages = []
-    for m in value:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise OwnLLMError(f"{where}: each message in {field!r} needs a role (system, user or assistant) and a "
-                              "content string")
-        messages.append(Message(m["role"], m["content"]))
-    return messages
-
-
 def _answer(where: str, field: str, value: object) -> tuple[Conversation, str]:
     """(the conversation before the answer, the answer) of a chosen/rejected field."""
     if isinstance(value, str):
         return [], value
-    messages = _messages(where, field, value)
+    messages = parse_messages(where, field, value)
     if messages[-1].role != "assistant":
         raise OwnLLMError(f"{where}: the last message of {field!r} must be the assistant's answer")
     return messages[:-1], messages[-1].content
@@ -70,7 +59,7 @@ def _answer(where: str, field: str, value: object) -> tuple[Conversation, str]:
 def _prompt(where: str, record: dict) -> Conversation:
     if "prompt" in record:
         prompt = record["prompt"]
-        return [Message("user", prompt)] if isinstance(prompt, str) else _messages(where, "prompt", prompt)
+        return [Message("user", prompt)] if isinstance(prompt, str) else parse_messages(where, "prompt", prompt)
     if "instruction" in record:
         instruction, extra = record["instruction"], record.get("input") or ""
         if not isinstance(instruction, str) or not isinstance(extra, str):
