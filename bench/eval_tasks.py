@@ -120,17 +120,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="lm-eval hf batch size")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-lm-eval", action="store_true")
+    parser.add_argument("--skip-ownllm", action="store_true", help="lm-eval's side only (e.g. in a parallel process)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = [t for t in args.tasks.split(",") if t]
     data_dir = find_data_dir(args.data_dir)
-    ours = run_ownllm(args.model, tasks, args.limit, str(data_dir), args.device, args.precision)
+    ours = {} if args.skip_ownllm else run_ownllm(args.model, tasks, args.limit, str(data_dir), args.device,
+                                                  args.precision)
     theirs = None if args.skip_lm_eval else run_lm_eval(args.model, tasks, args.limit, data_dir, args.device,
                                                          args.batch_size)
-    print(table(ours, theirs))
-    if theirs:
+    if ours:
+        print(table(ours, theirs))
+    if ours and theirs:
         worst = max(abs(ours[t]["acc"] - theirs[t]["acc"]) for t in tasks)
         print(f"largest acc difference: {100 * worst:.2f} points")
     if args.json:

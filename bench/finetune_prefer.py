@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,12 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instructions"
 def split_book(path: Path, out: Path, train_pairs: int | None) -> dict[str, Path]:
     items = json.loads(path.read_text(encoding="utf-8"))
     parts = {"train": items[:935][:train_pairs], "test": items[935:1045], "val": items[1045:]}
+    for name in ("train", "val"):  # the book's file has a few pairs whose answers are equal: nothing to prefer
+        kept = [r for r in parts[name] if r["chosen"].strip() != r["rejected"].strip()]
+        if len(kept) < len(parts[name]):
+            print(f"{name}: dropped {len(parts[name]) - len(kept)} pairs whose chosen and rejected are equal",
+                  file=sys.stderr)
+        parts[name] = kept
     out.mkdir(parents=True, exist_ok=True)
     for name, part in parts.items():
         (out / f"{name}.json").write_text(json.dumps(part), encoding="utf-8")

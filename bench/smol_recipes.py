@@ -75,15 +75,19 @@ def zero_shot(args: argparse.Namespace, files: dict[str, Path]) -> dict:
 
 def instruct(args: argparse.Namespace, files: dict[str, Path]) -> dict:
     name = f"instruct-lora{args.lora_rank}" if args.lora_rank else "instruct-full"
-    start = time.perf_counter()
+    start = time.perf_counter()  # training time: the whole fine-tuning call (load, train, save), no test answers
     result = finetune_instruct(out=Path(args.out) / name, model=args.model, data=files["train"],
-                               val_file=files["val"], test_file=files["test"], template="chatml",
-                               lora_rank=args.lora_rank, epochs=args.epochs, lr=args.lr, batch_size=8,
-                               max_new_tokens=128, device=args.device, precision=args.precision,
-                               eval_interval=10_000, show_progress=args.progress, seed=args.seed)
-    return {"recipe": name, "rouge_l_f1": round(result.rouge_l_f1, 4), "exact_match": round(result.exact_match, 4),
-            "val_loss": result.val_loss, "steps": result.train.step,
-            "train_tokens_per_s": round(result.train.tokens_per_sec, 1),
+                               val_file=files["val"], template="chatml", lora_rank=args.lora_rank,
+                               epochs=args.epochs, lr=args.lr, batch_size=8, device=args.device,
+                               precision=args.precision, eval_interval=10_000, show_progress=args.progress,
+                               seed=args.seed)
+    train_s = time.perf_counter() - start
+    run = load_run(Path(args.out) / name, device=args.device)
+    test = read_instructions(files["test"])
+    answers = answer_all(run.model, run.tokenizer, get_template("chatml"), [c[:-1] for c in test],
+                         SamplingOptions(max_new_tokens=128, temperature=0.0))
+    return {"recipe": name, **score([(a, c[-1].content) for a, c in zip(answers, test)]), "lr": args.lr,
+            "val_loss": result.train.val_loss, "steps": result.train.step, "train_s": round(train_s, 1),
             "total_s": round(time.perf_counter() - start, 1)}
 
 
@@ -99,15 +103,15 @@ def reference(args: argparse.Namespace, files: dict[str, Path]) -> dict:
     template = get_template("chatml")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def encode(conversation, learn: bool) -> tuple[list[int], list[int]]:
+    def encode(conversation) -> tuple[list[int], list[int]]:
         ids, labels = [], []
-        for text, learned in template.pieces(conversation if learn else conversation[:-1]):
+        for text, learned in template.pieces(conversation):
             piece = tokenizer(text, add_special_tokens=False).input_ids
             ids += piece
-            labels += piece if learned and learn else [-100] * len(piece)
+            labels += piece if learned else [-100] * len(piece)
         return ids, labels
 
-    train = [encode(c, True) for c in read_instructions(files["train"])]
+    train = [encode(c) for c in read_instructions(files["train"])]
     steps = args.epochs * ((len(train) + 7) // 8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
@@ -140,7 +144,8 @@ def reference(args: argparse.Namespace, files: dict[str, Path]) -> dict:
     test = read_instructions(files["test"])
     answers = []
     for first in range(0, len(test), 16):
-        prompts = [encode(c, False)[0] for c in test[first:first + 16]]
+        prompts = [tokenizer(template.prompt(c[:-1]), add_special_tokens=False).input_ids
+                   for c in test[first:first + 16]]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
