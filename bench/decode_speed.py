@@ -3,6 +3,11 @@
     .venv/bin/python bench/decode_speed.py                       # gpt2 shape (124M), fp32, 256 new tokens
     .venv/bin/python bench/decode_speed.py --rounds 3 --threads 1
     .venv/bin/python bench/decode_speed.py --preset mini --only ownllm,transformers --json
+    .venv/bin/python bench/decode_speed.py --model SmolLM2-135M-Instruct.Q4_1.gguf --threads 2 --rounds 2
+
+With `--model` (a run, an HF directory or a .gguf file), the engines decode that model instead of the random preset;
+`llama.cpp-file` is llama.cpp on the given .gguf file itself (e.g. its Q4_1 weights), the other llama.cpp engines on
+f32 / q8_0 exports of the weights as ownllm loaded them.
 
 The model is the `gpt2` preset with random weights (no download), written once as an HF directory (for transformers)
 and as f32 / q8_0 GGUF files (for llama.cpp, when `llama_cpp` is importable). Each engine decodes `--new-tokens`
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ownllm.runs import LoadedRun
+from ownllm.runs import LoadedRun, load_run
 from ownllm.config import model_config_from_preset
 from ownllm.decoding import SamplingOptions, generate_ids
 from ownllm.model import GPT
@@ -41,7 +46,8 @@ from ownllm.quantize import quantize_model
 from ownllm.tokenizer import train_bpe
 
 PROMPT_LENGTH = 16
-ENGINES = ("ownllm", "ownllm-int8", "ownllm-bf16", "transformers", "llama.cpp-f32", "llama.cpp-q8_0", "matvec-chain")
+ENGINES = ("ownllm", "ownllm-int8", "ownllm-bf16", "transformers", "llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-file",
+           "matvec-chain")
 Decode = Callable[[int], list[int]]
 
 
@@ -86,13 +92,19 @@ def transformers_decoder(run: LoadedRun, prompt: list[int], folder: Path) -> Dec
 
 
 def llama_cpp_decoder(run: LoadedRun, prompt: list[int], folder: Path, quant: str, threads: int,
-                      max_tokens: int) -> Decode:
+                      max_tokens: int, model_file: Path | None = None) -> Decode:
+    """llama.cpp on an export of `run` in `quant`, or (quant "file") on `model_file` as it is."""
     import llama_cpp
     import numpy as np
 
     from ownllm.interop.gguf import export_gguf
 
-    path = export_gguf(run, folder / f"model-{quant}.gguf", quant=quant)
+    if quant == "file":
+        if model_file is None or model_file.suffix != ".gguf":
+            raise SystemExit("llama.cpp-file needs --model FILE.gguf")
+        path = model_file
+    else:
+        path = export_gguf(run, folder / f"model-{quant}.gguf", quant=quant)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LENGTH + max_tokens + 8, n_batch=PROMPT_LENGTH,
                           n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
 
@@ -110,9 +122,7 @@ def llama_cpp_decoder(run: LoadedRun, prompt: list[int], folder: Path, quant: st
 
 def matvec_chain(run: LoadedRun) -> Decode:
     """Only the weight products of a decode step: the floor any fp32 PyTorch implementation pays per token."""
-    weights = []
-    for block in run.model.blocks:
-        weights += [block.attn.qkv.weight, block.attn.proj.weight, block.mlp.fc.weight, block.mlp.proj.weight]
+    weights = [m.weight for m in run.model.blocks.modules() if isinstance(m, torch.nn.Linear)]
     weights.append(run.model.lm_head.weight)
     inputs = {width: torch.randn(1, width) for width in {w.shape[1] for w in weights}}
 
@@ -129,6 +139,7 @@ def matvec_chain(run: LoadedRun) -> Decode:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--model", default=None, help="a real model (run, HF directory or .gguf) instead of --preset")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=1, help="timed runs per engine, taken in turns")
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        run = build_run(args.preset, folder)
+        run = load_run(args.model) if args.model else build_run(args.preset, folder)
+        run.model.eval()
         prompt = torch.randint(0, run.config.vocab_size, (PROMPT_LENGTH,),
                                generator=torch.Generator().manual_seed(1)).tolist()
         decoders: dict[str, Decode] = {}
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{engine}: skipped (llama-cpp-python is not installed)", file=sys.stderr)
                     continue
                 decoders[engine] = llama_cpp_decoder(run, prompt, folder, engine.split("-")[1], args.threads,
-                                                     args.new_tokens)
+                                                     args.new_tokens, Path(args.model) if args.model else None)
         for decode in decoders.values():
             decode(8)  # warm-up
         seconds: dict[str, list[float]] = {engine: [] for engine in decoders}
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         median, best = statistics.median(times), min(times)
         same = (f"{sum(a == b for a, b in zip(tokens[engine], reference))}/{args.new_tokens}"
                 if reference is not None and tokens[engine] else "-")
-        result = {"engine": engine, "preset": args.preset, "new_tokens": args.new_tokens, "threads": args.threads,
+        result = {"engine": engine, "model": args.model or args.preset, "new_tokens": args.new_tokens, "threads": args.threads,
                   "rounds": args.rounds, "median_tokens_per_sec": round(args.new_tokens / median, 1),
                   "best_tokens_per_sec": round(args.new_tokens / best, 1),
                   "median_ms_per_token": round(1000 * median / args.new_tokens, 1),
