@@ -247,3 +247,12 @@ def test_import_writes_a_run_that_every_verb_reads(good_gguf, tmp_path, capsys):
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].startswith("The") and len(outputs[0]) > 4
     assert cli_main(["import", str(good_gguf), "--out", str(tmp_path / "run")]) == 2  # never over a run
+
+
+def test_a_pooling_type_ownllm_lacks_is_ignored_with_a_warning(good_gguf, tmp_path, caplog):
+    cls = tmp_path / "cls.gguf"
+    rewrite(good_gguf, cls, add=lambda writer: writer.add_pooling_type(gguf.PoolingType.CLS))
+    with caplog.at_level("WARNING", logger="ownllm.interop.gguf_reader"):
+        run = ownllm.load(str(cls))
+    assert "embedding_pooling" not in run.run_config
+    assert "llama.pooling_type=2 is a pooling ownllm does not implement" in caplog.text

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf)")
     exp.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
                      help="GGUF weight type (default f16; 1-D tensors stay f32)")
+    exp.add_argument("--pooling", metavar="{mean,last}", default=None,
+                     help="GGUF only: write {arch}.pooling_type so llama.cpp's embeddings pool as `ownllm embed "
+                          "--pooling` does (weighted-mean has no llama.cpp equivalent; default: no pooling key)")
     _add_force_flag(exp)
 
     cli_finetune.add_parsers(sub)  # finetune classify|instruct, classify, chat, merge-lora
@@ -251,11 +254,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.to == "hf":
         from ownllm.interop.hf import export_hf
 
+        if args.pooling is not None:
+            raise OwnLLMError("--pooling applies to --to gguf only (a Hugging Face directory records no pooling)")
         out = export_hf(load_run(args.model), args.out, force=args.force)
     else:
-        from ownllm.interop.gguf import export_gguf
+        from ownllm.interop.gguf import check_gguf_pooling, export_gguf
 
-        out = export_gguf(load_run(args.model), args.out, quant=args.quant, force=args.force)
+        check_gguf_pooling(args.pooling)  # before the model loads
+        out = export_gguf(load_run(args.model), args.out, quant=args.quant, force=args.force, pooling=args.pooling)
     print(f"exported {args.model} to {out} ({args.to}{'' if args.to == 'hf' else ', ' + args.quant})")
 
 

@@ -2,6 +2,7 @@
 `ownllm.embeddings` and `ownllm.retrieval`.
 
     ownllm embed runs/smol --input texts.txt --output vectors.jsonl [--pooling mean|last|weighted-mean]
+                                          # default: the model's own (a GGUF's pooling_type), else mean
     ownllm index notes/ --model runs/smol --out notes.index [--chunk-size 200 --overlap 40]   # incremental
     ownllm ask runs/smol --index notes.index "How do I renew my permit?" [-k 4]
 """
@@ -57,8 +58,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_embedding_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pooling", choices=POOLINGS, default="mean",
-                        help="mean over tokens (default), the last token, or position-weighted mean (SGPT)")
+    parser.add_argument("--pooling", choices=POOLINGS, default=None,
+                        help="mean over tokens, the last token, or position-weighted mean (SGPT); default: the "
+                             "model's own (a GGUF file's pooling_type, kept on import), else mean")
     parser.add_argument("--batch-size", type=int, default=16)
 
 
@@ -88,13 +90,14 @@ def _progress_bar(total: int, unit: str):
 def cmd_embed(args: argparse.Namespace) -> None:
     from ownllm.runs import load_run
     from ownllm.device import pick_device
-    from ownllm.embeddings import embed_texts
+    from ownllm.embeddings import default_pooling, embed_texts
 
     texts = read_input_lines(args.input)
     run = load_run(args.model, device=pick_device(args.device))
+    pooling = args.pooling or default_pooling(run)
     with _progress_bar(len(texts), "text") as bar, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = embed_texts(run, texts, pooling=args.pooling, normalize=not args.no_normalize,
+        result = embed_texts(run, texts, pooling=pooling, normalize=not args.no_normalize,
                              long_texts=args.long_texts, batch_size=args.batch_size, progress=bar.update)
     for warning in caught:
         print(f"ownllm: warning: {warning.message}", file=sys.stderr)
@@ -104,7 +107,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
         for number, vector in enumerate(result.vectors.tolist(), start=1):
             handle.write(json.dumps({"line": number, "embedding": vector}) + "\n")
     os.replace(tmp, out)
-    print(f"{len(texts)} vectors of {result.vectors.shape[1]} dimensions ({args.pooling} pooling) written to {out}",
+    print(f"{len(texts)} vectors of {result.vectors.shape[1]} dimensions ({pooling} pooling) written to {out}",
           file=sys.stderr)
 
 

@@ -6,7 +6,8 @@
 Poolings: `mean` (average over the text's tokens), `last` (the hidden state of the last real token: what a causal
 model has read the whole text at), `weighted-mean` (SGPT's position weighting: token i of n counts i / (1+..+n),
 so later tokens, which have seen more of the text, weigh more). Vectors are L2-normalised unless `normalize=False`
-(then cosine similarity is a dot product).
+(then cosine similarity is a dot product). Without a pooling, a run's own is used (`default_pooling`: its run
+config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on import), else `mean`.
 
 Padding-safe: texts are right-padded in length-sorted batches; a causal model's real tokens never attend to the
 padding after them and the pooling reads real tokens only, so a text's vector does not depend on its batch
@@ -49,6 +50,15 @@ class Embeddings:
 def check_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise OwnLLMError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    return pooling
+
+
+def default_pooling(run: "LoadedRun") -> str:
+    """The pooling a run embeds with when none is asked for: its run config's `embedding_pooling`, else mean."""
+    pooling = run.run_config.get("embedding_pooling") or "mean"
+    if pooling not in POOLINGS:
+        raise OwnLLMError(f"{run.path}: embedding_pooling in its config must be one of {', '.join(POOLINGS)}, "
+                          f"not {pooling!r}")
     return pooling
 
 
@@ -138,11 +148,12 @@ def embed_token_rows(model: "GPT", rows: Sequence[Sequence[int]], *, pooling: st
     return Embeddings(vectors=vectors, token_counts=counts, shortened=shortened)
 
 
-def embed_texts(run: "LoadedRun", texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+def embed_texts(run: "LoadedRun", texts: Sequence[str], *, pooling: str | None = None, normalize: bool = True,
                 long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
                 progress: Callable[[int], None] | None = None) -> Embeddings:
-    """Embeddings of texts with a loaded run (`ownllm.load(path)`); see the module docstring."""
+    """Embeddings of texts with a loaded run (`ownllm.load(path)`), pooled as `pooling` or the run's own
+    (`default_pooling`); see the module docstring."""
     rows = encode_for_embedding(run.tokenizer, texts)
-    return embed_token_rows(run.model, rows, pooling=pooling, normalize=normalize, long_texts=long_texts,
-                            batch_size=batch_size, warn=warn, progress=progress)
+    return embed_token_rows(run.model, rows, pooling=pooling or default_pooling(run), normalize=normalize,
+                            long_texts=long_texts, batch_size=batch_size, warn=warn, progress=progress)
 

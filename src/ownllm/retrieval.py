@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ownllm.embeddings import check_pooling, embed_texts
+from ownllm.embeddings import check_pooling, default_pooling, embed_texts
 from ownllm.errors import OwnLLMError
 
 if TYPE_CHECKING:
@@ -251,17 +251,20 @@ def _same_embedder(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Path, *, chunk_size: int = 200,
-                overlap: int = 40, pooling: str = "mean", batch_size: int = 16,
+                overlap: int = 40, pooling: str | None = None, batch_size: int = 16,
                 progress: Callable[[int, int], None] | None = None) -> IndexReport:
     """Index the .txt/.md/.rst files under `docs` into the file `out`, incrementally (see the module docstring).
-    All changes are written in one transaction: an interrupted run leaves the previous index as it was (or none)."""
+    All changes are written in one transaction: an interrupted run leaves the previous index as it was (or none).
+    Without `pooling`, the model's own (`ownllm.embeddings.default_pooling`)."""
     from ownllm.runs import LoadedRun, load_run
 
-    check_pooling(pooling)
+    if pooling is not None:
+        check_pooling(pooling)
     chunk_text("", chunk_size, overlap)  # validates the sizes before the model loads
     docs, out = Path(docs), Path(out)
     files = find_documents(docs)
     run = model if isinstance(model, LoadedRun) else load_run(model)
+    pooling = pooling or default_pooling(run)
     settings = _settings(run, pooling, chunk_size, overlap)
     fresh = not out.exists()  # a new index is built beside and moved into place when complete
     target = out.with_name(out.name + ".tmp") if fresh else out

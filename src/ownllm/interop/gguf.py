@@ -11,7 +11,9 @@ Needs the `gguf` package (`pip install 'ownllm[gguf]'`). What is written:
   two halves of each head, so the q/k rows of every head are reordered here: [x0..x(h/2-1), y0..] -> [x0, y0, x1, y1..];
 - the byte-level BPE tokenizer: tokens, token types, merges, bos/eos, the pre-tokenizer name and the chat template;
 - weight matrices as f32, f16, q8_0 or q4_0 (1-D tensors and position embeddings stay f32; a matrix whose rows are
-  not a multiple of the 32-value quantization block falls back to f16).
+  not a multiple of the 32-value quantization block falls back to f16);
+- with `pooling="mean"` or `"last"` (`--pooling`), `{arch}.pooling_type`, which llama.cpp's embeddings pool by
+  (ownllm's `weighted-mean` has no llama.cpp equivalent and is refused); without it, no pooling key.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = 32  # values per q8_0 / q4_0 block
+POOLING_TYPES = {"mean": "MEAN", "last": "LAST"}  # ownllm pooling -> gguf.PoolingType member ({arch}.pooling_type)
 
 # Regex fragments that tell llama.cpp's known byte-level pre-tokenizers apart (see its convert_hf_to_gguf.py).
 _PRE_TOKENIZERS = (("\\p{N}{1,3}", "llama-bpe"), ("\\p{N}|", "qwen2"))
@@ -50,12 +53,15 @@ def _import_gguf():
     return gguf
 
 
-def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool = False) -> Path:
+def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool = False,
+                pooling: str | None = None) -> Path:
     """Write a loaded run (`ownllm.runs.load_run`) as one GGUF file that llama.cpp loads. An existing `out` is
-    replaced only with `force`; a classifier run is refused (GGUF has no classification head)."""
+    replaced only with `force`; a classifier run is refused (GGUF has no classification head). `pooling` (mean or
+    last) is written as `{arch}.pooling_type`, the pooling llama.cpp's embeddings use."""
     gguf = _import_gguf()
     if quant not in QUANTS:
         raise OwnLLMError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
+    check_gguf_pooling(pooling)
     out = check_output(out, "file", inputs=[run.path], force=force)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{run.path}: is a classifier run; GGUF (llama.cpp) has no classification head, so its "
@@ -71,6 +77,8 @@ def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool
         writer = gguf.GGUFWriter(str(tmp), arch)
         try:
             _write_metadata(writer, gguf, arch, config, quant, name=Path(run.path).name or "ownllm")
+            if pooling is not None:
+                writer.add_pooling_type(gguf.PoolingType[POOLING_TYPES[pooling]])
             _write_tokenizer(writer, gguf, tokenizer, vocab)
             for name, tensor in tensors.items():
                 _add_tensor(writer, gguf, name, tensor, quant)
@@ -84,6 +92,16 @@ def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def check_gguf_pooling(pooling: str | None) -> None:
+    """An OwnLLMError for a pooling llama.cpp's `{arch}.pooling_type` cannot express."""
+    if pooling is None or pooling in POOLING_TYPES:
+        return
+    if pooling == "weighted-mean":
+        raise OwnLLMError("--pooling weighted-mean has no llama.cpp equivalent (its pooling_type knows mean and "
+                          "last): export with --pooling mean or last, or without --pooling")
+    raise OwnLLMError(f"--pooling must be one of {', '.join(POOLING_TYPES)}, not {pooling!r}")
 
 
 # ---- metadata -----------------------------------------------------------------------------------------------------
@@ -259,4 +277,5 @@ def _add_tensor(writer: gguf.GGUFWriter, gguf: Any, name: str, tensor: Tensor, q
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-__all__ = ["export_gguf", "interleave_rope_rows", "deinterleave_rope_rows", "tensor_type", "QUANTS"]
+__all__ = ["export_gguf", "check_gguf_pooling", "POOLING_TYPES", "interleave_rope_rows", "deinterleave_rope_rows",
+           "tensor_type", "QUANTS"]

@@ -17,6 +17,9 @@ a 135M model needs its float32 weights plus one tensor's scratch space, not a co
   and the `tokenizer.ggml.pre` name mapped to the split rule llama.cpp applies before BPE; bos/eos/pad ids,
   whether prompts start with bos, and the Jinja chat template. SentencePiece vocabularies (`llama`: Llama 2,
   TinyLlama) become a BPE with byte fallback whose merges are recovered from the token scores.
+- `{arch}.pooling_type` mean (1) or last (3), kept in the run config as `embedding_pooling`: the pooling
+  `ownllm embed`, `ownllm index` and the server's /v1/embeddings use when none is asked for (other types are
+  ignored with a warning: ownllm has no cls or rank pooling).
 Anything ownllm cannot represent (another architecture, tokenizer or tensor type, rope scaling, a missing or
 extra tensor, a truncated file) is an OwnLLMError naming the key or tensor, raised before anything is written.
 """
@@ -37,7 +40,7 @@ from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, write_run_config
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.outputs import check_output, replaced_dir
-from ownllm.interop.gguf import deinterleave_rope_rows
+from ownllm.interop.gguf import POOLING_TYPES, deinterleave_rope_rows
 from ownllm.interop.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
 from ownllm.interop.hf import template_section
 from ownllm.tokenizer import Tokenizer
@@ -60,6 +63,7 @@ class GGUFModel:
     architecture: str
     pad_id: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # general.* values (name, file type, license, ...)
+    embedding_pooling: str | None = None  # from {arch}.pooling_type: mean or last
 
 
 
@@ -182,6 +186,20 @@ def model_config_from_gguf(keys: _Keys, tensor_names: set[str], vocab_rows: int)
                              norm_eps=float(keys.require(f"{arch}.attention.layer_norm_rms_epsilon")),
                              mlp="swiglu", position="rope",
                              rope_theta=float(keys.get(f"{arch}.rope.freq_base", 10000.0)))
+
+
+def embedding_pooling_from_gguf(keys: _Keys, arch: str) -> str | None:
+    """ownllm's name for `{arch}.pooling_type` (mean or last); None when absent, `none`, or a type ownllm lacks."""
+    gguf = _gguf_package()
+    key = f"{arch}.pooling_type"
+    value = keys.get(key)
+    if value is None or value == gguf.PoolingType.NONE.value:
+        return None
+    names = {gguf.PoolingType[member].value: ours for ours, member in POOLING_TYPES.items()}
+    if value not in names:
+        log.warning("%s: %s=%s is a pooling ownllm does not implement (it pools mean or last); ignored",
+                    keys.path, key, _short(value))
+    return names.get(value)
 
 
 # ---- the tensors --------------------------------------------------------------------------------------------------
@@ -357,7 +375,7 @@ def read_gguf(path: str | Path, progress: bool = False) -> GGUFModel:
     general = {key: value for key, value in keys.metadata.items()
                if key.startswith("general.") and isinstance(value, (str, int, float))}
     return GGUFModel(config=config, state=state, tokenizer=tokenizer, architecture=arch, pad_id=pad_id,
-                     metadata=general)
+                     metadata=general, embedding_pooling=embedding_pooling_from_gguf(keys, arch))
 
 
 def model_from_state(config: ModelConfig, state: dict[str, Tensor]) -> torch.nn.Module:
@@ -388,7 +406,8 @@ def source_record(path: Path, model: GGUFModel) -> dict[str, Any]:
 
 
 def run_sections(path: Path, model: GGUFModel) -> dict[str, Any]:
-    return {"source": source_record(path, model), **template_section(model.tokenizer)}
+    pooling = {"embedding_pooling": model.embedding_pooling} if model.embedding_pooling else {}
+    return {"source": source_record(path, model), **template_section(model.tokenizer), **pooling}
 
 
 def read_gguf_model(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, ModelConfig, dict[str, Any]]:

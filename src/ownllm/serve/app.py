@@ -343,9 +343,10 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
     state = _state(request)
     state.check_model(body.model)
     run = state.run
-    pooling, encoding = embedding_options(body, run.run_config.get("embedding_pooling") or "mean", run.config.n_embd)
+    from ownllm.embeddings import default_pooling, embed_token_rows
+
+    pooling, encoding = embedding_options(body, default_pooling(run), run.config.n_embd)
     rows = embedding_rows(body, run.tokenizer, run.config.block_size)
-    from ownllm.embeddings import embed_token_rows
 
     async with state.classify_lock:  # one batch at a time on the model (beside the engine's decoding)
         result = await run_in_threadpool(embed_token_rows, run.model, rows, pooling=pooling, warn=False)
