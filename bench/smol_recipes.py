@@ -77,7 +77,7 @@ def instruct(args: argparse.Namespace, files: dict[str, Path]) -> dict:
     name = f"instruct-lora{args.lora_rank}" if args.lora_rank else "instruct-full"
     start = time.perf_counter()  # training time: the whole fine-tuning call (load, train, save), no test answers
     result = finetune_instruct(out=Path(args.out) / name, model=args.model, data=files["train"],
-                               val_file=files["val"], template="chatml", lora_rank=args.lora_rank,
+                               val_file=files["val"], test_fraction=0.0, template="chatml", lora_rank=args.lora_rank,
                                epochs=args.epochs, lr=args.lr, batch_size=8, device=args.device,
                                precision=args.precision, eval_interval=10_000, show_progress=args.progress,
                                seed=args.seed)

@@ -69,7 +69,9 @@ def embed_cli(model, texts_file, out, capsys) -> tuple[np.ndarray, str]:
 def test_a_gguf_pooling_type_is_the_pooling_embed_uses_by_default(loaded, tmp_path, capsys):
     path = export_gguf(loaded, tmp_path / "last.gguf", quant="f32", pooling="last")
     assert main(["import", str(path), "--out", str(tmp_path / "run")]) == 0
-    assert ownllm.load(tmp_path / "run").run_config["embedding_pooling"] == "last"
+    imported = ownllm.load(tmp_path / "run")
+    assert imported.run_config["embedding_pooling"] == "last"
+    assert pooling_type(export_gguf(imported, tmp_path / "again.gguf", quant="f32")) == 3  # a re-export keeps it
     texts_file = tmp_path / "texts.txt"
     texts_file.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     last = embed_texts(loaded, TEXTS, pooling="last").vectors.numpy()

@@ -13,7 +13,8 @@ Needs the `gguf` package (`pip install 'ownllm[gguf]'`). What is written:
 - weight matrices as f32, f16, q8_0 or q4_0 (1-D tensors and position embeddings stay f32; a matrix whose rows are
   not a multiple of the 32-value quantization block falls back to f16);
 - with `pooling="mean"` or `"last"` (`--pooling`), `{arch}.pooling_type`, which llama.cpp's embeddings pool by
-  (ownllm's `weighted-mean` has no llama.cpp equivalent and is refused); without it, no pooling key.
+  (ownllm's `weighted-mean` has no llama.cpp equivalent and is refused); without it, the run's own pooling if it has
+  one (a GGUF imported with a pooling type keeps it, so a re-export does too), else no pooling key.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool
                 pooling: str | None = None) -> Path:
     """Write a loaded run (`ownllm.runs.load_run`) as one GGUF file that llama.cpp loads. An existing `out` is
     replaced only with `force`; a classifier run is refused (GGUF has no classification head). `pooling` (mean or
-    last) is written as `{arch}.pooling_type`, the pooling llama.cpp's embeddings use."""
+    last) is written as `{arch}.pooling_type`, the pooling llama.cpp's embeddings use; without it, the run's own
+    (`embedding_pooling`, which an imported GGUF keeps), if any."""
     gguf = _import_gguf()
+    pooling = pooling or run.run_config.get("embedding_pooling")
     if quant not in QUANTS:
         raise OwnLLMError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
     check_gguf_pooling(pooling)
