@@ -1,6 +1,6 @@
 """Preference tuning (DPO) on the book's polite/impolite pairs (LLMs-from-scratch ch07 bonus), SmolLM2-135M-Instruct:
-validation preference accuracy and reward margin before and after, and ROUGE-L F1 on the instruction test set before
-and after (preference tuning must not wreck instruction following).
+validation preference accuracy, reward margin and the chosen answers' NLL per token before and after, and ROUGE-L F1
+on the instruction test set before and after (preference tuning must not wreck instruction following).
 
 Split, in file order, no shuffle (the book's 85/10/5): items 0-934 train, 935-1044 test (110), 1045-1099 val (55).
 The pairs are tuned with `ownllm.finetune.finetune_prefer` (the code behind `ownllm finetune prefer`), in the model's
@@ -13,6 +13,7 @@ The model: a Hugging Face directory of SmolLM2-135M-Instruct (e.g. the Q4_1 GGUF
 transformers' save_pretrained), read by path. Run from the repository root:
     .venv/bin/python bench/finetune_prefer.py --model /path/to/smollm2-135m-instruct-hf
     .venv/bin/python bench/finetune_prefer.py --train-pairs 200 --rouge-items 40     # a quicker subset
+    .venv/bin/python bench/finetune_prefer.py --lr 3e-4 --sft-weight 1.0     # DPO + the chosen answers' NLL (RPO)
 
 A benchmark, not a test: it asserts nothing.
 """
@@ -32,7 +33,7 @@ from ownllm.data.preferences import PreferenceBatches, read_preferences
 from ownllm.decoding import SamplingOptions, answer_all
 from ownllm.evaluation import rouge_l_f1
 from ownllm.finetune import finetune_prefer
-from ownllm.finetune.dpo import dpo_losses, logps_of_pairs, pair_stats
+from ownllm.finetune.dpo import counts_of_pairs, dpo_losses, logps_of_pairs, pair_stats
 from ownllm.runs import load_run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instructions"
@@ -53,15 +54,17 @@ def split_book(path: Path, out: Path, train_pairs: int | None) -> dict[str, Path
     return {name: out / f"{name}.json" for name in parts}
 
 
-def pair_metrics(run, pairs_file: Path, template, reference: torch.Tensor | None,
-                 beta: float) -> tuple[dict, torch.Tensor]:
+def pair_metrics(run, pairs_file: Path, template, reference: torch.Tensor | None, beta: float,
+                 sft_weight: float) -> tuple[dict, torch.Tensor]:
     """DPO metrics against `reference` (None: the model is its own reference) and log-prob accuracy; the log-probs."""
     batches = PreferenceBatches(read_preferences(pairs_file), template, run.tokenizer, run.config.block_size, 8)
     device = next(run.model.parameters()).device
-    logps = logps_of_pairs(run.model, batches.eval_batches(), len(batches), device, "fp32")
-    counts = torch.ones_like(logps)
-    losses, chosen, rejected = dpo_losses(logps, logps if reference is None else reference, counts, beta)
-    stats = pair_stats(losses, chosen, rejected)
+    rows = batches.eval_batches()
+    logps = logps_of_pairs(run.model, rows, len(batches), device, "fp32")
+    counts = counts_of_pairs(rows, len(batches))
+    losses, chosen, rejected = dpo_losses(logps, logps if reference is None else reference, counts, beta,
+                                          sft_weight=sft_weight)
+    stats = pair_stats(losses, chosen, rejected, logps, counts)
     stats["logp_accuracy"] = (logps[:, 0] > logps[:, 1]).float().mean().item()
     return stats, logps.cpu()
 
@@ -85,6 +88,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--sft-weight", type=float, default=0.0,
+                        help="weight of the chosen answers' NLL in the loss (RPO; trl's rpo_alpha)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -102,7 +107,7 @@ def main() -> None:
 
     start = time.perf_counter()
     base = load_run(args.model, device=args.device)
-    before, reference = pair_metrics(base, files["val"], template, None, args.beta)
+    before, reference = pair_metrics(base, files["val"], template, None, args.beta, args.sft_weight)
     rouge_before = rouge(base, template, test_items, args.max_new_tokens)
     del base
     before_s = time.perf_counter() - start
@@ -110,20 +115,21 @@ def main() -> None:
     start = time.perf_counter()
     lr = {"lr": args.lr} if args.lr else {}
     result = finetune_prefer(out=out / "run", model=args.model, data=files["train"], val_file=files["val"],
-                             val_fraction=0.0, template="chatml", beta=args.beta, lora_rank=args.lora_rank,
-                             epochs=args.epochs, batch_size=args.batch_size, show_progress=args.progress,
+                             val_fraction=0.0, template="chatml", beta=args.beta, sft_weight=args.sft_weight,
+                             lora_rank=args.lora_rank, epochs=args.epochs, batch_size=args.batch_size,
+                             show_progress=args.progress,
                              eval_interval=0, device=args.device, precision=args.precision, **lr)
     train_s = time.perf_counter() - start
 
     start = time.perf_counter()
     tuned = load_run(out / "run", device=args.device)
-    after, _ = pair_metrics(tuned, files["val"], template, reference, args.beta)
+    after, _ = pair_metrics(tuned, files["val"], template, reference, args.beta, args.sft_weight)
     rouge_after = rouge(tuned, template, test_items, args.max_new_tokens)
     after_s = time.perf_counter() - start
     print(json.dumps({"val_before": before, "val_after": after, "val_after_in_run": result.val,
                       "rouge_l_f1": {"before": rouge_before, "after": rouge_after, "items": len(test_items)},
                       "train_pairs": len(json.loads(files["train"].read_text())), "steps": result.train.step,
-                      "lora_rank": args.lora_rank, "beta": args.beta, "seconds": {
+                      "lora_rank": args.lora_rank, "beta": args.beta, "sft_weight": args.sft_weight, "seconds": {
                           "before": round(before_s, 1), "train": round(train_s, 1), "after": round(after_s, 1)},
                       "threads": torch.get_num_threads()}, indent=1))
 

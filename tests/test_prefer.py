@@ -1,6 +1,7 @@
-"""Preference tuning (DPO): the loss and rewards against the formula, answer log-probs with the prompt masked,
-reading the book's and trl's formats, adapters off = the base model, and tiny runs end to end (LoRA and full, the
-CLI, an exact resume, bad data)."""
+"""Preference tuning (DPO): the loss and rewards against the formula (also with the chosen answers' NLL added, RPO),
+answer log-probs with the prompt masked, reading the book's and trl's formats, adapters off = the base model, and tiny
+runs end to end (LoRA and full, the NLL term keeping the chosen answers likelier, the CLI, an exact resume, bad
+data)."""
 
 from __future__ import annotations
 
@@ -44,14 +45,32 @@ def test_dpo_loss_and_rewards_equal_the_formula():
         for i, ((pc, pr), (rc, rr), (nc, nr)) in enumerate(zip(POLICY, REFERENCE, COUNTS)):
             assert ipo[i].item() == pytest.approx(((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2, rel=1e-6)
     losses, chosen, rejected = dpo_losses(policy, reference, counts, 0.1, "sigmoid")
-    stats = pair_stats(losses, chosen, rejected)
+    stats = pair_stats(losses, chosen, rejected, policy, counts)
     margins = [0.1 * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(POLICY, REFERENCE)]
     assert stats["reward_margin"] == pytest.approx(sum(margins) / 3, rel=1e-6)
     assert stats["preference_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)  # 2 of 3
     assert stats["loss"] == pytest.approx(losses.mean().item())
+    assert stats["nll_chosen"] == pytest.approx((12.5 + 8.0 + 20.25) / (5 + 3 + 10), rel=1e-6)
     # at the start the policy is the reference: loss log 2, rewards 0
     start = dpo_losses(reference, reference, counts, 0.1, "sigmoid")
     assert torch.allclose(start[0], torch.full((3,), math.log(2))) and not start[1].any()
+
+
+def test_the_sft_weight_adds_the_chosen_answers_nll_per_token_and_0_is_the_plain_loss():
+    policy, reference, counts = torch.tensor(POLICY, requires_grad=True), torch.tensor(REFERENCE), torch.tensor(COUNTS)
+    nll = -(POLICY[0][0] + POLICY[1][0] + POLICY[2][0]) / (COUNTS[0][0] + COUNTS[1][0] + COUNTS[2][0])  # pooled tokens
+    for kind in ("sigmoid", "ipo"):
+        plain = dpo_losses(policy, reference, counts, 0.1, kind)
+        off = dpo_losses(policy, reference, counts, 0.1, kind, sft_weight=0.0)
+        assert all(torch.equal(a, b) for a, b in zip(plain, off))
+        for alpha in (0.5, 2.0):
+            losses, chosen, rejected = dpo_losses(policy, reference, counts, 0.1, kind, sft_weight=alpha)
+            assert losses.tolist() == pytest.approx([x + alpha * nll for x in plain[0].tolist()], rel=1e-6)
+            assert torch.equal(chosen, plain[1]) and torch.equal(rejected, plain[2])
+    # the NLL term's gradient: -alpha / (chosen tokens) on each chosen answer's summed log-prob, none on the rejected
+    with_term = torch.autograd.grad(dpo_losses(policy, reference, counts, 0.1, "sigmoid", 2.0)[0].mean(), policy)[0]
+    without = torch.autograd.grad(dpo_losses(policy, reference, counts, 0.1, "sigmoid")[0].mean(), policy)[0]
+    assert torch.allclose(with_term - without, torch.tensor([[-2.0 / 18, 0.0]] * 3))
 
 
 def test_answer_log_probs_count_only_answer_tokens_whatever_the_padding():
@@ -177,8 +196,19 @@ def test_preference_accuracy_on_the_training_pairs_rises_above_0_9(base, tmp_pat
     assert (tmp_path / "run" / "loss.png").is_file()
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one(base, tmp_path):
-    common = dict(max_steps=15, lr=3e-4, dropout=0.1, loss="ipo")
+def test_the_sft_weight_keeps_the_chosen_answers_likelier_than_plain_dpo(base, tmp_path):
+    plain = _tiny_run(base, tmp_path, "plain", max_steps=10, lr=3e-4)
+    rpo = _tiny_run(base, tmp_path, "rpo", max_steps=10, lr=3e-4, sft_weight=1.0)
+    assert rpo.val["nll_chosen"] < plain.val["nll_chosen"] - 0.1  # measured: 4.73 vs 4.92 nats per token
+    assert rpo.val["rewards_chosen"] > plain.val["rewards_chosen"]
+    assert rpo.val["preference_accuracy"] > 0.9  # and it still learns the preference
+    assert metrics_rows(tmp_path / "rpo")[-1]["val_nll_chosen"] == pytest.approx(rpo.val["nll_chosen"], rel=1e-4)
+    assert json.loads((tmp_path / "rpo" / "config.json").read_text())["sft_weight"] == 1.0
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_a_resumed_run_equals_an_uninterrupted_one(base, tmp_path, sft_weight):
+    common = dict(max_steps=15, lr=3e-4, dropout=0.1, loss="ipo", sft_weight=sft_weight)
     straight = _tiny_run(base, tmp_path, "a", **common)
     _tiny_run(base, tmp_path, "b", stop_at=10, **common)
     assert (tmp_path / "b" / "reference_logps.safetensors").is_file()
@@ -190,6 +220,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(base, tmp_path):
                           for r in metrics_rows(tmp_path / run)]
     assert logged("a") == logged("b") and any("val_preference_accuracy" in r for r in logged("a"))
     assert resumed.val == straight.val
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["options"]["sft_weight"] == sft_weight
 
 
 def test_the_cli_runs_and_bad_data_gets_one_line_and_exit_2(base, tmp_path, capsys):
@@ -204,3 +235,13 @@ def test_the_cli_runs_and_bad_data_gets_one_line_and_exit_2(base, tmp_path, caps
     assert err == [f"ownllm: error: {bad} item 3: missing field 'rejected' (a pair needs a prompt or instruction, "
                    "chosen and rejected)"]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_negative_sft_weight_gets_one_line_and_exit_2(base, tmp_path, capsys):
+    data = write_json(tmp_path / "prefs.json", preference_records(4))
+    with pytest.raises(OwnLLMError, match="--sft-weight must be 0 or more"):
+        finetune_prefer(out=tmp_path / "api", model=base, data=data, sft_weight=-0.5)
+    assert main(["finetune", "prefer", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--sft-weight", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["ownllm: error: --sft-weight must be 0 or more, not -1.0"]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "api").exists()

@@ -92,6 +92,9 @@ PREFER: tuple[Option, ...] = (
         choices=["alpaca", "chatml"]),
     opt("beta", "DPO beta: how far the model may move from where it started", type=float),
     opt("loss", "DPO (sigmoid) or IPO loss", choices=["sigmoid", "ipo"]),
+    opt("sft_weight", "add this much of the chosen answers' mean NLL per token to the loss (RPO; trl's rpo_alpha; "
+        "default 0): keeps DPO from lowering the chosen answers' likelihood too, e.g. 1.0", type=float,
+        metavar="ALPHA"),
 )
 STAGES: dict[str, Stage] = {
     "classify": Stage("train a classifier head (and the model, or LoRA) on labelled texts", CLASSIFY,

@@ -5,7 +5,8 @@
     result.val["preference_accuracy"], result.val["reward_margin"]
 
 CLI: `ownllm finetune prefer --model RUN --data prefs.json --out runs/polite --beta 0.1 [--lora-rank 16]
-[--loss sigmoid|ipo]`, then `ownllm chat runs/polite`.
+[--loss sigmoid|ipo] [--sft-weight 1.0]`, then `ownllm chat runs/polite`. `--sft-weight` (trl's `rpo_alpha`) adds
+that much of the chosen answers' mean per-token NLL to the loss (RPO), against DPO's drift to lower likelihoods.
 
 Data: the book's {instruction, input, chosen, rejected} or trl's {prompt, chosen, rejected} (strings or chat
 messages), see `ownllm.data.preferences`. The prompt is rendered in the model's template (an instruct run's own;
@@ -15,8 +16,9 @@ The reference model is the starting model. Its log-probabilities of every pair a
 with LoRA adapters disabled, and kept in RUN/reference_logps.safetensors (for --resume), so there is never a second
 copy of the model in memory and no step pays a reference forward pass (`ownllm.finetune.dpo`). At each evaluation,
 metrics.jsonl gets the validation split's DPO loss (val_loss), rewards of the chosen and rejected answers, their
-margin and the preference accuracy (the share of pairs whose chosen answer gets the higher reward), also plotted in
-loss.png; at the end RUN/metrics.json holds them for val and test.
+margin, the preference accuracy (the share of pairs whose chosen answer gets the higher reward) and the chosen
+answers' mean NLL per token (val_nll_chosen), also plotted in loss.png; at the end RUN/metrics.json holds them for
+val and test.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def finetune_prefer(
     template: str | None = None,
     beta: float = 0.1,
     loss: str = "sigmoid",
+    sft_weight: float = 0.0,
     train_layers: str = "all",
     lora_rank: int = 0,
     lora_alpha: float | None = None,
@@ -105,26 +108,27 @@ def finetune_prefer(
 ) -> PreferResult:
     """Preference-tune the model run `model` on the pairs in `data` (DPO) into the run directory `out`."""
     if not resume:
-        check_loss_kind(loss, beta)  # fail fast
+        check_loss_kind(loss, beta, sft_weight)  # fail fast
         if template:
             get_template(template)
     stage = PreferStage(dict(
         model=model, data=data, val_file=val_file, test_file=test_file, val_fraction=val_fraction,
         test_fraction=test_fraction, split_seed=split_seed, template=template, beta=beta, loss=loss,
-        train_layers=train_layers, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_targets=lora_targets, epochs=epochs, dropout=dropout))
+        sft_weight=sft_weight, train_layers=train_layers, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, lora_targets=lora_targets, epochs=epochs, dropout=dropout))
     return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
                      train_overrides=train_overrides)
 
 
-def dpo_loss_fn(references: list[Tensor | None], beta: float, kind: str):
-    """The training loss of a preference batch (inputs, targets, lengths, index): mean DPO loss over its pairs,
-    against the train split's reference log-probs (references[0], filled in before training starts)."""
+def dpo_loss_fn(references: list[Tensor | None], beta: float, kind: str, sft_weight: float):
+    """The training loss of a preference batch (inputs, targets, lengths, index): mean DPO loss over its pairs (plus
+    sft_weight times the chosen answers' NLL), against the train split's reference log-probs (references[0], filled
+    in before training starts)."""
     def loss_fn(net: nn.Module, batch: Sequence[Tensor]) -> Tensor:
         inputs, targets, _, index = batch
         policy = pair_logps(net, inputs, targets)
         reference = references[0][index.cpu()].to(policy.device)
-        return dpo_losses(policy, reference, answer_tokens(targets), beta, kind)[0].mean()
+        return dpo_losses(policy, reference, answer_tokens(targets), beta, kind, sft_weight)[0].mean()
     return loss_fn
 
 
@@ -145,8 +149,15 @@ class PreferStage(FinetuneStage):
     def default_lr(self, lora: LoRAConfig | None) -> float:
         return 5e-5 if lora else 5e-6
 
+    @property
+    def loss_options(self) -> dict[str, Any]:
+        """beta, kind and sft_weight of the loss (a run made before --sft-weight existed has none: 0)."""
+        o = self.options
+        return dict(beta=o["beta"], kind=o["loss"], sft_weight=o.get("sft_weight", 0.0))
+
     def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
-        return dict(template=self.template.name, beta=self.options["beta"], loss=self.options["loss"])
+        return dict(template=self.template.name, beta=self.options["beta"], loss=self.options["loss"],
+                    sft_weight=self.options["sft_weight"])
 
     def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
                  device: torch.device) -> StageTraining:
@@ -163,7 +174,7 @@ class PreferStage(FinetuneStage):
         self.references: list[Tensor | None] = [None, None, None]
         train = self.batches[0]
         return StageTraining(micro_batch=train.batch, batches_per_epoch=train.plan.batches_per_epoch,
-                             loss_fn=dpo_loss_fn(self.references, o["beta"], o["loss"]), tokens_in=pair_tokens,
+                             loss_fn=dpo_loss_fn(self.references, **self.loss_options), tokens_in=pair_tokens,
                              eval_metrics=self.val_metrics if self.batches[1] is not None else None)
 
     def prepare(self, model: GPT, run_dir: Path, device: torch.device, precision: str) -> None:
@@ -174,17 +185,16 @@ class PreferStage(FinetuneStage):
                                            self.options["show_progress"] and distributed.is_main())
 
     def val_metrics(self, net: nn.Module) -> dict[str, float]:
-        stats = evaluate_pairs(net, self.fixed[1], self.references[1], self.options["beta"], self.options["loss"],
-                               self.device, self.precision)
+        stats = evaluate_pairs(net, self.fixed[1], self.references[1], device=self.device, precision=self.precision,
+                               **self.loss_options)
         return {f"val_{k}": v for k, v in stats.items()}
 
     def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
                precision: str) -> PreferResult:
         if not distributed.is_main():  # rank 0 evaluates and writes the results
             return PreferResult(run_dir=run_dir, train=result, val=None, test=None)
-        o = self.options
-        val, test = (evaluate_pairs(model, self.fixed[i], self.references[i], o["beta"], o["loss"], device, precision)
-                     if self.batches[i] is not None else None for i in (1, 2))
+        val, test = (evaluate_pairs(model, self.fixed[i], self.references[i], device=device, precision=precision,
+                                    **self.loss_options) if self.batches[i] is not None else None for i in (1, 2))
         write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "val": val, "test": test,
                                                    "train_pairs": len(self.batches[0])})
         return PreferResult(run_dir=run_dir, train=result, val=val, test=test)
