@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from torch import nn
 from ownllm.config import ModelConfig, model_config_from_preset, train_config_for
 from ownllm.device import autocast
 from ownllm.model import GPT, flops_per_token
-from ownllm.training import lm_loss, make_optimizer
+from ownllm.training import lm_loss, make_optimizer, peak_memory_mb
 
 DEFAULT_BATCH = {"mini": 16, "gpt2": 4}  # gpt2: the issue's reference shape, 4 x 256
 
@@ -177,7 +176,7 @@ def time_alternately(steps: dict[str, Callable[[], float]], rounds: int, per_rou
 
 def memory_child(preset: str, precision: str, batch: int, seq: int, steps: int, optimizer_name: str) -> None:
     """In a fresh process: peak RSS of `steps` ownllm training steps, printed as one JSON line."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_memory_mb(torch.device("cpu"))
     cfg = model_config_from_preset(preset, block_size=seq)
     with torch.device("meta"):  # counted without allocating
         params = sum(p.numel() for p in GPT(cfg).parameters())
@@ -187,7 +186,7 @@ def memory_child(preset: str, precision: str, batch: int, seq: int, steps: int, 
     step = ownllm_step(cfg, preset, precision, x, y, optimizer_name=optimizer_name)
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_memory_mb(torch.device("cpu"))
     state_mb = 16 * params / 2**20  # fp32 weights + grads + two AdamW moments
     print(json.dumps({"preset": preset, "precision": precision, "batch": batch, "seq": seq, "params": params,
                       "peak_rss_mb": round(peak), "before_model_mb": round(before), "state_mb": round(state_mb),

@@ -297,11 +297,17 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process so far, in MiB: resident set size on a CPU, allocated memory on CUDA."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # VmHWM starts afresh at exec; ru_maxrss keeps the peak of the process that forked this one
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
         return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _start(job: TrainJob, resume: bool) -> _Progress:
