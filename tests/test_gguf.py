@@ -124,13 +124,19 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
-@pytest.mark.parametrize(("pattern", "name"), [(LLAMA3_SPLIT, "llama-bpe"), (QWEN2_SPLIT, "qwen2")])
+@pytest.mark.parametrize(("pattern", "name"), [(LLAMA3_SPLIT, "llama-bpe"), (QWEN2_SPLIT, "qwen2"),
+                                               ("digits", "smollm")])
 def test_imported_byte_level_tokenizers_get_llama_cpp_pre_tokenizer_names(pattern, name, tokenizer, tmp_path):
     from tokenizers import Regex, pre_tokenizers
 
     hf = tokenizer.hf.__class__.from_str(tokenizer.hf.to_str())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pattern == "digits":  # SmolLM2's own tokenizer.json, and what ownllm rebuilds from a `smollm` GGUF
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                             use_regex=False)])
     run = make_run("tiny-llama", type(tokenizer)(hf), tmp_path)
     fields, _ = read(export_gguf(run, tmp_path / "m.gguf", quant="f32"))
     assert fields["tokenizer.ggml.pre"] == name

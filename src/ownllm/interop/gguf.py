@@ -170,6 +170,9 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     steps = (pre.get("pretokenizers") or []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
         return "gpt-2"
+    if ([step.get("type") for step in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and steps[1].get("use_regex", True)):
+        return "smollm"  # every digit alone, then GPT-2's rule (SmolLM2, StarCoder)
     splits = [step for step in steps if step.get("type") == "Split"]
     byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
     if len(splits) == 1 and len(byte_level) == 1:
@@ -179,7 +182,7 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
                 return name
     kinds = "+".join(str(step.get("type")) for step in steps) or "none"
     raise OwnLLMError(f"export --to gguf: the tokenizer's pre-tokenizer ({kinds}) is not one llama.cpp knows "
-                      "(GPT-2, Llama 3 or Qwen2 byte-level)")
+                      "(GPT-2, SmolLM, Llama 3 or Qwen2 byte-level)")
 
 
 def _write_tokenizer(writer: gguf.GGUFWriter, gguf: Any, tokenizer: Tokenizer, vocab: dict[str, Any]) -> None:
