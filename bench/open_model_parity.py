@@ -12,7 +12,8 @@ On the same file, both dequantize the weights to float32 and run them on the CPU
   next token is the same, and the largest logit difference;
 - greedy: continuations of 20 prompts (10 chat questions in the file's ChatML template, 10 plain text openings),
   `--new-tokens` each, cut at the end-of-turn token: how many are identical.
-llama.cpp itself joins the comparison when llama-cpp-python is importable. Results: docs/benchmarks.md.
+llama.cpp itself joins the comparison when llama-cpp-python is importable (on the file as it is, its own
+quantized kernels: top-1 agreement over the page and identical greedy continuations against ownllm). Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -112,6 +113,38 @@ def greedy(ours, theirs, tokenizer, new_tokens: int) -> dict:
     return {"greedy_prompts": len(rows), "greedy_equal": equal, "new_tokens": new_tokens, "examples": examples}
 
 
+def llama_cpp_parity(gguf: str, ours, tokenizer, ids: list[int], new_tokens: int, threads: int) -> dict:
+    """llama.cpp on the file itself (its own kernels on the quantized weights) against ownllm's dequantized fp32:
+    top-1 agreement over the teacher-forced page, and how many greedy continuations are identical."""
+    import llama_cpp
+    import numpy as np
+
+    from ownllm.decoding import SamplingOptions, generate_ids
+
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=len(ids) + new_tokens + 64, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
+    with torch.no_grad():
+        mine = ours(torch.tensor([ids]))[0]
+    agree = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    eos, equal, rows = tokenizer.eot_id, 0, prompts_for(tokenizer)
+    for row in rows:
+        (expected,) = generate_ids(ours, [row], SamplingOptions(max_new_tokens=new_tokens, temperature=0), eot_id=eos)
+        llm.reset()
+        llm.eval(row)
+        out: list[int] = []
+        while len(out) < new_tokens:
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token == eos:
+                break
+            out.append(token)
+            llm.eval([token])
+        equal += expected == out
+    return {"llama_cpp_top1_agreement": round(agree, 4), "llama_cpp_greedy_equal": equal,
+            "llama_cpp_max_abs_logit_diff": float((mine - theirs).abs().max())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf", nargs="?", default=DEFAULT_GGUF, help="a GGUF file (default: SmolLM2-135M Q4_1)")
@@ -147,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     report(greedy(run.model, hf_model, run.tokenizer, args.new_tokens))
     try:
         import llama_cpp  # noqa: F401
-        report({"llama_cpp": "importable, not yet compared by this script"})
     except ImportError:
         report({"llama_cpp": "not installed (pip install 'ownllm[llama-cpp]' compiles it)"})
+    else:
+        report(llama_cpp_parity(args.gguf, run.model, run.tokenizer, ids, args.new_tokens, args.threads))
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
