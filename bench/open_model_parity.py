@@ -13,7 +13,8 @@ On the same file, both dequantize the weights to float32 and run them on the CPU
 - greedy: continuations of 20 prompts (10 chat questions in the file's ChatML template, 10 plain text openings),
   `--new-tokens` each, cut at the end-of-turn token: how many are identical.
 llama.cpp itself joins the comparison when llama-cpp-python is importable (on the file as it is, its own
-quantized kernels: top-1 agreement over the page and identical greedy continuations against ownllm). Results: docs/benchmarks.md.
+quantized kernels: top-1 agreement over the page and identical greedy continuations against ownllm).
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -73,13 +74,12 @@ def page_of(path: str, tokenizer, tokens: int) -> tuple[str, list[int]]:
     return tokenizer.decode(ids), ids
 
 
-def teacher_forced(ours, theirs, ids: list[int]) -> dict:
-    batch = torch.tensor([ids])
-    with torch.no_grad():
-        a, b = ours(batch)[0], theirs(input_ids=batch).logits[0]
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    return {"teacher_forced_tokens": len(ids), "top1_agreement": round(agree, 4),
-            "max_abs_logit_diff": float((a - b).abs().max()), "mean_abs_logit_diff": float((a - b).abs().mean())}
+def teacher_forced(mine: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Top-1 agreement and logit differences of two [T, vocab] logit tensors of the same page."""
+    agree = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    return {"teacher_forced_tokens": mine.shape[0], "top1_agreement": round(agree, 4),
+            "max_abs_logit_diff": float((mine - theirs).abs().max()),
+            "mean_abs_logit_diff": float((mine - theirs).abs().mean())}
 
 
 def prompts_for(tokenizer) -> list[list[int]]:
@@ -95,42 +95,42 @@ def prompts_for(tokenizer) -> list[list[int]]:
     return [[tokenizer.bos_id, *row] if tokenizer.add_bos else row for row in rows]
 
 
-def greedy(ours, theirs, tokenizer, new_tokens: int) -> dict:
+def ownllm_greedy(ours, rows: list[list[int]], eos: int, new_tokens: int) -> list[list[int]]:
+    """ownllm's greedy continuation of each prompt, cut at the end-of-turn token: what both engines are held to."""
     from ownllm.decoding import SamplingOptions, generate_ids
 
+    options = SamplingOptions(max_new_tokens=new_tokens, temperature=0)
+    return [generate_ids(ours, [row], options, eot_id=eos)[0] for row in rows]
+
+
+def greedy(theirs, tokenizer, rows: list[list[int]], mine: list[list[int]], new_tokens: int) -> dict:
     eos = tokenizer.eot_id
-    rows = prompts_for(tokenizer)
     equal, examples = 0, []
-    for row in rows:
-        (mine,) = generate_ids(ours, [row], SamplingOptions(max_new_tokens=new_tokens, temperature=0), eot_id=eos)
+    for row, expected in zip(rows, mine):
         with torch.no_grad():
             out = theirs.generate(input_ids=torch.tensor([row]), max_new_tokens=new_tokens, do_sample=False,
                                   eos_token_id=eos, pad_token_id=eos)[0, len(row):].tolist()
         reference = out[: out.index(eos)] if eos in out else out
-        equal += mine == reference
-        examples.append({"prompt": tokenizer.decode(row)[-60:], "ownllm": tokenizer.decode(mine),
-                         "same_as_transformers": mine == reference})
+        equal += expected == reference
+        examples.append({"prompt": tokenizer.decode(row)[-60:], "ownllm": tokenizer.decode(expected),
+                         "same_as_transformers": expected == reference})
     return {"greedy_prompts": len(rows), "greedy_equal": equal, "new_tokens": new_tokens, "examples": examples}
 
 
-def llama_cpp_parity(gguf: str, ours, tokenizer, ids: list[int], new_tokens: int, threads: int) -> dict:
-    """llama.cpp on the file itself (its own kernels on the quantized weights) against ownllm's dequantized fp32:
-    top-1 agreement over the teacher-forced page, and how many greedy continuations are identical."""
+def llama_cpp_parity(gguf: str, logits: torch.Tensor, ids: list[int], rows: list[list[int]],
+                     mine: list[list[int]], eos: int, new_tokens: int, threads: int) -> dict:
+    """llama.cpp on the file itself (its own kernels on the quantized weights) against ownllm's dequantized fp32
+    (`logits` of the page `ids`, greedy continuations `mine` of `rows`): top-1 agreement and identical greedy
+    continuations."""
     import llama_cpp
     import numpy as np
-
-    from ownllm.decoding import SamplingOptions, generate_ids
 
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=len(ids) + new_tokens + 64, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, logits_all=True, verbose=False)
     llm.eval(ids)
-    theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
-    with torch.no_grad():
-        mine = ours(torch.tensor([ids]))[0]
-    agree = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    eos, equal, rows = tokenizer.eot_id, 0, prompts_for(tokenizer)
-    for row in rows:
-        (expected,) = generate_ids(ours, [row], SamplingOptions(max_new_tokens=new_tokens, temperature=0), eot_id=eos)
+    page = teacher_forced(logits, torch.from_numpy(np.array(llm.scores[:len(ids)])))
+    equal = 0
+    for row, expected in zip(rows, mine):
         llm.reset()
         llm.eval(row)
         out: list[int] = []
@@ -141,8 +141,8 @@ def llama_cpp_parity(gguf: str, ours, tokenizer, ids: list[int], new_tokens: int
             out.append(token)
             llm.eval([token])
         equal += expected == out
-    return {"llama_cpp_top1_agreement": round(agree, 4), "llama_cpp_greedy_equal": equal,
-            "llama_cpp_max_abs_logit_diff": float((mine - theirs).abs().max())}
+    return {"llama_cpp_top1_agreement": page["top1_agreement"], "llama_cpp_greedy_equal": equal,
+            "llama_cpp_max_abs_logit_diff": page["max_abs_logit_diff"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,14 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     page, ids = page_of(args.text, run.tokenizer, args.tokens)
     theirs_ids = hf_tok(page, add_special_tokens=False)["input_ids"]
     report({"page_tokens_equal": ids == theirs_ids, "page_tokens_ownllm_vs_transformers": [len(ids), len(theirs_ids)]})
-    report(teacher_forced(run.model, hf_model, ids))
-    report(greedy(run.model, hf_model, run.tokenizer, args.new_tokens))
+    with torch.no_grad():
+        logits = run.model(torch.tensor([ids]))[0]
+        report(teacher_forced(logits, hf_model(input_ids=torch.tensor([ids])).logits[0]))
+    rows, eos = prompts_for(run.tokenizer), run.tokenizer.eot_id
+    mine = ownllm_greedy(run.model, rows, eos, args.new_tokens)
+    report(greedy(hf_model, run.tokenizer, rows, mine, args.new_tokens))
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         report({"llama_cpp": "not installed (pip install 'ownllm[llama-cpp]' compiles it)"})
     else:
-        report(llama_cpp_parity(args.gguf, run.model, run.tokenizer, ids, args.new_tokens, args.threads))
+        report(llama_cpp_parity(args.gguf, logits, ids, rows, mine, eos, args.new_tokens, args.threads))
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0

@@ -157,7 +157,7 @@ class PreferStage(FinetuneStage):
 
     def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
         return dict(template=self.template.name, beta=self.options["beta"], loss=self.options["loss"],
-                    sft_weight=self.options["sft_weight"])
+                    sft_weight=self.loss_options["sft_weight"])
 
     def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
                  device: torch.device) -> StageTraining:

@@ -59,9 +59,10 @@ def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool
     """Write a loaded run (`ownllm.runs.load_run`) as one GGUF file that llama.cpp loads. An existing `out` is
     replaced only with `force`; a classifier run is refused (GGUF has no classification head). `pooling` (mean or
     last) is written as `{arch}.pooling_type`, the pooling llama.cpp's embeddings use; without it, the run's own
-    (`embedding_pooling`, which an imported GGUF keeps), if any."""
+    (`embedding_pooling`, which an imported GGUF keeps) if llama.cpp has it, else no pooling key."""
     gguf = _import_gguf()
-    pooling = pooling or run.run_config.get("embedding_pooling")
+    if pooling is None and run.run_config.get("embedding_pooling") in POOLING_TYPES:
+        pooling = run.run_config["embedding_pooling"]  # the run's own, where llama.cpp can express it
     if quant not in QUANTS:
         raise OwnLLMError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
     check_gguf_pooling(pooling)
