@@ -61,15 +61,24 @@ def sentiment_lines(n: int, seed: int = 0) -> list[str]:
     return lines
 
 
+SAY = ["Say {}.", "Say {}!", "Please say {}.", "Say the word {}.", "Say {}, please.", "Write {}.", "Answer {}.",
+       "Reply {}.", "Say only {}.", "Just say {}.", "Tell me {}.", "Say {} now."]
+REPEAT = ["Repeat the word.", "Repeat this word.", "Say the word twice.", "Write the word twice.", "Repeat it.",
+          "Double the word.", "Say it twice.", "Write it twice.", "Repeat the word, please.", "Say this word twice.",
+          "Repeat it please.", "Give the word twice."]
+
+
 def instruction_records(n: int) -> list[dict[str, str]]:
+    """Up to 96 distinct records (a repeated one would be skipped): "Say plum." -> "plum", and "Repeat the word."
+    with an input word -> the word twice, in a dozen phrasings each."""
     words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
     records = []
     for i in range(n):
-        word = words[i % len(words)]
+        word, phrasing = words[i % len(words)], i // len(words)
         if i % 3 == 0:
-            records.append({"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"})
+            records.append({"instruction": REPEAT[phrasing], "input": word, "output": f"{word} {word}"})
         else:
-            records.append({"instruction": f"Say {word}.", "input": "", "output": word})
+            records.append({"instruction": SAY[phrasing].format(word), "input": "", "output": word})
     return records
 
 

@@ -122,8 +122,10 @@ def replaced_dir(path: str | Path) -> Iterator[Path]:
 
 
 def warn(message: str) -> None:
-    """Tell the user, in one line on stderr, about something that was changed or left out on their behalf."""
-    print(f"ownllm: warning: {message}", file=sys.stderr, flush=True)
+    """Tell the user, in one line on stderr, about something that was changed or left out on their behalf (once
+    in a torchrun job: on rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ownllm: warning: {message}", file=sys.stderr, flush=True)
 
 
 def start_run_dir(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> bool:
