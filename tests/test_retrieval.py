@@ -100,6 +100,12 @@ def test_reindexing_embeds_only_the_changed_file(tiny, tmp_path):  # noqa: F811
     assert build_index(docs, run, index_file, chunk_size=12, overlap=3).chunks_embedded == 0
     resized = build_index(docs, run, index_file, chunk_size=30, overlap=3)  # new chunking: everything again
     assert resized.files_embedded == 4 and resized.chunks_total == 4
+    rebuilt = build_index(docs, run, index_file, chunk_size=30, overlap=3, force=True)  # --force: from scratch
+    assert (rebuilt.files_embedded, rebuilt.files_unchanged, rebuilt.chunks_total) == (4, 0, 4)
+    (docs / "empty.md").write_text(" \n\n", encoding="utf-8")
+    skipped = build_index(docs, run, index_file, chunk_size=30, overlap=3)
+    assert skipped.files_empty == ["empty.md"] and skipped.chunks_total == 4
+    assert skipped.summary().endswith("4 chunks in all; skipped 1 empty file (empty.md)")
 
 
 @pytest.mark.parametrize("kind", ["garbage", "foreign-sqlite", "truncated"])

@@ -8,7 +8,8 @@ Every verb that writes something goes through these helpers, so the rules hold e
     with atomic_file(path) as handle:        # a temporary name in the same folder, renamed at the end
         handle.write(...)
 
-- An output that is one of the inputs (or a folder holding one) is refused, even with `--force`.
+- An output that is one of the inputs (or a folder holding one, or a file already in an input folder) is refused,
+  even with `--force`.
 - An existing output file, or an existing folder that is not empty, is refused unless `--force` is given.
 - A failure half-way leaves no truncated output and the earlier output (when replaced) untouched.
 - A path of the wrong kind (a folder where a file goes, a file where a folder goes) is refused in one line.
@@ -36,7 +37,8 @@ def check_output(path: str | Path, kind: Literal["file", "dir"], *, inputs: Iter
     path = Path(path)
     for source in inputs:
         if source is not None and str(source) != "-" and _overlaps(path, Path(source), kind):
-            raise OwnLLMError(f"{flag} {path}: is the input {source}; choose another output")
+            where = "is the input" if path.resolve() == Path(source).resolve() or kind == "dir" else "is in the input"
+            raise OwnLLMError(f"{flag} {path}: {where} {source}; choose another output")
     if kind == "file":
         if path.is_dir():
             raise OwnLLMError(f"{flag} {path}: is a directory; give a file name")
@@ -53,13 +55,16 @@ def check_output(path: str | Path, kind: Literal["file", "dir"], *, inputs: Iter
 
 
 def _overlaps(out: Path, source: Path, kind: str) -> bool:
-    """True when writing `out` would destroy `source`: the same file, or a folder that holds it."""
+    """True when writing `out` would destroy (part of) `source`: the same file, a folder that holds it, or a file
+    already in the input folder (a run's config.json)."""
     if not source.exists() or not out.exists() and kind == "file":
         return False
     out_resolved, source_resolved = out.resolve(), source.resolve()
     if out_resolved == source_resolved:
         return True
-    return kind == "dir" and source_resolved.is_relative_to(out_resolved)
+    if kind == "file":
+        return source.is_dir() and out_resolved.is_relative_to(source_resolved)
+    return source_resolved.is_relative_to(out_resolved)
 
 
 def _check_parent(path: Path, flag: str) -> None:

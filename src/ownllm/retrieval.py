@@ -279,10 +279,11 @@ def _same_embedder(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return bool(np.allclose(old["probe"], new["probe"], atol=1e-4))
 
 
-def check_index_output(out: str | Path, docs: str | Path, force: bool = False) -> Path:
-    """The index file `out`, checked before any work: a folder, one of the documents or a file that is not an index
-    is refused (even with `force`: an output of the wrong kind is never touched)."""
-    out = check_output(out, "file", inputs=[docs], force=True)
+def check_index_output(out: str | Path) -> Path:
+    """The index file `out`, checked before any work: a folder (the documents' own, say) or a file that is not an
+    index (one of the documents, say) is refused, even to rebuild it: an output of the wrong kind is never touched.
+    An index may live among the documents: it is never read as one."""
+    out = check_output(out, "file", force=True)
     if out.exists():  # an existing index is updated (or rebuilt with force); anything else is refused
         _connect(out, hint="; choose another --out (a file that is not an index is never replaced)").close()
     return out
@@ -301,7 +302,7 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
     if pooling is not None:
         check_pooling(pooling)
     chunk_text("", chunk_size, overlap)  # validates the sizes before the model loads
-    docs, out = Path(docs), check_index_output(out, docs, force)
+    docs, out = Path(docs), check_index_output(out)
     files = find_documents(docs, leave_out=out.resolve())
     texts = {p.relative_to(docs).as_posix(): _read_document(p) for p in files}
     run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
