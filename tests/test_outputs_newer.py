@@ -23,8 +23,9 @@ REPO = "tiny-org/tiny-llama"  # never reached: every case here is refused before
 @pytest.fixture(scope="module")
 def inputs(base, tmp_path_factory) -> dict[str, Path]:
     """The tiny base run, good inputs for each verb (preference pairs, texts, documents and their index, the run as
-    a Hugging Face folder and a GGUF file) and another model (`other`)."""
+    a GGUF file), another model (`other`) and a classifier made from it (`clf`)."""
     import ownllm
+    from ownllm.finetune import finetune_classify
     from ownllm.interop.gguf import export_gguf
     from ownllm.retrieval import build_index
 
@@ -32,13 +33,17 @@ def inputs(base, tmp_path_factory) -> dict[str, Path]:
     write_json(root / "prefs.json", [{"prompt": f"Say {word}.", "chosen": f"Please: {word}.", "rejected": f"{word}!"}
                                      for word in ("apple", "pear", "plum", "fig", "kiwi", "lime")])
     (root / "texts.txt").write_text("The with statement wraps a block.\nA list holds items.\n", encoding="utf-8")
+    (root / "labelled.tsv").write_text("good phone\t1\nbad phone\t0\nlovely\t1\nawful\t0\n", encoding="utf-8")
     (root / "docs").mkdir()
     (root / "docs" / "a.md").write_text("To renew a permit, bring the old one to the town hall.\n", encoding="utf-8")
     (root / "docs" / "b.txt").write_text("Water the tomatoes in the morning.\n", encoding="utf-8")
     build_index(root / "docs", base, root / "docs.index", chunk_size=20, overlap=2)
     export_gguf(ownllm.load(base), root / "model.gguf", quant="f32")
     (root / "other").mkdir()
-    return {"lm": base, "other": tiny_run(root / "other", block_size=128), **{
+    other = tiny_run(root / "other", block_size=128)
+    finetune_classify(out=root / "clf", model=other, data=root / "labelled.tsv", max_steps=1, batch_size=2,
+                      val_fraction=0, test_fraction=0, show_progress=False, precision="fp32")
+    return {"lm": base, "other": other, "clf": root / "clf", **{
         name: root / file for name, file in (("prefs", "prefs.json"), ("texts", "texts.txt"), ("docs", "docs"),
                                              ("index", "docs.index"), ("gguf", "model.gguf"))}}
 
@@ -67,7 +72,8 @@ PATH_FLAGS = [
     ("index --model", ["index", "{docs}", "--model", "{X}", "--out", "{out}"], MODEL_IN),
     ("index --out", ["index", "{docs}", "--model", "{lm}", "--out", "{X}"], INDEX),
     ("index --out --force", ["index", "{docs}", "--model", "{lm}", "--out", "{X}", "--force"], INDEX),
-    ("ask MODEL", ["ask", "{X}", "--index", "{index}", "Where is the town hall?"], MODEL_IN),
+    ("ask MODEL", ["ask", "{X}", "--index", "{index}", "Where is the town hall?", "--embed-model", "{lm}"],
+     (*MODEL_IN, "clf")),  # clf: a classifier cannot answer
     ("ask --index", ["ask", "{lm}", "--index", "{X}", "Where is the town hall?"], ("missing", *INDEX)),
     ("ask --embed-model", ["ask", "{lm}", "--index", "{index}", "Where is the town hall?", "--embed-model", "{X}"],
      (*MODEL_IN, "other")),  # other: a model that did not embed the index
@@ -81,7 +87,7 @@ CASES = [pytest.param(argv, kind, id=f"{verb} <- {kind}") for verb, argv, kinds 
 
 @pytest.mark.parametrize("argv,kind", CASES)
 def test_every_path_flag_of_the_wrong_kind_gets_one_line_and_nothing_is_written(argv, kind, inputs, tmp_path, capsys):
-    given = inputs["other"] if kind == "other" else make_path(tmp_path, kind)
+    given = inputs[kind] if kind in ("other", "clf") else make_path(tmp_path, kind)
     names = {name: str(path) for name, path in inputs.items()}
     argv = [arg.format(X=given, out=tmp_path / "out", **names) for arg in argv]
     before = snapshot(tmp_path, inputs["lm"], inputs["prefs"].parent)

@@ -431,6 +431,10 @@ def answer(run: "LoadedRun", index: Index, question: str, *, k: int = 4, mode: s
     from ownllm.data.instructions import Message
     from ownllm.serve.prompts import chat_format_for
 
+    if run.run_config.get("task") == "classify":
+        raise OwnLLMError(f"{run.path}: is a classifier run, which predicts labels, not answers; pass a language "
+                          "model to answer (an instruct run or a chat model), the classifier as --embed-model if it "
+                          "embedded the index")
     hits = search(index, embedder or run, question, k=k, mode=mode)
     chat_format = chat_format_for(run.run_config, run.tokenizer)
     prompt = chat_format.encode([Message("user", build_question_prompt(question, hits))])
