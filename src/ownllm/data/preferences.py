@@ -12,6 +12,9 @@ Formats, one record per pair (the two may be mixed in one file):
   without "prompt", "chosen" and "rejected" as whole conversations that differ only in their last (assistant)
   message, which is the answer.
 
+A pair that carries nothing (chosen = rejected: no preference and no gradient; an empty answer or prompt; a repeat)
+is skipped and counted in one line (`ownllm.data.records`); a malformed record is an error naming its item.
+
 The prompt is rendered with the run's chat template exactly as instruction tuning renders it, each answer ends with
 the template's end marker (as learned in instruction tuning), and only answer tokens are counted (prompt and padding
 targets are -100): a sequence's log-probability is the sum over its answer tokens.
