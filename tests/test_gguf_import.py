@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from interop_helpers import PROMPTS, randomize, small_bpe
+from parity import assert_parity
 
 import ownllm
 from ownllm.runs import LoadedRun
@@ -72,8 +73,8 @@ def test_llama_round_trip_in_every_writer_type(quant, tokenizer, tmp_path):
     error = ((ours - theirs).abs().mean() / theirs.abs().mean()).item()
     assert error < RELATIVE_ERROR[quant], error  # measured 0, 3e-4, 0.03, 0.25 (large random weights)
     # The reader adds no error of its own: the logits are those of the source with the writer's rounding.
-    torch.testing.assert_close(ours, logits(stored_as(source.model, quant), ids[:60]), atol=1e-6 if quant == "f32"
-                               else 1e-5, rtol=0)
+    assert_parity(ours, logits(stored_as(source.model, quant), ids[:60]), layers=run.config.n_layer,
+                  what=f"read {quant} vs source rounded to {quant}")
 
 
 @pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny-llama", {"qkv_bias": True}),
@@ -105,7 +106,7 @@ def test_qwen2_architecture_keeps_the_rotate_half_rows(tokenizer, tmp_path):
     run = ownllm.load(str(tmp_path / "qwen2.gguf"))
     assert run.run_config["source"]["architecture"] == "qwen2"
     ids = tokenizer.encode(PROMPTS[2])
-    torch.testing.assert_close(logits(run.model, ids), logits(source.model, ids), atol=1e-6, rtol=0)
+    assert_parity(logits(run.model, ids), logits(source.model, ids), layers=run.config.n_layer, what="qwen2 rows")
 
 
 def test_transformers_gguf_loader_gives_the_same_tokens_and_logits(tokenizer, tmp_path):
@@ -121,7 +122,7 @@ def test_transformers_gguf_loader_gives_the_same_tokens_and_logits(tokenizer, tm
     ids = run.tokenizer.encode(UNICODE_TEXT)[:60]
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(logits(run.model, ids), theirs, atol=1e-4, rtol=0)
+    assert_parity(logits(run.model, ids), theirs, layers=run.config.n_layer, what="vs transformers' GGUF loader")
 
 
 def sentencepiece_vocabulary(tmp_path) -> tuple[list[str], list[float], list[int]]:

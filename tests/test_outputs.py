@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from finetune_helpers import instruction_records, sentiment_lines, write_json
+from parity import assert_parity
 from ownllm.cli import main
 from ownllm.outputs import atomic_file, replaced_dir
 
@@ -290,7 +291,7 @@ def test_a_classifier_exports_as_a_sequence_classifier_or_is_refused(runs, tmp_p
     for text in ("superb phone, lovely screen", "awful"):
         ids = torch.tensor(encode_texts([text], run.tokenizer, run.config.block_size))
         with torch.no_grad():
-            assert torch.allclose(hf(ids).logits, run.model(ids), atol=1e-5)
+            assert_parity(hf(ids).logits, run.model(ids), layers=run.config.n_layer, what="exported classifier")
 
     capsys.readouterr()  # transformers' loading bar
     code, _, err = run_main(capsys, ["export", runs["clf"], "--to", "gguf", "--out", tmp_path / "clf.gguf"])
