@@ -33,10 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, write_run_config
+from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, save_safetensors, write_run_config
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.outputs import check_output, replaced_dir
@@ -427,7 +426,7 @@ def import_gguf(path: str | Path, out: str | Path, progress: bool = True, force:
     out = check_output(out, "dir", inputs=[path], force=force)
     model = read_gguf(path, progress=progress)
     with replaced_dir(out) as staging:
-        save_file({name: t.contiguous() for name, t in model.state.items()}, str(staging / WEIGHTS_FILE))
+        save_safetensors({name: t.contiguous() for name, t in model.state.items()}, staging / WEIGHTS_FILE)
         model.tokenizer.save(staging / TOKENIZER_DIR)
         write_run_config(staging, model.config, **run_sections(path, model))
     return out

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ownllm.checkpoint import (
@@ -33,6 +33,7 @@ from ownllm.checkpoint import (
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     read_json,
+    save_safetensors,
     save_weights,
     weights_state_dict,
     write_json_atomic,
@@ -554,7 +555,7 @@ def export_hf(run: LoadedRun, out: str | Path, force: bool = False) -> Path:
     if classifier:
         config_dict, state = sequence_classifier(run, config_dict, state)
     with replaced_dir(out) as staging:
-        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         write_json_atomic(staging / CONFIG_FILE, config_dict)
         if not classifier:
             generation = {"bos_token_id": config_dict["bos_token_id"], "eos_token_id": config_dict["eos_token_id"]}
