@@ -14,7 +14,8 @@ from parity import assert_parity
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
-from ownllm.interop.gguf import export_gguf, interleave_rope_rows
+from ownllm.interop.names import interleave_rope_rows
+from ownllm.interop.writers.gguf import export_gguf
 from ownllm.model import GPT, apply_rope, rope_tables
 from ownllm.runs import LoadedRun
 

@@ -15,8 +15,9 @@ import ownllm
 from ownllm.runs import LoadedRun
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
-from ownllm.interop.gguf import deinterleave_rope_rows, export_gguf, tensor_type
-from ownllm.interop.gguf_reader import read_gguf
+from ownllm.interop.names import deinterleave_rope_rows
+from ownllm.interop.readers.gguf import read_gguf
+from ownllm.interop.writers.gguf import export_gguf, tensor_type
 from ownllm.model import GPT
 
 UNICODE_TEXT = ("Grüße aus Köln: naïve café, 東京タワー und Ελληνικά, русский текст, עברית, العربية; emoji 🤖🚀👍🏽, "
@@ -83,7 +84,7 @@ def test_gpt2_qwen2_biases_and_tied_heads_read_back_exactly(preset, overrides, t
     source = make_run(preset, tokenizer, **overrides)
     model = read_gguf(export_gguf(source, tmp_path / "m.gguf", quant="f32"))
     assert_same_shape_and_flavour(model.config, source.config)
-    assert model.architecture == ("gpt2" if preset == "tiny" else "llama")
+    assert model.sections["source"]["architecture"] == ("gpt2" if preset == "tiny" else "llama")
     expected = {name: t for name, t in source.model.state_dict().items()
                 if not (name == "lm_head.weight" and source.config.tie_embeddings) and not name.startswith("rope_")}
     assert set(model.state) == set(expected)
@@ -253,7 +254,7 @@ def test_import_writes_a_run_that_every_verb_reads(good_gguf, tmp_path, capsys):
 def test_a_pooling_type_ownllm_lacks_is_ignored_with_a_warning(good_gguf, tmp_path, caplog):
     cls = tmp_path / "cls.gguf"
     rewrite(good_gguf, cls, add=lambda writer: writer.add_pooling_type(gguf.PoolingType.CLS))
-    with caplog.at_level("WARNING", logger="ownllm.interop.gguf_reader"):
+    with caplog.at_level("WARNING", logger="ownllm.interop.readers.gguf"):
         run = ownllm.load(str(cls))
     assert "embedding_pooling" not in run.run_config
     assert "llama.pooling_type=2 is a pooling ownllm does not implement" in caplog.text

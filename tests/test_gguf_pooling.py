@@ -17,7 +17,7 @@ from parity import assert_parity
 from ownllm.cli import main
 from ownllm.embeddings import default_pooling, embed_texts
 from ownllm.errors import OwnLLMError
-from ownllm.interop.gguf import export_gguf
+from ownllm.interop.writers.gguf import export_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

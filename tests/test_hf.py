@@ -19,7 +19,8 @@ from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
 from ownllm.decoding import SamplingOptions, generate_ids
-from ownllm.interop.hf import export_hf, hf_model_type, import_hf
+from ownllm.interop.readers.hf import import_hf
+from ownllm.interop.writers.hf import export_hf, hf_model_type
 from ownllm.model import GPT
 from ownllm.runs import LoadedRun
 
@@ -102,7 +103,7 @@ def test_eos_token_id_outside_the_vocabulary_warns_and_loads_as_in_transformers(
     model = randomize(transformers.GPT2LMHeadModel(config), seed=5)
     model.save_pretrained(tmp_path)
     tokenizer.save(tmp_path)
-    with caplog.at_level("WARNING", logger="ownllm.interop.hf"):
+    with caplog.at_level("WARNING", logger="ownllm.interop.readers.hf"):
         run = ownllm.load(tmp_path)
     assert "eos_token_id 50256 is outside the tokenizer's vocabulary" in caplog.text
     assert run.tokenizer.eot_id == tokenizer.eot_id  # the tokenizer's own <|endoftext|>

@@ -23,7 +23,7 @@ from parity import assert_parity
 import ownllm
 from ownllm.runs import LoadedRun
 from ownllm.config import model_config_from_preset
-from ownllm.interop.hf import export_hf
+from ownllm.interop.writers.hf import export_hf
 from ownllm.model import GPT
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -21,8 +21,8 @@ from ownllm.checkpoint import read_run_config
 from ownllm.runs import LoadedRun
 from ownllm.config import TrainConfig, model_config_from_preset
 from ownllm.errors import OwnLLMError
-from ownllm.interop.gguf import export_gguf
-from ownllm.interop.hf import export_hf
+from ownllm.interop.writers.gguf import export_gguf
+from ownllm.interop.writers.hf import export_hf
 from ownllm.model import GPT
 from ownllm.optim import MuonWithAdamW, make_optimizer
 from ownllm.pretrain import pretrain
