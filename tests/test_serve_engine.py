@@ -149,7 +149,7 @@ def test_slot_pool_rows_of_different_lengths_match_separate_caches(run):
 
     model = run.model
     rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]]
-    pool = SlotPool(model, slots=2, max_len=32, dtype=torch.float32)
+    pool = SlotPool(model.config, slots=2, max_len=32, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         for slot, ids in enumerate(rows):
             model(torch.tensor([ids]), cache=pool.prefill_view(slot))

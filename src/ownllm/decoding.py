@@ -215,7 +215,8 @@ class BatchDecoder:
         width = max(len(r) for r in rows)
         # Room for what this call can generate, not the whole context: open models declare windows of 32k+ tokens.
         needed = self.window if self.max_new_tokens is None else width + self.max_new_tokens
-        self.pool = SlotPool(self.model, len(rows), min(self.window, needed), self.model.tok_emb.weight.dtype)
+        weight = self.model.tok_emb.weight
+        self.pool = SlotPool(self.model.config, len(rows), min(self.window, needed), weight.device, weight.dtype)
         return prefill(self.model, self.pool, 0, rows)
 
     def step(self, tokens: Tensor, history: Callable[[], Sequence[Sequence[int]]]) -> Tensor:
