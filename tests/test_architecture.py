@@ -137,3 +137,56 @@ def test_every_training_flag_is_a_parameter_of_its_stage():
         for option in (o for table in tables for o in table if o.to_api):
             assert (option.keyword in parameters or option.keyword in train_fields
                     or (function is pretrain and option.keyword in MODEL_OVERRIDES)), (function.__name__, option)
+
+
+
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def every_import(name: str) -> set[str]:
+    """The ownllm modules `name` imports anywhere: at module level, inside functions (they run when called) and
+    under TYPE_CHECKING (the types it names are knowledge of that module too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{name}: a relative import"
+            found |= {node.module or "", *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return {module for module in found if module in MODULES and module != name}
+
+
+def reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every ownllm module `start` imports, directly or through others, with the packages (`__init__`) holding them."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        parts = todo.pop().split(".")
+        for name in [*graph[".".join(parts)], *(".".join(parts[:i]) for i in range(2, len(parts)))]:
+            if name in graph and name not in seen and name != start:
+                seen.add(name)
+                todo.append(name)
+    return seen
+
+
+CHAT_AND_SERVING_LAYERS = {  # a module (or package) -> what it may not import, however indirectly
+    "ownllm.serve": ("ownllm.training", "ownllm.finetune", "ownllm.pretrain", "ownllm.distributed"),
+    "ownllm.decoding": ("ownllm.data", "ownllm.chat", "ownllm.chat_templates"),
+    "ownllm.retrieval": ("ownllm.serve",),
+    "ownllm.chat": ("ownllm.data", "ownllm.training"),
+    "ownllm.chat_templates": ("ownllm.data", "ownllm.training"),
+}
+
+
+def test_chat_sits_below_serving_and_above_decoding():
+    """Serving never trains; decoding knows tokens, not templates; retrieval sits below the server; chat (and its
+    templates, which the training data reads too) knows no training data."""
+    assert "ownllm.runs" in every_import("ownllm.retrieval")  # imported only inside functions and for type checkers
+    assert reached({"a.b": {"ownllm.finetune.classify"}, "ownllm.finetune.classify": set(), "ownllm.finetune": set()},
+                   "a.b") == {"ownllm.finetune.classify", "ownllm.finetune"}
+    graph = {name: every_import(name) for name in MODULES}
+    for layer, forbidden in CHAT_AND_SERVING_LAYERS.items():
+        for module in (m for m in graph if within(m, layer)):
+            bad = sorted(m for m in reached(graph, module) if any(within(m, f) for f in forbidden))
+            assert bad == [], f"{module} imports {', '.join(bad)}"
