@@ -5,8 +5,9 @@
 
 Poolings (`ownllm.model.pool`, which the classification head uses too): `mean` (average over the text's tokens),
 `last` (the hidden state of the last real token), `weighted-mean` (SGPT's position weighting). Vectors are
-L2-normalised unless `normalize=False` (then cosine similarity is a dot product). Without a pooling, a run's own is used (`default_pooling`: its run
-config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on import), else `mean`.
+L2-normalised unless `normalize=False` (then cosine similarity is a dot product). Without a pooling, a run's own is
+used (`default_pooling`: its run config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on
+import), else `mean`.
 
 Padding-safe: texts are right-padded in length-sorted batches; a causal model's real tokens never attend to the
 padding after them and the pooling reads real tokens only, so a text's vector does not depend on its batch
