@@ -26,7 +26,7 @@ def loaded(tiny):  # noqa: F811
 
 
 def test_pool_reads_only_real_tokens_with_each_weighting():
-    from ownllm.embeddings import pool
+    from ownllm.model import pool
 
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     lengths = torch.tensor([4, 2])

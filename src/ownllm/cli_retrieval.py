@@ -16,8 +16,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from ownllm.embeddings import LONG_TEXTS, POOLINGS
+from ownllm.embeddings import LONG_TEXTS
 from ownllm.errors import OwnLLMError
+from ownllm.model import POOLINGS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ownllm import distributed
+from ownllm.chat_templates import TEMPLATES, Template, get_template
 from ownllm.checkpoint import save_safetensors, write_json_atomic
 from ownllm.config import ModelConfig
-from ownllm.data.instructions import TEMPLATES, Template, get_template
 from ownllm.data.labelled import split_examples
 from ownllm.data.preferences import PreferenceBatches, PreferencePair, pair_tokens, read_preferences
 from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
