@@ -20,6 +20,7 @@ install: $(BIN)/ownllm
 
 demo: install
 	$(BIN)/ownllm demo --out runs/demo
+	@echo "ownllm is installed in $(VENV): 'source $(VENV)/bin/activate' puts it on the PATH of a shell (or call $(BIN)/ownllm)"
 
 # The chat-page test drives Debian's headless chromium; install it with apt when it is missing.
 browser:

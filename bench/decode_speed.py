@@ -77,7 +77,7 @@ def ownllm_decoder(run: LoadedRun, prompt: list[int], quantize: str = "none") ->
 def transformers_decoder(run: LoadedRun, prompt: list[int], folder: Path) -> Decode:
     import transformers
 
-    from ownllm.interop.hf import export_hf
+    from ownllm.interop.writers.hf import export_hf
 
     model = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, folder / "hf")).eval()
     ids = torch.tensor([prompt])
@@ -97,7 +97,7 @@ def llama_cpp_decoder(run: LoadedRun, prompt: list[int], folder: Path, quant: st
     import llama_cpp
     import numpy as np
 
-    from ownllm.interop.gguf import export_gguf
+    from ownllm.interop.writers.gguf import export_gguf
 
     if quant == "file":
         if model_file is None or model_file.suffix != ".gguf":

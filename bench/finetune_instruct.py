@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ownllm.data.instructions import get_template, read_instructions
+from ownllm.chat_templates import get_template
+from ownllm.data.instructions import read_instructions
 from ownllm.evaluation import exact_match, rouge_l_f1
 from ownllm.finetune import finetune_instruct
 from ownllm.pretrain import pretrain

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from ownllm.data.instructions import Message, get_template
+from ownllm.chat import ChatFormat, answer_all
+from ownllm.chat_templates import Message, get_template
 from ownllm.data.preferences import PreferenceBatches, read_preferences
-from ownllm.decoding import SamplingOptions, answer_all
+from ownllm.decoding import SamplingOptions
 from ownllm.evaluation import rouge_l_f1
 from ownllm.finetune import finetune_prefer
 from ownllm.finetune.dpo import counts_of_pairs, dpo_losses, logps_of_pairs, pair_stats
@@ -71,7 +72,7 @@ def pair_metrics(run, pairs_file: Path, template, reference: torch.Tensor | None
 
 def rouge(run, template, items: list[dict], max_new_tokens: int) -> float:
     prompts = [[Message("user", r["instruction"], r.get("input") or "")] for r in items]
-    answers = answer_all(run.model, run.tokenizer, template, prompts,
+    answers = answer_all(run.model, ChatFormat(run.tokenizer, template), prompts,
                          SamplingOptions(max_new_tokens=max_new_tokens, temperature=0.0))
     return sum(rouge_l_f1(a, r["output"]) for a, r in zip(answers, items)) / len(items)
 

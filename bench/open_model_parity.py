@@ -59,7 +59,7 @@ def child_peak(command: list[str]) -> tuple[float, float]:
 
 
 def measure_import(gguf: str) -> dict:
-    floor_s, floor_mib = child_peak([sys.executable, "-c", "import torch, ownllm.cli, ownllm.interop.gguf_reader"])
+    floor_s, floor_mib = child_peak([sys.executable, "-c", "import torch, ownllm.cli, ownllm.interop.readers.gguf"])
     with tempfile.TemporaryDirectory() as folder:
         seconds, peak = child_peak([sys.executable, "-m", "ownllm", "import", gguf, "--out", f"{folder}/run"])
         size = os.path.getsize(f"{folder}/run/model.safetensors")

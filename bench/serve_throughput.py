@@ -128,7 +128,7 @@ def step_costs(run_dir: Path, batches: list[int], quantize: str, steps: int = 10
     costs = {}
     with torch.inference_mode():
         for rows in batches:
-            pool = SlotPool(model, rows, 256, model_dtype(model))
+            pool = SlotPool(model.config, rows, 256, model.tok_emb.weight.device, model_dtype(model))
             model.hidden_states(torch.randint(0, 50_000, (rows, 16)), cache=pool.prefill_view(0, rows))
             pool.lengths[:rows] = [16] * rows
             ids = torch.randint(0, 50_000, (rows, 1))

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import torch
 
-from ownllm.data.instructions import get_template, read_instructions
+from ownllm.chat import ChatFormat, answer_all
+from ownllm.chat_templates import get_template
+from ownllm.data.instructions import read_instructions
 from ownllm.data.labelled import read_labelled, split_examples, undersample
-from ownllm.decoding import SamplingOptions, answer_all
+from ownllm.decoding import SamplingOptions
 from ownllm.evaluation import exact_match, rouge_l_f1
 from ownllm.finetune import finetune_classify, finetune_instruct
 from ownllm.runs import load_run
@@ -67,7 +69,7 @@ def zero_shot(args: argparse.Namespace, files: dict[str, Path]) -> dict:
     run = load_run(args.model, device=args.device)
     test = read_instructions(files["test"])
     start = time.perf_counter()
-    answers = answer_all(run.model, run.tokenizer, get_template("chatml"), [c[:-1] for c in test],
+    answers = answer_all(run.model, ChatFormat(run.tokenizer, get_template("chatml")), [c[:-1] for c in test],
                          SamplingOptions(max_new_tokens=128, temperature=0.0))
     return {"recipe": "zero-shot", **score([(a, c[-1].content) for a, c in zip(answers, test)]),
             "answer_s": round(time.perf_counter() - start, 1)}
@@ -84,7 +86,7 @@ def instruct(args: argparse.Namespace, files: dict[str, Path]) -> dict:
     train_s = time.perf_counter() - start
     run = load_run(Path(args.out) / name, device=args.device)
     test = read_instructions(files["test"])
-    answers = answer_all(run.model, run.tokenizer, get_template("chatml"), [c[:-1] for c in test],
+    answers = answer_all(run.model, ChatFormat(run.tokenizer, get_template("chatml")), [c[:-1] for c in test],
                          SamplingOptions(max_new_tokens=128, temperature=0.0))
     return {"recipe": name, **score([(a, c[-1].content) for a, c in zip(answers, test)]), "lr": args.lr,
             "val_loss": result.train.val_loss, "steps": result.train.step, "train_s": round(train_s, 1),

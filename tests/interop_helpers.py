@@ -9,6 +9,7 @@ from torch import nn
 
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, train_bpe
+from parity import assert_parity
 
 PROMPTS = ["def main():\n    return", "The", "Python's for statement iterates over the items of any sequence"]
 
@@ -67,9 +68,13 @@ def hf_padded_logits(hf_model: nn.Module, rows: list[list[int]]) -> torch.Tensor
         return hf_model(input_ids=ids, attention_mask=valid.long(), position_ids=positions).logits
 
 
-def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor, rows: list[list[int]], atol: float = 1e-5) -> None:
-    """Equal at every real (non-padding) position."""
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor, rows: list[list[int]], layers: int,
+                       exact: bool = False) -> None:
+    """Equal at every real (non-padding) position: to the bit where `exact`, else up to `layers` layers' rounding."""
     width = ours.shape[1]
-    for i, row in enumerate(rows):
-        a, b = ours[i, width - len(row):], theirs[i, width - len(row):]
-        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    a = torch.cat([ours[i, width - len(row):] for i, row in enumerate(rows)])
+    b = torch.cat([theirs[i, width - len(row):] for i, row in enumerate(rows)])
+    if exact:
+        assert torch.equal(a, b)
+    else:
+        assert_parity(a, b, layers=layers, what="logits")

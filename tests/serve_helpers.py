@@ -93,15 +93,16 @@ def http(method: str, url: str, body: Any = None, key: str | None = API_KEY, raw
 
 
 def greedy_chat(run: Any, conversation: list[str], max_tokens: int) -> str:
-    """The greedy answer to alternating user/assistant messages, decoded alone in this process with the run's
-    template (ChatML for a base model, as the server falls back to)."""
-    from ownllm.data.instructions import Message, get_template
-    from ownllm.decoding import SamplingOptions, chat_reply
+    """The greedy answer to alternating user/assistant messages, decoded alone in this process in the run's chat
+    format (ownllm.chat: the server's rule, ChatML for a base model)."""
+    from ownllm.chat import chat_format_for, chat_reply
+    from ownllm.chat_templates import Message
+    from ownllm.decoding import SamplingOptions
 
     messages = [Message("user" if i % 2 == 0 else "assistant", text) for i, text in enumerate(conversation)]
     with single_thread():
-        return chat_reply(run.model, run.tokenizer, get_template(run.run_config.get("template") or "chatml"),
-                          messages, SamplingOptions(max_new_tokens=max_tokens, temperature=0))
+        return chat_reply(run.model, chat_format_for(run.run_config, run.tokenizer), messages,
+                          SamplingOptions(max_new_tokens=max_tokens, temperature=0))
 
 
 def assert_openai_error(body: Any) -> dict:

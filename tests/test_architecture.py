@@ -1,13 +1,32 @@
-"""The package's shape: no import circle among the modules of src/ownllm, and storage that knows no stage and no
-foreign format. Read from the source with `ast` (module-level imports; those under `if TYPE_CHECKING:` are for type
-checkers only and never run)."""
+"""The package's shape, read from the source with `ast`: no import circle among the modules of src/ownllm (imports
+under `if TYPE_CHECKING:` count: a circle there is a circle in the design), the layer table (which package may not
+import which), no module using another module's private names, and storage that knows no stage and no foreign
+format. An import inside a function is left out of the graph: that is how a module imports a heavy dependency
+lazily, and it runs only when called."""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ownllm"
+
+# A row: modules whose name starts with the key -> name prefixes they may not import, directly or through other
+# modules, anywhere in their files (inside functions too: a lazy import is still knowledge of that layer).
+# `ownllm.cli` covers ownllm.cli, ownllm.cli_finetune and ownllm.cli.*.
+FORBIDDEN_IMPORTS: dict[str, tuple[str, ...]] = {
+    "ownllm.interop": ("ownllm.serve", "ownllm.training", "ownllm.finetune", "ownllm.pretrain", "ownllm.cli"),
+    "ownllm.interop.readers": ("ownllm.runs", "ownllm.interop.writers"),  # plain data out; runs builds the model
+    "ownllm.interop.names": ("ownllm.runs", "ownllm.interop.readers", "ownllm.interop.writers"),
+    "ownllm.kvcache": ("ownllm.model",),
+    "ownllm.checkpoint": ("ownllm.finetune", "ownllm.interop", "ownllm.runs", "ownllm.pretrain", "ownllm.training",
+                          "ownllm.serve"),
+    "ownllm.serve": ("ownllm.training", "ownllm.finetune", "ownllm.pretrain", "ownllm.distributed"),  # never trains
+    "ownllm.decoding": ("ownllm.data", "ownllm.chat"),  # tokens -> text, no templates (ownllm.chat_templates too)
+    "ownllm.retrieval": ("ownllm.serve",),
+    "ownllm.chat": ("ownllm.data", "ownllm.training"),  # chat.py and chat_templates.py
+}
 
 
 def module_name(path: Path) -> str:
@@ -18,36 +37,38 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def _top_level_imports(body: list[ast.stmt]):
+def _module_level_imports(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The import statements that run when the module is imported, and those under `if TYPE_CHECKING:`; not the
+    ones inside functions."""
     for node in body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
-        elif isinstance(node, ast.If) and not _is_type_checking(node):
-            yield from _top_level_imports(node.body + node.orelse)
+        elif isinstance(node, ast.If):
+            yield from _module_level_imports(node.body + node.orelse)
         elif isinstance(node, ast.Try):
-            yield from _top_level_imports(node.body + node.orelse + node.finalbody
-                                          + [s for h in node.handlers for s in h.body])
+            yield from _module_level_imports(node.body + node.orelse + node.finalbody
+                                             + [s for h in node.handlers for s in h.body])
+        elif isinstance(node, (ast.With, ast.ClassDef)):
+            yield from _module_level_imports(node.body)
+
+
+def _absolute(name: str, node: ast.ImportFrom) -> str:
+    """The absolute module a `from ... import` names (relative imports resolved against module `name`)."""
+    if not node.level:
+        return node.module or ""
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+    return ".".join(anchor + ([node.module] if node.module else []))
 
 
 def imported_modules(name: str) -> set[str]:
-    """The ownllm modules that importing `name` imports at once (its module-level import statements)."""
-    path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    """The ownllm modules that module `name` imports at module level (TYPE_CHECKING imports included)."""
     found: set[str] = set()
-    for node in _top_level_imports(ast.parse(path.read_text(encoding="utf-8")).body):
+    for node in _module_level_imports(ast.parse(MODULES[name].read_text(encoding="utf-8")).body):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
             continue
-        base = node.module or ""
-        if node.level:  # a relative import
-            anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-            base = ".".join(anchor + ([node.module] if node.module else []))
+        base = _absolute(name, node)
         found.add(base)
         found.update(f"{base}.{alias.name}" for alias in node.names)  # `from ownllm import checkpoint`
     return {module for module in found if module in MODULES and module != name}
@@ -55,6 +76,46 @@ def imported_modules(name: str) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     return {name: imported_modules(name) for name in MODULES}
+
+
+def every_import(name: str) -> set[str]:
+    """The ownllm modules module `name` imports anywhere in its file (inside functions too), with the packages
+    whose `__init__` such an import runs (`ownllm.finetune` for `ownllm.finetune.classify`; not `ownllm` itself)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(name, node)
+            found |= {base, *(f"{base}.{alias.name}" for alias in node.names)}
+    parents = {".".join(m.split(".")[:i]) for m in found for i in range(2, len(m.split(".")))}
+    return {module for module in found | parents if module in MODULES and module != name}
+
+
+def full_import_graph() -> dict[str, set[str]]:
+    return {name: every_import(name) for name in MODULES}
+
+
+def layer_violations(graph: dict[str, set[str]], table: dict[str, tuple[str, ...]]) -> list[str]:
+    """"A -> ... -> B" for each module A under a row of `table` that imports a module B the row forbids, directly
+    or through other modules (the shortest such chain)."""
+    found = []
+    for name in sorted(graph):
+        forbidden = tuple(prefix for row, prefixes in table.items() if name.startswith(row) for prefix in prefixes)
+        if not forbidden:
+            continue
+        came_from = {name: ""}
+        todo = [name]
+        for module in todo:  # breadth first: `todo` grows while it is walked
+            for nxt in sorted(graph[module] - came_from.keys()):
+                came_from[nxt] = module
+                todo.append(nxt)
+        for module in sorted(m for m in came_from if m != name and m.startswith(forbidden)):
+            chain = [module]
+            while came_from[chain[-1]]:
+                chain.append(came_from[chain[-1]])
+            found.append(" -> ".join(reversed(chain)))
+    return found
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -79,11 +140,52 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_name_uses(name: str, source: str | None = None) -> list[str]:
+    """Another ownllm module's private names that module `name` (its file, or `source`) uses: `from ownllm.x import
+    _y`, or `x._y` where `x` is an ownllm module it imported (anywhere in the file, functions included)."""
+    tree = ast.parse(source if source is not None else MODULES[name].read_text(encoding="utf-8"))
+    aliases: dict[str, str] = {}  # a local name -> the ownllm module it stands for
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in MODULES and alias.asname:
+                    aliases[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(name, node)
+            for alias in node.names:
+                if f"{base}.{alias.name}" in MODULES:
+                    aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+                elif base in MODULES and base != name and _is_private(alias.name):
+                    uses.append(f"from {base} import {alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            chain = _dotted(node.value)
+            module = aliases.get(chain, chain)  # `tokenizer._x`, or `ownllm.tokenizer._x` after `import ownllm...`
+            if module in MODULES and module != name:
+                uses.append(f"{module}.{node.attr}")
+    return uses
+
+
+def _dotted(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
 def test_the_graph_sees_the_imports_it_should():
     graph = import_graph()
-    assert "ownllm.checkpoint" in graph["ownllm.runs"] and "ownllm.interop.hf" in graph["ownllm.runs"]
+    assert {"ownllm.checkpoint", "ownllm.interop.readers.hf"} <= graph["ownllm.runs"]
     assert "ownllm.checkpoint" in graph["ownllm.training"]  # `from ownllm import checkpoint, distributed`
     assert "ownllm.cli_finetune" in graph["ownllm.cli"]
+    assert "ownllm.runs" in graph["ownllm"]  # under `if TYPE_CHECKING:`
+    assert "ownllm.decoding" not in graph["ownllm"]  # imported inside a function only
 
 
 def test_find_cycle_finds_one():
@@ -96,17 +198,38 @@ def test_no_import_cycle_in_the_package():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_storage_imports_no_stage_and_no_foreign_format():
-    path = MODULES["ownllm.checkpoint"]
-    every_import = [node for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                    if isinstance(node, (ast.Import, ast.ImportFrom))]
-    names = {alias.name for node in every_import if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module or "" for node in every_import if isinstance(node, ast.ImportFrom)}
-    names |= {f"{node.module}.{alias.name}" for node in every_import if isinstance(node, ast.ImportFrom)
-              for alias in node.names}
-    forbidden = [n for n in names if n.startswith(("ownllm.finetune", "ownllm.interop", "ownllm.runs",
-                                                   "ownllm.pretrain", "ownllm.training", "ownllm.serve"))]
-    assert forbidden == []
+def test_layer_violations_name_the_chain():
+    graph = {"a.low": {"a.mid"}, "a.mid": {"b.top"}, "b.top": set(), "c": {"b.top"}}
+    assert layer_violations(graph, {"a": ("b",)}) == ["a.low -> a.mid -> b.top", "a.mid -> b.top"]
+    assert layer_violations(graph, {"c": ("a",)}) == []
+
+
+def test_the_full_graph_sees_imports_inside_functions_and_the_packages_they_run():
+    graph = full_import_graph()
+    assert "ownllm.decoding" in graph["ownllm"]  # imported inside a function
+    assert "ownllm.runs" in graph["ownllm.retrieval"]  # inside functions and for type checkers
+    assert {"ownllm.interop", "ownllm.interop.readers"} <= graph["ownllm.runs"]  # the packages a reader import runs
+
+
+def test_the_layer_table_holds():
+    assert layer_violations(full_import_graph(), FORBIDDEN_IMPORTS) == []
+
+
+def test_private_name_uses_are_found():
+    source = ("from ownllm.tokenizer import _merge_pair, load_tokenizer\n"
+              "from ownllm import tokenizer\n"
+              "import ownllm.model as model\n"
+              "def f(run):\n"
+              "    from ownllm.checkpoint import _fsync_and_replace\n"
+              "    return tokenizer._byte_of_symbol(), model._init, run._private, tokenizer.__name__\n")
+    assert sorted(private_name_uses("ownllm.runs", source)) == [
+        "from ownllm.checkpoint import _fsync_and_replace", "from ownllm.tokenizer import _merge_pair",
+        "ownllm.model._init", "ownllm.tokenizer._byte_of_symbol"]
+
+
+def test_no_module_uses_another_modules_private_names():
+    uses = {name: found for name in sorted(MODULES) if (found := private_name_uses(name))}
+    assert uses == {}
 
 
 def test_the_cli_is_not_imported_by_the_api():
@@ -137,3 +260,5 @@ def test_every_training_flag_is_a_parameter_of_its_stage():
         for option in (o for table in tables for o in table if o.to_api):
             assert (option.keyword in parameters or option.keyword in train_fields
                     or (function is pretrain and option.keyword in MODEL_OVERRIDES)), (function.__name__, option)
+
+

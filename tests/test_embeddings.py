@@ -11,6 +11,7 @@ import torch
 from openai import BadRequestError, OpenAI
 
 from embedding_helpers import assert_one_line_error, tiny  # noqa: F401  (tiny is a fixture)
+from parity import assert_parity
 from serve_helpers import API_KEY, assert_openai_error, http, serve_process
 
 TEXTS = ["The for statement iterates over a sequence.", "x", "Lists are mutable sequences, typically used to "
@@ -25,7 +26,7 @@ def loaded(tiny):  # noqa: F811
 
 
 def test_pool_reads_only_real_tokens_with_each_weighting():
-    from ownllm.embeddings import pool
+    from ownllm.model import pool
 
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     lengths = torch.tensor([4, 2])
@@ -43,7 +44,8 @@ def test_a_texts_vector_does_not_depend_on_its_batch(loaded, pooling, one_thread
     together = embed_texts(loaded, TEXTS, pooling=pooling, batch_size=4).vectors
     alone = torch.stack([embed_texts(loaded, [t], pooling=pooling).vectors[0] for t in TEXTS])
     reversed_ = embed_texts(loaded, TEXTS[::-1], pooling=pooling, batch_size=3).vectors.flip(0)
-    assert torch.allclose(together, alone, atol=1e-5) and torch.allclose(together, reversed_, atol=1e-5)
+    assert_parity(together, alone, layers=loaded.config.n_layer, what="batch vs alone")
+    assert_parity(together, reversed_, layers=loaded.config.n_layer, what="batch vs reversed batch")
     assert torch.allclose(together.norm(dim=1), torch.ones(len(TEXTS)), atol=1e-5)
     assert (together @ together.T - torch.eye(len(TEXTS))).abs().max() > 1e-3  # different texts, different vectors
 
@@ -54,7 +56,7 @@ def test_poolings_differ_and_raw_vectors_are_the_normalised_ones_scaled(loaded, 
     mean, last = (embed_texts(loaded, TEXTS[:2], pooling=p).vectors for p in ("mean", "last"))
     assert not torch.allclose(mean, last, atol=1e-3)
     raw = embed_texts(loaded, TEXTS[:2], normalize=False).vectors
-    assert torch.allclose(raw / raw.norm(dim=1, keepdim=True), mean, atol=1e-6)
+    assert_parity(raw / raw.norm(dim=1, keepdim=True), mean, layers=0, what="raw normalised vs normalised")
 
 
 def test_long_texts_are_cut_or_chunked_with_a_warning(tmp_path, one_thread):
@@ -70,14 +72,14 @@ def test_long_texts_are_cut_or_chunked_with_a_warning(tmp_path, one_thread):
         cut = embed_texts(run, [text])
     head = embed_texts(run, [run.tokenizer.decode(ids[:16])])
     assert cut.shortened == 1 and cut.token_counts == [16]
-    assert torch.allclose(cut.vectors, head.vectors, atol=1e-5)
+    assert_parity(cut.vectors, head.vectors, layers=run.config.n_layer, what="cut vs its head")
     with pytest.warns(UserWarning, match="split into pieces of 16 tokens"):
         chunked = embed_texts(run, [text], long_texts="chunk", normalize=False)
     pieces = [ids[i:i + 16] for i in range(0, len(ids), 16)]
     from ownllm.embeddings import embed_ids
 
     expected = sum(len(p) * embed_ids(run.model, [p])[0] for p in pieces) / len(ids)
-    assert torch.allclose(chunked.vectors[0], expected, atol=1e-5)
+    assert_parity(chunked.vectors[0], expected, layers=run.config.n_layer, what="chunked vs pieces")
 
 
 def test_embed_cli_writes_one_line_per_text_in_order(tiny, loaded, tmp_path, capsys):  # noqa: F811
@@ -91,7 +93,7 @@ def test_embed_cli_writes_one_line_per_text_in_order(tiny, loaded, tmp_path, cap
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 2, 3, 4, 5]
     expected = embed_texts(loaded, TEXTS, pooling="last").vectors
-    assert np.allclose([r["embedding"] for r in rows], expected.numpy(), atol=1e-6)
+    assert_parity([r["embedding"] for r in rows], expected, layers=loaded.config.n_layer, what="embed CLI vs embed_texts")
 
 
 def test_embed_cli_skips_blank_lines_saying_which_and_refuses_a_file_of_only_those(tiny, loaded, tmp_path,
@@ -132,7 +134,7 @@ def client(server):
     return OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def test_openai_embeddings_equal_ownllm_embed_and_do_not_depend_on_the_batch(client, tiny, tmp_path):  # noqa: F811
+def test_openai_embeddings_equal_ownllm_embed_and_do_not_depend_on_the_batch(client, tiny, loaded, tmp_path):  # noqa: F811
     from ownllm.cli import main
 
     source = tmp_path / "texts.txt"
@@ -142,11 +144,12 @@ def test_openai_embeddings_equal_ownllm_embed_and_do_not_depend_on_the_batch(cli
     expected = np.array([json.loads(line)["embedding"] for line in out.read_text().splitlines()])
     batch = client.embeddings.create(model="tiny", input=TEXTS)  # the client asks for base64 and decodes it
     assert [d.index for d in batch.data] == list(range(len(TEXTS)))
-    assert np.allclose([d.embedding for d in batch.data], expected, atol=1e-5)
+    assert_parity([d.embedding for d in batch.data], expected, layers=loaded.config.n_layer, dtype=torch.float32, what="server vs embed CLI")
     floats = client.embeddings.create(model="tiny", input=TEXTS[::-1], encoding_format="float")
-    assert np.allclose([d.embedding for d in floats.data][::-1], expected, atol=1e-5)
+    assert_parity([d.embedding for d in floats.data][::-1], expected, layers=loaded.config.n_layer, dtype=torch.float32, what="reversed, as floats")
     one = client.embeddings.create(model="tiny", input=TEXTS[2], dimensions=32)
-    assert len(one.data) == 1 and np.allclose(one.data[0].embedding, expected[2], atol=1e-5)
+    assert len(one.data) == 1
+    assert_parity(one.data[0].embedding, expected[2], layers=loaded.config.n_layer, dtype=torch.float32, what="one text")
     assert batch.usage.prompt_tokens == batch.usage.total_tokens > len(TEXTS)
 
 
@@ -157,8 +160,8 @@ def test_openai_embeddings_of_token_ids(client, loaded):
     expected = embed_texts(loaded, TEXTS[:2], pooling="weighted-mean").vectors.numpy()
     lists = client.embeddings.create(model="tiny", input=rows, extra_body={"pooling": "weighted-mean"})
     single = client.embeddings.create(model="tiny", input=rows[0], extra_body={"pooling": "weighted-mean"})
-    assert np.allclose([d.embedding for d in lists.data], expected, atol=1e-5)
-    assert np.allclose(single.data[0].embedding, expected[0], atol=1e-5)
+    assert_parity([d.embedding for d in lists.data], expected, layers=loaded.config.n_layer, dtype=torch.float32, what="token id lists")
+    assert_parity(single.data[0].embedding, expected[0], layers=loaded.config.n_layer, dtype=torch.float32, what="one token id list")
     assert lists.usage.prompt_tokens == len(rows[0]) + len(rows[1])
 
 

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from interop_helpers import PROMPTS, randomize, small_bpe
+from parity import assert_parity
 
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
-from ownllm.interop.gguf import export_gguf, interleave_rope_rows
+from ownllm.interop.names import interleave_rope_rows
+from ownllm.interop.writers.gguf import export_gguf
 from ownllm.model import GPT, apply_rope, rope_tables
 from ownllm.runs import LoadedRun
 
@@ -116,7 +118,7 @@ def test_interleaved_rows_with_pairwise_rope_equal_rotate_half_rope():
         flat = x.transpose(1, 2).reshape(positions, heads * head_size).t()
         return interleave_rope_rows(flat, heads).t().reshape(1, positions, heads, head_size).transpose(1, 2)
 
-    torch.testing.assert_close(pairwise_rope(permute(q)), permute(ours), atol=1e-5, rtol=0)
+    assert_parity(pairwise_rope(permute(q)), permute(ours), layers=0, what="pairwise vs rotate-half RoPE")
 
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 from interop_helpers import PROMPTS, randomize, small_bpe
+from parity import assert_parity
 
 import ownllm
 from ownllm.runs import LoadedRun
 from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
-from ownllm.interop.gguf import deinterleave_rope_rows, export_gguf, tensor_type
-from ownllm.interop.gguf_reader import read_gguf
+from ownllm.interop.names import deinterleave_rope_rows
+from ownllm.interop.readers.gguf import read_gguf
+from ownllm.interop.writers.gguf import export_gguf, tensor_type
 from ownllm.model import GPT
 
 UNICODE_TEXT = ("Grüße aus Köln: naïve café, 東京タワー und Ελληνικά, русский текст, עברית, العربية; emoji 🤖🚀👍🏽, "
@@ -72,8 +74,8 @@ def test_llama_round_trip_in_every_writer_type(quant, tokenizer, tmp_path):
     error = ((ours - theirs).abs().mean() / theirs.abs().mean()).item()
     assert error < RELATIVE_ERROR[quant], error  # measured 0, 3e-4, 0.03, 0.25 (large random weights)
     # The reader adds no error of its own: the logits are those of the source with the writer's rounding.
-    torch.testing.assert_close(ours, logits(stored_as(source.model, quant), ids[:60]), atol=1e-6 if quant == "f32"
-                               else 1e-5, rtol=0)
+    assert_parity(ours, logits(stored_as(source.model, quant), ids[:60]), layers=run.config.n_layer,
+                  what=f"read {quant} vs source rounded to {quant}")
 
 
 @pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny-llama", {"qkv_bias": True}),
@@ -82,7 +84,7 @@ def test_gpt2_qwen2_biases_and_tied_heads_read_back_exactly(preset, overrides, t
     source = make_run(preset, tokenizer, **overrides)
     model = read_gguf(export_gguf(source, tmp_path / "m.gguf", quant="f32"))
     assert_same_shape_and_flavour(model.config, source.config)
-    assert model.architecture == ("gpt2" if preset == "tiny" else "llama")
+    assert model.sections["source"]["architecture"] == ("gpt2" if preset == "tiny" else "llama")
     expected = {name: t for name, t in source.model.state_dict().items()
                 if not (name == "lm_head.weight" and source.config.tie_embeddings) and not name.startswith("rope_")}
     assert set(model.state) == set(expected)
@@ -105,7 +107,7 @@ def test_qwen2_architecture_keeps_the_rotate_half_rows(tokenizer, tmp_path):
     run = ownllm.load(str(tmp_path / "qwen2.gguf"))
     assert run.run_config["source"]["architecture"] == "qwen2"
     ids = tokenizer.encode(PROMPTS[2])
-    torch.testing.assert_close(logits(run.model, ids), logits(source.model, ids), atol=1e-6, rtol=0)
+    assert_parity(logits(run.model, ids), logits(source.model, ids), layers=run.config.n_layer, what="qwen2 rows")
 
 
 def test_transformers_gguf_loader_gives_the_same_tokens_and_logits(tokenizer, tmp_path):
@@ -121,7 +123,7 @@ def test_transformers_gguf_loader_gives_the_same_tokens_and_logits(tokenizer, tm
     ids = run.tokenizer.encode(UNICODE_TEXT)[:60]
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(logits(run.model, ids), theirs, atol=1e-4, rtol=0)
+    assert_parity(logits(run.model, ids), theirs, layers=run.config.n_layer, what="vs transformers' GGUF loader")
 
 
 def sentencepiece_vocabulary(tmp_path) -> tuple[list[str], list[float], list[int]]:
@@ -252,7 +254,7 @@ def test_import_writes_a_run_that_every_verb_reads(good_gguf, tmp_path, capsys):
 def test_a_pooling_type_ownllm_lacks_is_ignored_with_a_warning(good_gguf, tmp_path, caplog):
     cls = tmp_path / "cls.gguf"
     rewrite(good_gguf, cls, add=lambda writer: writer.add_pooling_type(gguf.PoolingType.CLS))
-    with caplog.at_level("WARNING", logger="ownllm.interop.gguf_reader"):
+    with caplog.at_level("WARNING", logger="ownllm.interop.readers.gguf"):
         run = ownllm.load(str(cls))
     assert "embedding_pooling" not in run.run_config
     assert "llama.pooling_type=2 is a pooling ownllm does not implement" in caplog.text

@@ -13,10 +13,11 @@ import pytest
 
 import ownllm
 from embedding_helpers import assert_one_line_error, tiny  # noqa: F401  (tiny is a fixture)
+from parity import assert_parity
 from ownllm.cli import main
 from ownllm.embeddings import default_pooling, embed_texts
 from ownllm.errors import OwnLLMError
-from ownllm.interop.gguf import export_gguf
+from ownllm.interop.writers.gguf import export_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,11 +81,11 @@ def test_a_gguf_pooling_type_is_the_pooling_embed_uses_by_default(loaded, tmp_pa
     for model in (path, tmp_path / "run"):  # the file itself, and the run imported from it
         vectors, err = embed_cli(model, texts_file, tmp_path / "vectors.jsonl", capsys)
         assert "(last pooling)" in err
-        np.testing.assert_allclose(vectors, last, atol=1e-5, rtol=0)
+        assert_parity(vectors, last, layers=loaded.config.n_layer, what=f"embed {model.name} vs embed_texts")
     assert default_pooling(loaded) == "mean"  # a run without the key keeps the mean default
     vectors, err = embed_cli(loaded.path, texts_file, tmp_path / "vectors.jsonl", capsys)
     assert "(mean pooling)" in err
-    np.testing.assert_allclose(vectors, mean, atol=1e-5, rtol=0)
+    assert_parity(vectors, mean, layers=loaded.config.n_layer, what="embed run vs embed_texts")
 
 
 # ---- llama.cpp itself, where llama-cpp-python is installed (building it takes minutes: an optional extra) ---------

@@ -19,7 +19,8 @@ from ownllm.cli import main as cli_main
 from ownllm.config import model_config_from_preset
 from ownllm.errors import OwnLLMError
 from ownllm.decoding import SamplingOptions, generate_ids
-from ownllm.interop.hf import export_hf, hf_model_type, import_hf
+from ownllm.interop.readers.hf import import_hf
+from ownllm.interop.writers.hf import export_hf, hf_model_type
 from ownllm.model import GPT
 from ownllm.runs import LoadedRun
 
@@ -82,7 +83,7 @@ def test_hf_directory_loads_with_equal_logits_on_a_padded_batch(hf_dir, tokenize
     run = ownllm.load(directory)
     rows = rows_of(run.tokenizer)
     assert rows == rows_of(tokenizer)
-    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows)
+    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows, run.model.config.n_layer)
     assert run.tokenizer.eot_id == tokenizer.eot_id
 
 
@@ -102,12 +103,12 @@ def test_eos_token_id_outside_the_vocabulary_warns_and_loads_as_in_transformers(
     model = randomize(transformers.GPT2LMHeadModel(config), seed=5)
     model.save_pretrained(tmp_path)
     tokenizer.save(tmp_path)
-    with caplog.at_level("WARNING", logger="ownllm.interop.hf"):
+    with caplog.at_level("WARNING", logger="ownllm.interop.readers.hf"):
         run = ownllm.load(tmp_path)
     assert "eos_token_id 50256 is outside the tokenizer's vocabulary" in caplog.text
     assert run.tokenizer.eot_id == tokenizer.eot_id  # the tokenizer's own <|endoftext|>
     rows = rows_of(tokenizer)
-    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows)
+    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows, run.model.config.n_layer)
 
 
 def test_import_writes_a_run_that_generates_from_the_cli(hf_dir, tmp_path, capsys):
@@ -116,7 +117,7 @@ def test_import_writes_a_run_that_generates_from_the_cli(hf_dir, tmp_path, capsy
     run = ownllm.load(out)
     assert run.run_config["format"] == "ownllm-run-v1" and run.run_config["source"]["kind"] == "huggingface"
     rows = rows_of(run.tokenizer)
-    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows)
+    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows, run.model.config.n_layer)
     (tmp_path / "held-out.txt").write_text("for item in items:\n    print(item)\n" * 20, encoding="utf-8")
     for target in (directory, out):  # the HF directory itself works wherever a run does
         capsys.readouterr()
@@ -139,7 +140,7 @@ def test_sharded_checkpoint_and_gpt2_vocab_merges_files(tokenizer, tmp_path):
     run = ownllm.load(tmp_path)
     rows = rows_of(run.tokenizer)
     assert rows == rows_of(tokenizer)
-    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows)
+    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows, run.model.config.n_layer)
 
 
 def test_eos_bos_and_chat_template_come_from_the_tokenizer_files(tokenizer, tmp_path):
@@ -189,9 +190,9 @@ def test_export_loads_in_transformers_with_equal_logits(flavour, tokenizer, tmp_
     assert json.loads((out / "config.json").read_text())["model_type"] == expected
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     rows = rows_of(tokenizer)
-    assert_same_logits(padded_logits(model, rows), hf_padded_logits(hf, rows), rows)
+    assert_same_logits(padded_logits(model, rows), hf_padded_logits(hf, rows), rows, model.config.n_layer)
     back = ownllm.load(out)  # and the export reads back into ownllm unchanged
-    assert_same_logits(padded_logits(back.model, rows), padded_logits(model, rows), rows, atol=0)
+    assert_same_logits(padded_logits(back.model, rows), padded_logits(model, rows), rows, 0, exact=True)
 
 
 def test_lora_adapters_are_folded_into_the_exported_weights(tokenizer, tmp_path):
@@ -203,7 +204,7 @@ def test_lora_adapters_are_folded_into_the_exported_weights(tokenizer, tmp_path)
     run = LoadedRun(path=tmp_path, model=model.eval(), tokenizer=tokenizer, config=model.config, run_config={})
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / "hf")).eval()
     rows = rows_of(tokenizer)
-    assert_same_logits(padded_logits(model, rows), hf_padded_logits(hf, rows), rows)
+    assert_same_logits(padded_logits(model, rows), hf_padded_logits(hf, rows), rows, model.config.n_layer)
 
 
 def test_pretrained_run_with_its_own_bpe_exports_with_equal_tokens_and_logits(tmp_path):
@@ -222,7 +223,7 @@ def test_pretrained_run_with_its_own_bpe_exports_with_equal_tokens_and_logits(tm
     assert hf_tok.decode(run.tokenizer.encode(text)) == text
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     rows = rows_of(run.tokenizer)
-    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(hf, rows), rows)
+    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(hf, rows), rows, run.model.config.n_layer)
 
 
 def test_export_refuses_what_transformers_cannot_represent(tmp_path):

@@ -18,11 +18,12 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 from interop_helpers import PROMPTS, randomize, small_bpe
+from parity import assert_parity
 
 import ownllm
 from ownllm.runs import LoadedRun
 from ownllm.config import model_config_from_preset
-from ownllm.interop.hf import export_hf
+from ownllm.interop.writers.hf import export_hf
 from ownllm.model import GPT
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -146,8 +147,8 @@ def assert_source_logits(run, source) -> None:
     ids = source.tokenizer.encode(PROMPTS[2])
     assert run.tokenizer.encode(PROMPTS[2]) == ids
     with torch.no_grad():
-        torch.testing.assert_close(run.model(torch.tensor([ids])), source.model(torch.tensor([ids])), atol=1e-5,
-                                   rtol=0)
+        assert_parity(run.model(torch.tensor([ids])), source.model(torch.tensor([ids])), layers=run.config.n_layer,
+                      what="downloaded vs source")
 
 
 def assert_one_line_error(result: tuple[int, str], fragment: str) -> None:

@@ -41,6 +41,7 @@ REFUSED = [  # argv; the flag (or file) the one-line error names
     (["generate", "{lm}", "--input", "x"], "--input"),
     (["generate", "{lm}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["chat", "{lm}", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["chat", "{clf}"], "is a classifier run"),
     (["tokenizer", "train", "{lines}", "--kind", "char", "--vocab-size", "100", "--out", "{new}"], "--vocab-size"),
 ]
 

@@ -3,6 +3,7 @@ Alpaca and chat files, chat over the template, and the CLI end to end (finetune 
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -11,8 +12,8 @@ from finetune_helpers import (assert_user_error, instruction_records, metrics_ro
                               write_json)
 from ownllm.cli import main
 from ownllm.data.batching import EpochBatches
-from ownllm.data.instructions import (IGNORE, Message, collate, encode_conversation, encode_prompt, get_template,
-                                      read_instructions)
+from ownllm.chat_templates import Message, encode_prompt, get_template
+from ownllm.data.instructions import IGNORE, collate, encode_conversation, read_instructions
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import EOT, char_tokenizer_from_text
 
@@ -121,7 +122,7 @@ def test_reading_alpaca_json_jsonl_and_chat(tmp_path):
 
 
 def test_chat_keeps_the_history_in_the_prompt(monkeypatch):
-    from ownllm import decoding
+    from ownllm import chat, decoding
     from ownllm.config import model_config_from_preset
     from ownllm.model import GPT
 
@@ -143,8 +144,8 @@ def test_chat_keeps_the_history_in_the_prompt(monkeypatch):
     monkeypatch.setattr(decoding, "decode", fake_decode)
     lines = iter(["hi\n", "/reset\n", "bye\n", None])
     out = []
-    conversation = decoding.chat_loop(model, tok, template, decoding.SamplingOptions(max_new_tokens=40),
-                                      lambda: next(lines), out.append, system="Be brief.")
+    conversation = chat.chat_loop(model, chat.ChatFormat(tok, template), decoding.SamplingOptions(max_new_tokens=40),
+                                  lambda: next(lines), out.append, system="Be brief.")
     assert prompts[0] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
                          "<|im_start|>assistant\n"
     assert "hi" not in prompts[1] and prompts[1].endswith("user\nbye<|im_end|>\n<|im_start|>assistant\n")
@@ -153,7 +154,7 @@ def test_chat_keeps_the_history_in_the_prompt(monkeypatch):
     assert [m.content for m in conversation] == ["Be brief.", "bye", "bye now"]
 
 
-def test_finetune_instruct_chat_and_generate_from_the_cli(base, tmp_path, capsys):
+def test_finetune_instruct_chat_and_generate_from_the_cli(base, tmp_path, capsys, monkeypatch):
     data = write_json(tmp_path / "instructions.json", instruction_records(96))
     run = tmp_path / "assistant"
     result = run_cli("finetune", "instruct", "--model", base, "--data", data, "--out", run, "--max-steps", "60",
@@ -177,8 +178,20 @@ def test_finetune_instruct_chat_and_generate_from_the_cli(base, tmp_path, capsys
                   "--temperature", "0")
     assert gen.returncode == 0, gen.stderr
     assert "### Response" not in gen.stdout  # only the answer is printed
-    assert main(["chat", str(base)]) == 2
-    assert "has no prompt template" in capsys.readouterr().err
+
+    # a base model chats too, in the format the server gives it (ChatML: the BPE tokenizer spells its markers)
+    import ownllm
+    from ownllm.chat import chat_format_for, chat_reply
+    from ownllm.decoding import SamplingOptions
+
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say plum.\n"))
+    assert main(["chat", str(base), "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]) == 0
+    base_run = ownllm.load(base)
+    chat_format = chat_format_for(base_run.run_config, base_run.tokenizer)
+    answer = chat_reply(base_run.model, chat_format, [Message("user", "Say plum.")],
+                        SamplingOptions(max_new_tokens=6, temperature=0))
+    assert chat_format.name == "chatml" and capsys.readouterr().out == answer + "\n\n"
 
 
 def test_bad_instruction_input_gets_one_line_and_exit_2(base, tmp_path, capsys):

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from parity import assert_parity
 from ownllm.benchmarks import evaluate_tasks
 from ownllm.checkpoint import WEIGHTS_FILE, save_weights, write_run_config
 from ownllm.config import model_config_from_preset
@@ -101,4 +102,5 @@ def test_lm_eval_with_the_ownllm_model_matches_ownllm_evaluate(tmp_path, monkeyp
     assert theirs["acc_norm,none"] == pytest.approx(ours.acc_norm)
     samples = sorted(results["samples"]["own_mc"], key=lambda s: s["doc_id"])
     harness_logprobs = [[float(r[0][0]) for r in s["resps"]] for s in samples]
-    assert harness_logprobs == [pytest.approx(row, abs=1e-5) for row in ours.logprobs]
+    assert_parity(torch.tensor(harness_logprobs), torch.tensor(ours.logprobs), layers=model.config.n_layer,
+                  dtype=torch.float32, what="per-choice log-likelihoods")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune_helpers import (instruction_records, run_cli, sentiment_lines, write_json)
+from parity import assert_parity
 from ownllm.runs import load_run
 from ownllm.config import model_config_from_preset
 from ownllm.finetune import finetune_classify, finetune_instruct
@@ -54,7 +55,7 @@ def test_merged_and_unmerged_outputs_match(preset):
     unmerged = model(ids)
     assert merge_lora(model) == 3 * model.config.n_layer
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    torch.testing.assert_close(model(ids), unmerged, atol=1e-5, rtol=0)
+    assert_parity(model(ids), unmerged, layers=model.config.n_layer, what="merged vs unmerged")
 
 
 def test_peft_names_and_the_exact_split_of_fused_projections(tmp_path):
@@ -127,7 +128,8 @@ def test_lora_classifier_trains_only_adapters_and_head_and_merges(base, tmp_path
     assert (merged_dir / "model.safetensors").is_file()
     ids, lengths = torch.randint(0, 300, (3, 20)), torch.tensor([20, 7, 1])
     with torch.no_grad():
-        torch.testing.assert_close(merged.model(ids, lengths), adapted.model(ids, lengths), atol=1e-5, rtol=0)
+        assert_parity(merged.model(ids, lengths), adapted.model(ids, lengths), layers=merged.config.n_layer,
+                      what="merge-lora run vs adapted run")
 
 
 def test_lora_instruct_run_resumes_exactly(base, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parity import assert_parity
 
 from ownllm.config import PRESETS, ModelConfig, model_config_from_preset
 from ownllm.errors import OwnLLMError
@@ -41,7 +42,7 @@ def test_kv_cached_decoding_equals_full_recompute(preset):
         pieces.append(model(ids[:, t:t + 1], cache=cache))
     pieces.append(model(ids[:, 20:25], cache=cache))
     pieces.append(model(ids[:, 25:], cache=cache))
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    assert_parity(torch.cat(pieces, dim=1), full, layers=model.config.n_layer, what="cached chunks vs full")
     assert cache.length == 30
 
 
@@ -56,8 +57,8 @@ def test_left_padded_row_equals_the_row_alone(preset):
     cache = model.new_cache(batch_size=2)
     cache.key_valid[1, :pad] = False
     out = model(batch, cache=cache, positions=positions)
-    torch.testing.assert_close(out[1, pad:], model(short)[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[0], model(long)[0], rtol=0, atol=1e-5)
+    assert_parity(out[1, pad:], model(short)[0], layers=model.config.n_layer, what="padded row vs alone")
+    assert_parity(out[0], model(long)[0], layers=model.config.n_layer, what="long row vs alone")
 
 
 def test_llama_flavour_uses_rope_rmsnorm_swiglu_gqa_untied_head():

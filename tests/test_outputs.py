@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from finetune_helpers import instruction_records, sentiment_lines, write_json
 from output_helpers import assert_one_line_error, make_path, run_main, snapshot
+from parity import assert_parity
 from ownllm.cli import main
 from ownllm.outputs import atomic_file, replaced_dir
 
@@ -242,7 +244,7 @@ def test_a_classifier_exports_as_a_sequence_classifier_or_is_refused(runs, tmp_p
     for text in ("superb phone, lovely screen", "awful"):
         ids = torch.tensor(encode_texts([text], run.tokenizer, run.config.block_size))
         with torch.no_grad():
-            assert torch.allclose(hf(ids).logits, run.model(ids), atol=1e-5)
+            assert_parity(hf(ids).logits, run.model(ids), layers=run.config.n_layer, what="exported classifier")
 
     capsys.readouterr()  # transformers' loading bar
     code, _, err = run_main(capsys, ["export", runs["clf"], "--to", "gguf", "--out", tmp_path / "clf.gguf"])
@@ -268,3 +270,33 @@ def test_the_demo_replaces_only_its_own_run_and_reports_a_time_budget_stop(monke
     (out / demo.MARKER_FILE).unlink()  # now it looks like a run the demo did not make
     code, _, err = run_main(capsys, ["demo", "--out", out, "--max-steps", "1"])
     assert_one_line_error(code, err, str(out), "--force")
+
+
+# ---- what every verb writes has the modes a plain open() and mkdir() give under the user's umask -----------------
+
+def test_every_verb_writes_with_the_modes_the_umask_gives(runs, tmp_path, capsys):
+    out = tmp_path / "outputs"
+    names = {name: str(path) for name, path in runs.items()}
+    commands = [
+        ["tokenizer", "train", "{corpus}", "--kind", "char", "--out", "{o}/tok"],
+        ["prepare", "{corpus}", "--tokenizer", "{tok}", "--out", "{o}/data"],
+        ["export", "{lm}", "--to", "hf", "--out", "{o}/hf"],
+        ["export", "{lm}", "--to", "gguf", "--out", "{o}/m.gguf", "--quant", "f32"],
+        ["merge-lora", "{lora}", "--out", "{o}/merged"],
+        ["classify", "{clf}", "--text", "hello", "--output", "{o}/labels.jsonl"],
+        ["finetune", "classify", "--model", "{lm}", "--data", "{tsv}", "--out", "{o}/clf", "--max-steps", "1",
+         "--precision", "fp32"],
+    ]
+    old = os.umask(0o027)
+    try:
+        out.mkdir()
+        for argv in commands:
+            code, _, err = run_main(capsys, [arg.format(o=out, **names) for arg in argv])
+            assert code == 0, (argv, err)
+    finally:
+        os.umask(old)
+    modes = {str(path.relative_to(out)): path.stat().st_mode & 0o777 for path in out.rglob("*")}
+    assert len(modes) > 20
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o750 if (out / name).is_dir() else 0o640)}
+    assert wrong == {}

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from finetune_helpers import metrics_rows, write_json
 from ownllm.cli import main
 from ownllm.config import ModelConfig
-from ownllm.data.instructions import IGNORE, get_template
+from ownllm.chat_templates import get_template
+from ownllm.data.instructions import IGNORE
 from ownllm.data.preferences import PreferenceBatches, collate_pairs, read_preferences
 from ownllm.errors import OwnLLMError
 from ownllm.finetune import finetune_prefer
@@ -124,7 +125,7 @@ def test_too_long_pairs_are_cut_or_dropped_and_counted():
     tok = char_tokenizer_from_text(text + "Below is an instruction that describes a task. Write a response that "
                                    "appropriately completes the request.INR")
     from ownllm.data.preferences import PreferencePair
-    from ownllm.data.instructions import Message
+    from ownllm.chat_templates import Message
     template = get_template("alpaca")
     short = PreferencePair([Message("user", "hi")], "yes", "no")
     long_answer = PreferencePair([Message("user", "hi")], "y" * 300, "n")

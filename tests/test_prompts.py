@@ -9,11 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ownllm import cli, cli_finetune, decoding
+from ownllm import cli, decoding
+from ownllm.chat import chat_format_for
+from ownllm.chat_templates import Message, get_template
 from ownllm.config import model_config_from_preset
-from ownllm.data.instructions import Message, encode_conversation, get_template
+from ownllm.data.instructions import encode_conversation
 from ownllm.model import GPT
-from ownllm.serve.prompts import chat_format_for, encode_completion_prompt, parse_messages
+from ownllm.serve.prompts import encode_completion_prompt, parse_messages
 from ownllm.tokenizer import char_tokenizer_from_text
 
 INSTRUCTION = "Name a colour."
@@ -40,7 +42,7 @@ def prompts_fed_to_the_model(monkeypatch, tok, template_name: str) -> dict[str, 
         continuations[0].accept(eot_id, eot_id)
 
     monkeypatch.setattr(decoding, "decode", spy_decode)
-    monkeypatch.setattr(cli_finetune, "_instruct_run", lambda path, device, *advice: (run, get_template(template_name)))
+    monkeypatch.setattr("ownllm.runs.load_run", lambda path, device: run)
     monkeypatch.setattr("sys.stdin", io.StringIO(INSTRUCTION + "\n"))
     assert cli.main(["chat", "RUN"]) == 0
     assert cli.main(["generate", "RUN", "--instruction", INSTRUCTION]) == 0

@@ -21,8 +21,8 @@ from ownllm.checkpoint import read_run_config
 from ownllm.runs import LoadedRun
 from ownllm.config import TrainConfig, model_config_from_preset
 from ownllm.errors import OwnLLMError
-from ownllm.interop.gguf import export_gguf
-from ownllm.interop.hf import export_hf
+from ownllm.interop.writers.gguf import export_gguf
+from ownllm.interop.writers.hf import export_hf
 from ownllm.model import GPT
 from ownllm.optim import MuonWithAdamW, make_optimizer
 from ownllm.pretrain import pretrain
@@ -133,7 +133,7 @@ def test_expressible_options_export_to_hf_with_equal_logits(option, tmp_path):
         run = LoadedRun(path=tmp_path, model=model, tokenizer=tokenizer, config=model.config, run_config={})
         hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / flavour)).eval()
         rows = [tokenizer.encode("def main():\n    return x"), tokenizer.encode("The class")]
-        assert_same_logits(padded_logits(model, rows), hf_padded_logits(hf, rows), rows)
+        assert_same_logits(padded_logits(model, rows), hf_padded_logits(hf, rows), rows, model.config.n_layer)
 
 
 @pytest.mark.parametrize("option,flag", [("relu2", "--mlp relu2"), ("qk_norm", "--qk-norm"),

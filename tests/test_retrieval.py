@@ -52,8 +52,9 @@ def test_bm25_prefers_rare_matching_words_and_fusion_rewards_agreement():
 def test_index_then_ask_end_to_end(tiny, tmp_path, capsys):  # noqa: F811
     import ownllm
     from ownllm.cli import main
-    from ownllm.data.instructions import Message, get_template
-    from ownllm.decoding import SamplingOptions, chat_reply
+    from ownllm.chat import ChatFormat, chat_reply
+    from ownllm.chat_templates import Message, get_template
+    from ownllm.decoding import SamplingOptions
     from ownllm.retrieval import build_question_prompt, open_index, search
 
     docs = write_docs(tmp_path / "docs", DOCS)
@@ -71,7 +72,7 @@ def test_index_then_ask_end_to_end(tiny, tmp_path, capsys):  # noqa: F811
     assert [f"  [{i + 1}] {h.chunk.source}" for i, h in enumerate(hits)] == sources.splitlines()
     prompt = build_question_prompt(question, hits)
     assert "[1] (permits.md:1-3)\n# Permits" in prompt and prompt.endswith(question)
-    expected = chat_reply(run.model, run.tokenizer, get_template("chatml"), [Message("user", prompt)],
+    expected = chat_reply(run.model, ChatFormat(run.tokenizer, get_template("chatml")), [Message("user", prompt)],
                           SamplingOptions(max_new_tokens=8, temperature=0))
     assert answer == expected  # the run's chat template (ChatML for a base model), greedy
 

@@ -298,7 +298,7 @@ def classifier(base, tmp_path_factory):
 
 def test_classify_endpoint(classifier):
     import ownllm
-    from ownllm.finetune.classify import classify_texts
+    from ownllm.classification import classify_texts
     from ownllm.serve.app import create_app
 
     run = ownllm.load(classifier)

@@ -28,6 +28,7 @@ from torch import nn
 
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
+from ownllm.outputs import follow_umask
 
 RUN_FORMAT = "ownllm-run-v1"
 CONFIG_FILE = "config.json"
@@ -45,6 +46,12 @@ def _fsync_and_replace(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the file mode a plain open() gives (save_file itself makes files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    follow_umask(path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -78,7 +85,7 @@ def weights_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save the model's weights as safetensors at `path`, atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(weights_state_dict(model), str(tmp), metadata=metadata)
+    save_safetensors(weights_state_dict(model), tmp, metadata=metadata)
     _fsync_and_replace(tmp, path)
 
 
@@ -145,7 +152,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, trainer_state: dict[str, An
     if weights is None:
         save_weights(model, tmp / WEIGHTS_FILE, metadata=metadata)
     else:
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        save_safetensors(weights, tmp / WEIGHTS_FILE, metadata=metadata)
     torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
     write_json_atomic(tmp / STATE_FILE, info)
     shutil.rmtree(old, ignore_errors=True)

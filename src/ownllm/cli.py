@@ -231,9 +231,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from ownllm.interop.gguf_reader import import_gguf, is_gguf_path
-    from ownllm.interop.hf import import_hf
-    from ownllm.interop.hub import local_model_path
+    from ownllm.interop.readers.gguf import import_gguf, is_gguf_path
+    from ownllm.interop.readers.hf import import_hf
+    from ownllm.interop.readers.hub import local_model_path
 
     source = local_model_path(args.source)
     if is_gguf_path(source):
@@ -244,7 +244,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from ownllm.interop.hub import download
+    from ownllm.interop.readers.hub import download
 
     print(f"downloaded {args.repo} to {download(args.repo, revision=args.revision, out=args.out, force=args.force)}")
 
@@ -253,13 +253,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     from ownllm.runs import load_run
 
     if args.to == "hf":
-        from ownllm.interop.hf import export_hf
+        from ownllm.interop.writers.hf import export_hf
 
         if args.pooling is not None:
             raise OwnLLMError("--pooling applies to --to gguf only (a Hugging Face directory records no pooling)")
         out = export_hf(load_run(args.model), args.out, force=args.force)
     else:
-        from ownllm.interop.gguf import check_gguf_pooling, export_gguf
+        from ownllm.interop.writers.gguf import check_gguf_pooling, export_gguf
 
         check_gguf_pooling(args.pooling)  # before the model loads
         out = export_gguf(load_run(args.model), args.out, quant=args.quant, force=args.force, pooling=args.pooling)

@@ -125,8 +125,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cl.add_argument("--batch-size", type=int, default=32)
     cl.add_argument("--device", default="auto")
 
-    chat = sub.add_parser("chat", help="multi-turn chat with an instruction-tuned run (reads stdin, streams answers)")
-    chat.add_argument("model", help="instruct run directory")
+    chat = sub.add_parser("chat", help="multi-turn chat with a language model in its chat format, as `ownllm serve` "
+                          "renders it (reads stdin, streams answers)")
+    chat.add_argument("model", help="run directory, Hugging Face model directory or GGUF file")
     chat.add_argument("--system", help="system message")
     add_sampling_flags(chat)
     chat.add_argument("--device", default="auto")
@@ -164,7 +165,7 @@ def _lines(path: str) -> Iterator[str]:
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    from ownllm.finetune import classify_texts
+    from ownllm.classification import classify_texts
     from ownllm.runs import load_run
 
     if not args.text and not args.input:
@@ -193,7 +194,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 def _classify_lines(run: Any, texts: Iterator[str], batch_size: int, out: Any) -> None:
     """One JSON line per text, in order; a blank line gets {"label": null, "probabilities": null}."""
-    from ownllm.finetune import classify_texts
+    from ownllm.classification import classify_texts
 
     batch: list[str] = []
     for text in [*texts, None]:
@@ -209,25 +210,25 @@ def _classify_lines(run: Any, texts: Iterator[str], batch_size: int, out: Any) -
             batch = []
 
 
-def _instruct_run(path: str, device: str, instead: str = ""):
-    from ownllm.data.instructions import get_template
+def _chat_run(path: str, device: str):
+    """The run and its chat format (ownllm.chat: the same rule as the server's), for any language model."""
+    from ownllm.chat import chat_format_for
     from ownllm.runs import load_run
 
     run = load_run(path, device=device)
-    if not run.run_config.get("template"):
-        raise OwnLLMError(f"{path}: has no prompt template (not an instruct run); fine-tune one with "
-                          f"`ownllm finetune instruct`{instead}")
-    return run, get_template(run.run_config["template"])
+    if run.run_config.get("task") == "classify":
+        raise OwnLLMError(f"{path}: is a classifier run, which labels texts: use `ownllm classify`")
+    return run, chat_format_for(run.run_config, run.tokenizer)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from ownllm.decoding import chat_loop
+    from ownllm.chat import chat_loop
 
     options = sampling_options(args)
-    run, template = _instruct_run(args.model, args.device, ", or sample it with `ownllm generate --prompt`")
+    run, chat_format = _chat_run(args.model, args.device)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.model} ({template.name} template); /reset starts over, /exit or Ctrl-D ends")
+        print(f"chatting with {args.model} ({chat_format.name} template); /reset starts over, /exit or Ctrl-D ends")
 
     def read_line() -> str | None:
         line = sys.stdin.readline()
@@ -237,20 +238,20 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    chat_loop(run.model, run.tokenizer, template, options, read_line, write, system=args.system,
+    chat_loop(run.model, chat_format, options, read_line, write, system=args.system,
               prompt_marker="> " if interactive else "")
 
 
 def generate_instruction(args: argparse.Namespace) -> None:
     """`ownllm generate RUN --instruction ... [--input ...]`: the response, streamed."""
-    from ownllm.data.instructions import Message
-    from ownllm.decoding import chat_reply
+    from ownllm.chat import chat_reply
+    from ownllm.chat_templates import Message
 
     if args.prompt:
         raise OwnLLMError("give either --prompt or --instruction, not both")
     options = sampling_options(args)
-    run, template = _instruct_run(args.model, args.device, ", or drop --instruction and use --prompt")
-    chat_reply(run.model, run.tokenizer, template, [Message("user", args.instruction, args.input or "")],
+    run, chat_format = _chat_run(args.model, args.device)
+    chat_reply(run.model, chat_format, [Message("user", args.instruction, args.input or "")],
                options, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     sys.stdout.write("\n")
 

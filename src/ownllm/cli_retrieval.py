@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ownllm.embeddings import LONG_TEXTS, POOLINGS
+from ownllm.embeddings import LONG_TEXTS
 from ownllm.errors import OwnLLMError
+from ownllm.model import POOLINGS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -1,8 +1,7 @@
-"""Decoding: the one core that `generate`, `chat`, instruction answers and the server's scheduler decode with.
+"""Decoding, tokens -> text: the one core that `generate`, chat (ownllm.chat) and the server's scheduler decode with.
 
     texts = generate(run.model, run.tokenizer, ["To be or", "Once upon"], max_new_tokens=100, temperature=0.8,
                      top_k=50, top_p=0.95, seed=1, on_text=lambda row, piece: print(piece, end=""))
-    answer = chat_reply(run.model, run.tokenizer, get_template("chatml"), [Message("user", "Hi")])
 
 The pieces, each written once:
 - `SamplingOptions`, `filter_logits`, `sample_next`: temperature, top-k, top-p, seed.
@@ -15,21 +14,17 @@ The pieces, each written once:
   `BatchDecoder` runs them for one batch from start to end (when a sequence outgrows the context window, the rows
   restart from their most recent half); the server's engine (ownllm.serve.engine) runs them over requests that come
   and go. Both take tokens with `Continuation.accept`.
-- `prompt_ids` and `chat_prompt`: text and conversations to prompt ids, with the begin-of-sequence rule of
-  `Tokenizer.starting_sequence`.
+- `prompt_ids`: a text prompt to ids, with the begin-of-sequence rule of `Tokenizer.starting_sequence`;
+  `decode_texts` and `generate`: prompts in, texts out.
 
-Fine-tuned assistants: `chat_reply(model, tokenizer, template, conversation)` answers the last user message over
-the run's prompt template (alpaca or chatml, see `ownllm.data.instructions`), stopping at the template's end
-marker; `chat_loop` runs a streamed multi-turn conversation (what `ownllm chat` does); `answer_all` answers many
-conversations in batches (the held-out answers of `ownllm finetune instruct`).
+Nothing here knows templates or conversations: chat formats, prompts that fit the context and the assistant's
+answers are ownllm.chat, which decodes through `decode_texts`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -38,9 +33,6 @@ from ownllm.errors import OwnLLMError
 from ownllm.kvcache import SlotPool
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from ownllm.data.instructions import Message, Template
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------
@@ -215,7 +207,8 @@ class BatchDecoder:
         width = max(len(r) for r in rows)
         # Room for what this call can generate, not the whole context: open models declare windows of 32k+ tokens.
         needed = self.window if self.max_new_tokens is None else width + self.max_new_tokens
-        self.pool = SlotPool(self.model, len(rows), min(self.window, needed), self.model.tok_emb.weight.dtype)
+        weight = self.model.tok_emb.weight
+        self.pool = SlotPool(self.model.config, len(rows), min(self.window, needed), weight.device, weight.dtype)
         return prefill(self.model, self.pool, 0, rows)
 
     def step(self, tokens: Tensor, history: Callable[[], Sequence[Sequence[int]]]) -> Tensor:
@@ -276,8 +269,9 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
 
 
-def _decode_texts(model: GPT, tokenizer: Tokenizer, prompts: Sequence[list[int]], options: SamplingOptions,
-                  on_text: Callable[[int, str], None] | None) -> list[str]:
+def decode_texts(model: GPT, tokenizer: Tokenizer, prompts: Sequence[list[int]], options: SamplingOptions,
+                 on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """The texts continuing token-id prompts, cut at the options' stop strings; `on_text(row, piece)` streams them."""
     continuations = [Continuation(p, options, IncrementalText(tokenizer, options.stop)) for p in prompts]
     decode(model, continuations, tokenizer.eot_id, on_text)
     return [c.text.text for c in continuations]
@@ -288,79 +282,4 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: str | Sequence[str], opt
     """Continue each prompt; returns the generated texts (prompt excluded). `on_text(row, piece)` streams them."""
     options = options or SamplingOptions(**option_values)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    return _decode_texts(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompt_list], options, on_text)
-
-
-# ---- instructions and chat, over the run's prompt template -------------------------------------------------------
-
-def chat_prompt(model: GPT, tokenizer: Tokenizer, template: "Template", conversation: Sequence["Message"],
-                max_new_tokens: int) -> list[int]:
-    """Prompt ids answering the last user message, as in training (`encode_prompt`). The oldest exchanges are
-    dropped while the prompt and the answer would not fit the context; a message too long by itself keeps its
-    end."""
-    from ownllm.data.instructions import encode_prompt
-
-    conversation = list(conversation)
-    prompt = encode_prompt(conversation, template, tokenizer)
-    room = model.config.block_size - min(max_new_tokens, model.config.block_size // 2)
-    while len(prompt) > room:
-        first = next((i for i, m in enumerate(conversation) if m.role != "system"), len(conversation))
-        later_user = next((i for i in range(first + 1, len(conversation)) if conversation[i].role == "user"), None)
-        if later_user is None:
-            return prompt[-room:]
-        del conversation[first:later_user]
-        prompt = encode_prompt(conversation, template, tokenizer)
-    return prompt
-
-
-def _with_template_stops(options: SamplingOptions | None, template: "Template") -> SamplingOptions:
-    options = options or SamplingOptions()
-    return dataclasses.replace(options, stop=[*options.stop, *template.stop])
-
-
-def chat_reply(model: GPT, tokenizer: Tokenizer, template: "Template", conversation: Sequence["Message"],
-               options: SamplingOptions | None = None, on_text: Callable[[str], None] | None = None) -> str:
-    """The assistant's answer to the last user message of `conversation`, rendered with `template` (streamed
-    through `on_text`)."""
-    options = _with_template_stops(options, template)
-    prompt = chat_prompt(model, tokenizer, template, conversation, options.max_new_tokens)
-    stream = None if on_text is None else (lambda _, piece: on_text(piece))
-    return _decode_texts(model, tokenizer, [prompt], options, stream)[0]
-
-
-def answer_all(model: GPT, tokenizer: Tokenizer, template: "Template", conversations: Sequence[Sequence["Message"]],
-               options: SamplingOptions, batch_size: int = 16) -> list[str]:
-    """Answers to many conversations (each ending with a user message), decoded in batches, whitespace stripped."""
-    options = _with_template_stops(options, template)
-    answers: list[str] = []
-    for first in range(0, len(conversations), batch_size):
-        prompts = [chat_prompt(model, tokenizer, template, c, options.max_new_tokens)
-                   for c in conversations[first:first + batch_size]]
-        answers += [text.strip() for text in _decode_texts(model, tokenizer, prompts, options, None)]
-    return answers
-
-
-def chat_loop(model: GPT, tokenizer: Tokenizer, template: "Template", options: SamplingOptions,
-              read_line: Callable[[], str | None], write: Callable[[str], None], system: str | None = None,
-              prompt_marker: str = "") -> list["Message"]:
-    """Multi-turn chat: each line from `read_line` (None ends) is a user message; answers stream to `write`.
-    `/reset` forgets the conversation, `/exit` ends it. Returns the conversation."""
-    from ownllm.data.instructions import Message
-
-    start = [Message("system", system)] if system else []
-    conversation = list(start)
-    while True:
-        write(prompt_marker)
-        line = read_line()
-        if line is None or line.strip() in ("/exit", "/quit"):
-            return conversation
-        if line.strip() == "/reset":
-            conversation = list(start)
-            write("(conversation reset: the model no longer sees the earlier messages)\n\n")
-            continue
-        if not line.strip():
-            continue
-        conversation.append(Message("user", line.rstrip("\n")))
-        answer = chat_reply(model, tokenizer, template, conversation, options, on_text=write)
-        write("\n\n")  # a blank line ends each answer
-        conversation.append(Message("assistant", answer))
+    return decode_texts(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompt_list], options, on_text)

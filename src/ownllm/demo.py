@@ -9,7 +9,9 @@ GPT for at most three minutes on the CPU, reports held-out loss, and prints samp
 
 from __future__ import annotations
 
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,7 +72,22 @@ def run_demo(out: Path, max_steps: int | None = None, max_minutes: float | None 
     options = SamplingOptions(max_new_tokens=80, temperature=0.8, top_k=50, seed=1)
     for prompt, text in zip(PROMPTS, generate(run.model, run.tokenizer, PROMPTS, options)):
         print(f"\n--- {prompt!r}\n{prompt}{text}")
-    print(f"\nthe run is in {out}/; try: ownllm generate {out} --prompt \"The for statement\"")
+    print(f"\nthe run is in {out}/; try: {ownllm_command()} generate {out} --prompt \"The for statement\"")
+
+
+def ownllm_command() -> str:
+    """How to call `ownllm` from a new shell: `ownllm` where that is on the PATH and is this installation, else the
+    path of this installation's script (`.venv/bin/ownllm` after `make demo`), else `python -m ownllm`."""
+    here = Path(sys.executable).parent / "ownllm"
+    found = shutil.which("ownllm")
+    if found and here.is_file() and Path(found).resolve() == here.resolve():
+        return "ownllm"
+    if not here.is_file():
+        return f"{shlex.quote(sys.executable)} -m ownllm"
+    try:
+        return shlex.quote(str(here.absolute().relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(here.absolute()))
 
 
 def held_out_loss(run: LoadedRun, out: Path) -> float:

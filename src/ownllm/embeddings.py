@@ -4,11 +4,11 @@
     vectors = embed_texts(run, ["first text", "second text"], pooling="mean").vectors   # [2, n_embd], float32
     embed_file("runs/smol", "texts.txt", "vectors.jsonl")   # `ownllm embed`: one JSON line per text, in order
 
-Poolings: `mean` (average over the text's tokens), `last` (the hidden state of the last real token: what a causal
-model has read the whole text at), `weighted-mean` (SGPT's position weighting: token i of n counts i / (1+..+n),
-so later tokens, which have seen more of the text, weigh more). Vectors are L2-normalised unless `normalize=False`
-(then cosine similarity is a dot product). Without a pooling, a run's own is used (`default_pooling`: its run
-config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on import), else `mean`.
+Poolings (`ownllm.model.pool`, which the classification head uses too): `mean` (average over the text's tokens),
+`last` (the hidden state of the last real token), `weighted-mean` (SGPT's position weighting). Vectors are
+L2-normalised unless `normalize=False` (then cosine similarity is a dot product). Without a pooling, a run's own is
+used (`default_pooling`: its run config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on
+import), else `mean`.
 
 `embed_file` reads one text per line (a blank line is skipped and counted, `ownllm.data.records`; the output keeps
 each text's line number) and writes `{"line": N, "embedding": [...]}` lines by the rules of `ownllm.outputs`: never
@@ -37,14 +37,13 @@ from ownllm.data.batching import fixed_batches
 from ownllm.data.labelled import pad_right
 from ownllm.data.records import Location, keep_informative
 from ownllm.errors import OwnLLMError
+from ownllm.model import POOLINGS, GPT, check_pooling, pool
 from ownllm.outputs import atomic_file, check_output, warn
 
 if TYPE_CHECKING:
     from ownllm.runs import LoadedRun
-    from ownllm.model import GPT
     from ownllm.tokenizer import Tokenizer
 
-POOLINGS = ("mean", "last", "weighted-mean")
 LONG_TEXTS = ("truncate", "chunk")
 
 
@@ -55,12 +54,6 @@ class Embeddings:
     vectors: Tensor
     token_counts: list[int]
     shortened: int = 0
-
-
-def check_pooling(pooling: str) -> str:
-    if pooling not in POOLINGS:
-        raise OwnLLMError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-    return pooling
 
 
 def default_pooling(run: "LoadedRun") -> str:
@@ -80,50 +73,44 @@ def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str]) -> list[l
     return [ids or list(fallback) for ids in rows]
 
 
-def pool(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
-    """Pooled vectors [batch, n_embd] from right-padded hidden states [batch, time, n_embd] with `lengths` real
-    tokens per row (float32)."""
-    hidden = hidden.float()
-    batch, time = hidden.shape[:2]
-    if pooling == "last":
-        return hidden[torch.arange(batch, device=hidden.device), lengths - 1]
-    position = torch.arange(1, time + 1, device=hidden.device, dtype=torch.float32)[None, :]
-    real = (position <= lengths[:, None]).float()
-    weights = real * position if pooling == "weighted-mean" else real
-    weights = weights / weights.sum(dim=1, keepdim=True)
-    return (hidden * weights[..., None]).sum(dim=1)
-
-
 @torch.inference_mode()
-def embed_ids(model: "GPT", rows: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 16,
-              progress: Callable[[int], None] | None = None) -> Tensor:
-    """Pooled (not normalised) float32 vectors [len(rows), n_embd] of token-id rows that fit the context window,
-    in input order. `progress(n)` is called after each batch of n rows."""
-    check_pooling(pooling)
-    if any(not row for row in rows):
-        raise OwnLLMError("every text to embed needs at least one token")
-    longest = max((len(row) for row in rows), default=0)
-    if longest > model.config.block_size:
-        raise OwnLLMError(f"a text of {longest} tokens is longer than the context window ({model.config.block_size})")
+def encode_rows(model: GPT, rows: Sequence[Sequence[int]], head: Callable[[Tensor, Tensor], Tensor], width: int,
+                *, pad_id: int = 0, batch_size: int = 16, progress: Callable[[int], None] | None = None) -> Tensor:
+    """`head(ids, lengths)` -> [batch, width] over token-id rows, in right-padded batches of similar length, as
+    float32 [len(rows), width] on the CPU in input order: the one loop behind embeddings and classification.
+    `progress(n)` is called after each batch of n rows."""
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
-    out = torch.empty(len(rows), model.config.n_embd, dtype=torch.float32)
+    out = torch.empty(len(rows), width, dtype=torch.float32)
     for indices in fixed_batches([len(row) for row in rows], batch_size):
-        ids, lengths = pad_right([rows[i] for i in indices], pad_id=0)
-        hidden = model.hidden_states(ids.to(device))
-        out[indices] = pool(hidden, lengths.to(device), pooling).cpu()
+        ids, lengths = pad_right([rows[i] for i in indices], pad_id)
+        out[indices] = head(ids.to(device), lengths.to(device)).float().cpu()
         if progress is not None:
             progress(len(indices))
     model.train(was_training)
     return out
 
 
+def embed_ids(model: GPT, rows: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 16,
+              progress: Callable[[int], None] | None = None) -> Tensor:
+    """Pooled (not normalised) float32 vectors [len(rows), n_embd] of token-id rows that fit the context window,
+    in input order."""
+    check_pooling(pooling)
+    if any(not row for row in rows):
+        raise OwnLLMError("every text to embed needs at least one token")
+    longest = max((len(row) for row in rows), default=0)
+    if longest > model.config.block_size:
+        raise OwnLLMError(f"a text of {longest} tokens is longer than the context window ({model.config.block_size})")
+    return encode_rows(model, rows, lambda ids, lengths: pool(model.hidden_states(ids).float(), lengths, pooling),
+                       model.config.n_embd, batch_size=batch_size, progress=progress)
+
+
 def normalize_rows(vectors: Tensor) -> Tensor:
     return torch.nn.functional.normalize(vectors, dim=-1)
 
 
-def embed_token_rows(model: "GPT", rows: Sequence[Sequence[int]], *, pooling: str = "mean", normalize: bool = True,
+def embed_token_rows(model: GPT, rows: Sequence[Sequence[int]], *, pooling: str = "mean", normalize: bool = True,
                      long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
                      progress: Callable[[int], None] | None = None) -> Embeddings:
     """Embeddings of token-id rows, with rows longer than the context cut or chunked (see the module docstring)."""

@@ -3,7 +3,7 @@
     cache = model.new_cache(batch_size=2, max_len=256)        # a KVCache
     logits = model(prompt_ids, cache=cache)                   # prefill; then one token at a time, same cache
 
-    pool = SlotPool(model, slots=16, max_len=4096, dtype=torch.float32)   # the server's: one slot per request
+    pool = SlotPool(model.config, slots=16, max_len=4096, device="cpu", dtype=torch.float32)   # one per request
     model.hidden_states(ids, cache=pool.prefill_view(first, count))      # prompts into free slots
     view = pool.decode_view(active)                                       # one token for each active slot
     logits = model(tokens, cache=view, positions=view.positions.view(-1, 1))
@@ -17,15 +17,12 @@ length, which continuous batching needs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from ownllm.config import ModelConfig
-
-if TYPE_CHECKING:
-    from ownllm.model import GPT
 
 
 class Cache(Protocol):
@@ -104,9 +101,9 @@ class SlotPool:
     position, with a mask that hides the other rows' unused tail of the cache.
     """
 
-    def __init__(self, model: "GPT", slots: int, max_len: int, dtype: torch.dtype) -> None:
-        config = model.config
-        device = model.tok_emb.weight.device
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        device = torch.device(device)
         shape = (config.n_layer, slots, config.kv_heads, max_len, config.head_size)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)

@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ownllm.checkpoint import save_safetensors
 from ownllm.errors import OwnLLMError
 
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -277,7 +278,7 @@ def save_peft_adapter(model: nn.Module, config: LoRAConfig, directory: str | Pat
         "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
     }
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_safetensors(tensors, tmp, metadata={"format": "pt"})
     tmp.replace(directory / ADAPTER_WEIGHTS)
     config_tmp = directory / (ADAPTER_CONFIG + ".tmp")
     config_tmp.write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")

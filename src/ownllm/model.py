@@ -224,19 +224,38 @@ class GPT(nn.Module):
         return total
 
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("mean", "last", "weighted-mean")
+
+
+def check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise OwnLLMError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    return pooling
+
+
+def pool(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
+    """One vector per row [batch, n_embd] from right-padded hidden states [batch, time, n_embd] with `lengths` real
+    tokens per row (padding is never read), in the hidden states' dtype. `last`: the last real token (what a causal
+    model has read the whole text at); `mean`: the average over the real tokens; `weighted-mean` (SGPT's position
+    weighting): token i of n counts i / (1+..+n), so later tokens, which have seen more of the text, weigh more."""
+    batch, time = hidden.shape[:2]
+    if pooling == "last":
+        return hidden[torch.arange(batch, device=hidden.device), lengths - 1]
+    position = torch.arange(1, time + 1, device=hidden.device, dtype=torch.float32)[None, :]
+    real = (position <= lengths[:, None]).float()
+    weights = real * position if pooling == "weighted-mean" else real
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return (hidden * weights[..., None].to(hidden.dtype)).sum(dim=1)
 
 
 class GPTClassifier(GPT):
     """A classification head (`score`, as in Hugging Face's *ForSequenceClassification) on `GPT.hidden_states`:
-    class logits [batch, labels] from ids [batch, time] and lengths [batch]. `pooling="last"` reads each row's
-    last real token (right-padded rows: padding is never read), `"mean"` the mean over its real tokens."""
+    class logits [batch, labels] from ids [batch, time] and lengths [batch], pooled by `pool` (`last`, the
+    default, reads each row's last real token: right-padded rows, padding is never read)."""
 
     def __init__(self, config: ModelConfig, num_labels: int, pooling: str = "last") -> None:
         super().__init__(config)
-        if pooling not in POOLINGS:
-            raise OwnLLMError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-        self.pooling = pooling
+        self.pooling = check_pooling(pooling)
         self.score = nn.Linear(config.n_embd, num_labels, bias=False)
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
 
@@ -245,13 +264,7 @@ class GPTClassifier(GPT):
         hidden = self.hidden_states(ids)
         if lengths is None:
             lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
-        lengths = lengths.to(ids.device)
-        if self.pooling == "last":
-            pooled = hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
-        else:
-            real = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-            pooled = (hidden * real[..., None]).sum(dim=1) / lengths[:, None].to(hidden.dtype)
-        return self.score(pooled)
+        return self.score(pool(hidden, lengths.to(ids.device), self.pooling))
 
 
 def flops_per_token(model: GPT, seq_len: int | None = None) -> float:

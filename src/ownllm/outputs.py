@@ -77,6 +77,24 @@ def _check_parent(path: Path, flag: str) -> None:
             return
 
 
+def umask() -> int:
+    """The process's umask (read from /proc where Linux shows it, so that no other thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path, directory: bool = False) -> None:
+    """Give a temporary file (0600) or folder (0700) the mode a plain open() or mkdir() gives under the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; rename it to `path` when the block ends without error
@@ -85,6 +103,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    follow_umask(tmp)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
@@ -97,11 +116,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
 
 
 def temporary_path(path: str | Path) -> Path:
-    """A fresh name beside `path` for a writer that takes a path (publish it with `publish`)."""
+    """A fresh name beside `path` for a writer that takes a path (rename it over `path` with os.replace when done)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    follow_umask(tmp)
     return Path(tmp)
 
 
@@ -112,6 +132,7 @@ def replaced_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    follow_umask(staging, directory=True)
     try:
         yield staging
         old = None

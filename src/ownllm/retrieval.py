@@ -35,8 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ownllm.embeddings import check_pooling, default_pooling, embed_texts
+from ownllm.chat import chat_format_for, prompt_room, reply_to_prompt
+from ownllm.chat_templates import Message
+from ownllm.decoding import SamplingOptions
+from ownllm.embeddings import default_pooling, embed_texts
 from ownllm.errors import OwnLLMError
+from ownllm.model import check_pooling
 from ownllm.outputs import check_output, temporary_path
 
 if TYPE_CHECKING:
@@ -424,38 +428,19 @@ def build_question_prompt(question: str, hits: Sequence[Hit]) -> str:
 
 
 def answer(run: "LoadedRun", index: Index, question: str, *, k: int = 4, mode: str = "hybrid",
-           options: Any = None, embedder: "LoadedRun | None" = None,
+           options: SamplingOptions | None = None, embedder: "LoadedRun | None" = None,
            on_text: Callable[[str], None] | None = None) -> tuple[str, list[Hit]]:
     """Retrieve the top-k chunks (queries embedded by `embedder`, default `run`), put them in the prompt and answer
-    with the run's chat template."""
-    from ownllm.data.instructions import Message
-    from ownllm.serve.prompts import chat_format_for
-
+    in the run's chat format (ownllm.chat; greedy, 256 tokens unless `options` say otherwise)."""
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{run.path}: is a classifier run, which predicts labels, not answers; pass a language "
                           "model to answer (an instruct run or a chat model), the classifier as --embed-model if it "
                           "embedded the index")
     hits = search(index, embedder or run, question, k=k, mode=mode)
+    options = options or SamplingOptions(max_new_tokens=256, temperature=0)
     chat_format = chat_format_for(run.run_config, run.tokenizer)
     prompt = chat_format.encode([Message("user", build_question_prompt(question, hits))])
-    return reply_to_prompt(run, prompt, chat_format.stop, options, on_text), hits
-
-
-def reply_to_prompt(run: "LoadedRun", prompt: list[int], stop: Sequence[str], options: Any = None,
-                    on_text: Callable[[str], None] | None = None) -> str:
-    """Decode the answer to an encoded chat prompt (ownllm.decoding), streamed through `on_text`, stopping at the
-    chat format's end marker."""
-    import dataclasses
-
-    from ownllm.decoding import Continuation, IncrementalText, SamplingOptions, decode
-
-    options = options or SamplingOptions(max_new_tokens=256, temperature=0)
-    options = dataclasses.replace(options, stop=[*options.stop, *stop])
-    room = run.config.block_size - min(options.max_new_tokens, run.config.block_size // 2)
-    if len(prompt) > room:
+    if len(prompt) > prompt_room(run.config.block_size, options.max_new_tokens):
         raise OwnLLMError(f"the question and its sources take {len(prompt)} tokens, more than fit the context "
                           f"({run.config.block_size}) with the answer: use a smaller -k or smaller chunks")
-    continuation = Continuation(list(prompt), options, IncrementalText(run.tokenizer, options.stop))
-    decode(run.model, [continuation], run.tokenizer.eot_id,
-           None if on_text is None else (lambda _, piece: on_text(piece)))
-    return continuation.text.text
+    return reply_to_prompt(run.model, chat_format, prompt, options, on_text), hits

@@ -9,14 +9,15 @@
 What a path can be:
 - an ownllm run directory (ownllm.checkpoint's layout): a language model, a classifier (`"task": "classify"`, a
   `GPTClassifier`), a full fine-tune, or a LoRA run (its base run with the adapters applied, not merged);
-- a Hugging Face model directory (GPT-2, Llama, Qwen2), read by ownllm.interop.hf;
-- a GGUF file (llama.cpp's format, any quantization, dequantized to float32), read by ownllm.interop.gguf_reader;
-- `hf:ORG/NAME[@REVISION]`: a Hugging Face Hub model, downloaded into the HF cache (ownllm.interop.hub) and read as
-  a Hugging Face directory.
+- a Hugging Face model directory (GPT-2, Llama, Qwen2), read by ownllm.interop.readers.hf;
+- a GGUF file (llama.cpp's format, any quantization, dequantized to float32), read by ownllm.interop.readers.gguf;
+- `hf:ORG/NAME[@REVISION]`: a Hugging Face Hub model, downloaded into the HF cache (ownllm.interop.readers.hub)
+  and read as a Hugging Face directory.
 
 Each foreign source is one branch in `_read_foreign`: both `load_run` and `load_base` (the model a fine-tuning
-stage starts from) go through it. Exporters, evaluators, the server and the
-CLI start from a `LoadedRun`; storage (ownllm.checkpoint) knows nothing of this module.
+stage starts from) go through it. A reader returns plain data (a `ForeignModel`: config, weights, tokenizer);
+the model is built here. Exporters, evaluators, the server and the CLI start from a `LoadedRun`; storage
+(ownllm.checkpoint) knows nothing of this module.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, load_weights, read_ru
 from ownllm.config import ModelConfig
 from ownllm.device import pick_device
 from ownllm.errors import OwnLLMError
-from ownllm.interop.gguf_reader import is_gguf_path, read_gguf_model
-from ownllm.interop.hf import is_hf_model_dir, read_hf_model
-from ownllm.interop.hub import local_model_path
+from ownllm.interop.readers.gguf import is_gguf_path, read_gguf
+from ownllm.interop.readers.hf import is_hf_model_dir, read_hf
+from ownllm.interop.readers.hub import local_model_path
 from ownllm.lora import LoRAConfig, apply_lora, load_peft_adapter
-from ownllm.model import GPT, GPTClassifier
+from ownllm.model import GPT, GPTClassifier, rope_tables
 from ownllm.quantize import quantize_model
 from ownllm.tokenizer import Tokenizer, load_tokenizer
 
@@ -64,11 +65,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", quantize: str
     run.model.to(device).eval()
     run.model = quantize_model(run.model, quantize)
     return run
-
-
-def load_quantized(path: str | Path, mode: str, device: str = "auto") -> LoadedRun:
-    """`load_run(path, device, quantize=mode)`: kept so that older call sites read the same."""
-    return load_run(path, device=device, quantize=mode)
 
 
 def load_base(path: str | Path | None) -> LoadedRun:
@@ -100,12 +96,29 @@ def _read_foreign(path: str | Path) -> LoadedRun | None:
     `hf:ORG/NAME[@REV]` is downloaded (or found in the HF cache) first."""
     path = local_model_path(path)
     if is_gguf_path(path):
-        model, tokenizer, config, run_config = read_gguf_model(Path(path))
+        foreign = read_gguf(Path(path))
     elif is_hf_model_dir(path):
-        model, tokenizer, config, run_config = read_hf_model(Path(path))
+        foreign = read_hf(Path(path))
     else:
         return None
-    return LoadedRun(path=Path(path), model=model, tokenizer=tokenizer, config=config, run_config=run_config)
+    model = _model_from_state(foreign.config, foreign.state, Path(path))
+    return LoadedRun(path=Path(path), model=model, tokenizer=foreign.tokenizer, config=foreign.config,
+                     run_config=foreign.run_config)
+
+
+def _model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source: Path) -> GPT:
+    """A GPT in eval mode whose parameters ARE the tensors of `state` (no second copy of the weights is made)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    if config.position == "rope":
+        model.rope_cos, model.rope_sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise OwnLLMError(f"{source}: no tensor for {left[0]}")
+    return model.eval()
 
 
 def _read_run_dir(run_dir: Path) -> LoadedRun:

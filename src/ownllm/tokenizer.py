@@ -145,7 +145,7 @@ def _strip_bom(text: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _byte_of_symbol() -> dict[str, int]:
+def byte_of_symbol() -> dict[str, int]:
     """Map each of the 256 byte-level symbols back to its byte.
 
     Printable Latin-1 bytes stand for themselves; the others (controls, space, soft hyphen...) are shifted, in
@@ -160,7 +160,7 @@ def _byte_of_symbol() -> dict[str, int]:
 
 
 def _byte_level_token_bytes(token: str) -> bytes:
-    table = _byte_of_symbol()
+    table = byte_of_symbol()
     return b"".join(bytes([table[ch]]) if ch in table else ch.encode("utf-8") for ch in token)
 
 
@@ -479,7 +479,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def _load_from_directory(directory: Path) -> Tokenizer:
     tok = _load_vocabulary_from_directory(directory)
-    return _with_specials_from(directory, tok) if tok.hf is not None else tok
+    return with_specials_from(directory, tok) if tok.hf is not None else tok
 
 
 def _load_vocabulary_from_directory(directory: Path) -> Tokenizer:
@@ -496,7 +496,7 @@ def _load_vocabulary_from_directory(directory: Path) -> Tokenizer:
     )
 
 
-def _with_specials_from(directory: Path, tok: Tokenizer, eos_id: int | None = None) -> Tokenizer:
+def with_specials_from(directory: Path, tok: Tokenizer, eos_id: int | None = None) -> Tokenizer:
     """`tok` with eos/bos/chat template from directory/tokenizer_config.json (and chat_template.jinja) applied.
 
     `eos_id`, when given, wins over the file's eos_token (Hugging Face's generation_config.json does the same).
@@ -605,11 +605,11 @@ def save_gpt2_files(tok: Tokenizer, directory: str | Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     vocab = dict(sorted(hf.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1]))
     _write_text_atomically(directory / GPT2_HF_FILES[0], json.dumps(vocab, ensure_ascii=False))
-    merge_lines = [" ".join(_merge_pair(merge)) for merge in json.loads(hf.to_str())["model"]["merges"]]
+    merge_lines = [" ".join(merge_pair(merge)) for merge in json.loads(hf.to_str())["model"]["merges"]]
     _write_text_atomically(directory / GPT2_HF_FILES[1], "#version: 0.2\n" + "".join(f"{m}\n" for m in merge_lines))
 
 
-def _merge_pair(merge: str | list[str]) -> list[str]:
+def merge_pair(merge: str | list[str]) -> list[str]:
     """A merge as serialised by `tokenizers`: "a b" in older versions, ["a", "b"] in newer ones."""
     return merge.split(" ") if isinstance(merge, str) else list(merge)
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ownllm.chat_templates import Conversation, Message, Template, encode_prompt
 from ownllm.data.batching import EpochBatches, fixed_batches
-from ownllm.data.instructions import (IGNORE, Conversation, Message, Template, encode_prompt, parse_messages,
-                                      read_records)
+from ownllm.data.instructions import IGNORE, parse_messages, read_records
 from ownllm.data.records import Location, keep_informative
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import Tokenizer

@@ -1,11 +1,10 @@
 """Fine-tuning a language model into a text classifier (spam, sentiment, ...), fully or with LoRA.
 
-    from ownllm.finetune import finetune_classify, classify_texts
+    from ownllm.finetune import finetune_classify
     result = finetune_classify(out="runs/spam", model="runs/base", data="sms.tsv", balance="undersample",
                                train_layers="all")          # or lora_rank=8; or train_layers="last:2" / "head"
     result.test["accuracy"]
-    run = ownllm.load("runs/spam")
-    classify_texts(run, ["WINNER!! Claim your prize now"])  # [{"label": "spam", "probabilities": {...}}]
+    classify_texts(ownllm.load("runs/spam"), ["WINNER!! Claim your prize now"])   # ownllm.classification
 
 CLI: `ownllm finetune classify --model RUN --data FILE --out RUN [...]`, `ownllm classify RUN --text TEXT`.
 
@@ -30,17 +29,15 @@ from torch import Tensor
 
 from ownllm import distributed
 from ownllm.checkpoint import write_json_atomic
+from ownllm.classification import predict_probabilities
 from ownllm.config import ModelConfig
-from ownllm.data.batching import fixed_batches
 from ownllm.data.labelled import (ClassificationBatches, Example, check_labels, class_weights, encode_texts,
-                                  pad_right, read_labelled, split_examples, undersample)
-from ownllm.device import autocast
+                                  read_labelled, split_examples, undersample)
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import classification_metrics
 from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
 from ownllm.lora import TARGETS, LoRAConfig
 from ownllm.model import GPTClassifier
-from ownllm.runs import LoadedRun
 from ownllm.tokenizer import Tokenizer
 from ownllm.training import TrainResult
 
@@ -84,38 +81,7 @@ def load_splits(data: str | Path, *, val_file: str | Path | None, test_file: str
     return train, val, test, labels
 
 
-# ---- inference ----------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def predict_probabilities(model: GPTClassifier, rows: Sequence[Sequence[int]], pad_id: int,
-                          batch_size: int = 32, precision: str = "fp32") -> Tensor:
-    """Class probabilities [len(rows), labels] for encoded texts, batched in length order, returned in input order."""
-    was_training = model.training
-    model.eval()
-    device = model.tok_emb.weight.device
-    out = torch.empty(len(rows), model.score.out_features)
-    for indices in fixed_batches([len(r) for r in rows], batch_size):
-        ids, lengths = pad_right([rows[i] for i in indices], pad_id)
-        with autocast(device, precision):
-            logits = model(ids.to(device), lengths.to(device))
-        out[indices] = logits.float().softmax(dim=-1).cpu()
-    model.train(was_training)
-    return out
-
-
-def classify_texts(run: LoadedRun, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, Any]]:
-    """Label and class probabilities of each text with a classifier run (`ownllm.load(RUN)`)."""
-    config = run.run_config
-    if config.get("task") != "classify":
-        raise OwnLLMError(f"{run.path}: not a classifier run (task {config.get('task', 'lm')!r})")
-    labels = config["labels"]
-    rows = encode_texts(texts, run.tokenizer, config.get("max_length", run.config.block_size),
-                        config.get("append_eot", True))
-    pad_id = run.tokenizer.eot_id if run.tokenizer.eot_id is not None else 0
-    probabilities = predict_probabilities(run.model, rows, pad_id, batch_size)
-    return [{"label": labels[int(p.argmax())], "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)}}
-            for p in probabilities]
-
+# ---- metrics ------------------------------------------------------------------------------------------------------
 
 def evaluate_examples(model: GPTClassifier, examples: Sequence[Example], tokenizer, labels: Sequence[str],
                       max_length: int, append_eot: bool = True) -> dict[str, Any] | None:

@@ -25,14 +25,15 @@ from typing import Any
 import torch
 
 from ownllm import distributed
+from ownllm.chat import ChatFormat, answer_all
+from ownllm.chat_templates import Conversation, get_template
 from ownllm.checkpoint import write_json_atomic
 from ownllm.config import ModelConfig
-from ownllm.data.instructions import (Conversation, InstructionBatches, get_template,
-                                      read_instructions, real_tokens)
+from ownllm.data.instructions import InstructionBatches, read_instructions, real_tokens
+from ownllm.decoding import SamplingOptions
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import exact_match, rouge_l_f1
 from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
-from ownllm.decoding import SamplingOptions, answer_all
 from ownllm.lora import TARGETS, LoRAConfig
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
@@ -169,7 +170,7 @@ class InstructStage(FinetuneStage):
         test_set = [c for c in self.test_set if c[-1].role == "assistant" and len(c) >= 2 and c[-2].role == "user"]
         if test_set:
             options = SamplingOptions(max_new_tokens=self.options["max_new_tokens"], temperature=0.0)
-            answers = answer_all(model, tokenizer, self.template, [c[:-1] for c in test_set], options)
+            answers = answer_all(model, ChatFormat(tokenizer, self.template), [c[:-1] for c in test_set], options)
             records = [_record(c, a) for c, a in zip(test_set, answers)]
             write_json_atomic(run_dir / RESPONSES_FILE, records)
             summary["rouge_l_f1"] = sum(rouge_l_f1(r["response"], r["output"]) for r in records) / len(records)

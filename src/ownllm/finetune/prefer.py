@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ownllm import distributed
-from ownllm.checkpoint import write_json_atomic
+from ownllm.chat_templates import TEMPLATES, Template, get_template
+from ownllm.checkpoint import save_safetensors, write_json_atomic
 from ownllm.config import ModelConfig
-from ownllm.data.instructions import TEMPLATES, Template, get_template
 from ownllm.data.labelled import split_examples
 from ownllm.data.preferences import PreferenceBatches, PreferencePair, pair_tokens, read_preferences
 from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
@@ -217,6 +217,6 @@ def reference_for(run_dir: Path, resume: bool, model: nn.Module, batches: Sequen
                   for name, split, rows in zip(SPLITS, batches, fixed)]
     if distributed.is_main():
         tmp = path.with_name(path.name + ".tmp")
-        save_file({name: t for name, t in zip(SPLITS, references) if t is not None}, str(tmp))
+        save_safetensors({name: t for name, t in zip(SPLITS, references) if t is not None}, tmp)
         tmp.replace(path)
     return references

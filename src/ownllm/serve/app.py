@@ -10,7 +10,7 @@ unchanged. Every user mistake is a 4xx in OpenAI's error shape `{"error": {"mess
 the limit, 503 when too many requests are running and queued.
 
 The routes are plain functions over the app's `ServerState` (`request.app.state.server`); the request bodies and
-their checks are in `ownllm.serve.schemas`, prompts in `ownllm.serve.prompts`, the scheduler in
+their checks are in `ownllm.serve.schemas`, prompts in `ownllm.serve.prompts` and `ownllm.chat`, the scheduler in
 `ownllm.serve.engine`.
 """
 
@@ -37,11 +37,14 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ownllm.chat import ChatFormat, ChatTemplateError, chat_format_for
+from ownllm.classification import classify_texts
 from ownllm.decoding import SamplingOptions
+from ownllm.embeddings import default_pooling, embed_token_rows
 from ownllm.runs import LoadedRun
 from ownllm.errors import OwnLLMError
 from ownllm.serve.engine import Engine, EngineBusy
-from ownllm.serve.prompts import BadRequest, ChatFormat, chat_format_for, encode_completion_prompt, parse_messages
+from ownllm.serve.prompts import BadRequest, encode_completion_prompt, parse_messages
 from ownllm.serve.schemas import (ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
                                   check_chat_request, check_fits, classify_texts_of, completion_prompts,
                                   embedding_options, embedding_rows, sampling_options)
@@ -319,7 +322,10 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
     state.check_model(body.model)
     engine, chat_format = state.language_model()
     check_chat_request(body)
-    prompt = chat_format.encode(parse_messages(body.messages))
+    try:
+        prompt = chat_format.encode(parse_messages(body.messages))
+    except ChatTemplateError as error:
+        raise BadRequest(str(error), "messages") from error
     options = sampling_options(body, engine.context, default_max_tokens=max(1, engine.context - len(prompt)),
                                stop=chat_format.stop, max_tokens=body.max_completion_tokens or body.max_tokens)
     check_fits([prompt], options.max_new_tokens, engine.context, "messages")
@@ -349,8 +355,6 @@ async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
         raise ApiError(400, f"{state.model_name!r} is not a classifier run (fine-tune one with `ownllm finetune "
                             "classify`)", code="wrong_endpoint")
     texts = classify_texts_of(body)
-    from ownllm.finetune.classify import classify_texts
-
     async with state.classify_lock:  # one batch at a time on the model
         results = await model_call(state, classify_texts, state.run, texts)
     tokens = sum(len(state.run.tokenizer.encode(t)) for t in texts)
@@ -364,8 +368,6 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
     state = _state(request)
     state.check_model(body.model)
     run = state.run
-    from ownllm.embeddings import default_pooling, embed_token_rows
-
     pooling, encoding = embedding_options(body, default_pooling(run), run.config.n_embd)
     rows = embedding_rows(body, run.tokenizer, run.config.block_size)
 

@@ -47,10 +47,6 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
 
-    def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
 
 @dataclass(eq=False, kw_only=True)
 class Request(Continuation):
@@ -81,7 +77,7 @@ class Engine:
             raise OwnLLMError("--context must be at least 2 tokens")
         self.context = min(context or min(model.config.block_size, DEFAULT_CONTEXT), model.config.block_size)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.pool = SlotPool(model, max_batch, self.context, model_dtype(model))
+        self.pool = SlotPool(model.config, max_batch, self.context, model.tok_emb.weight.device, model_dtype(model))
         self.device = self.pool.device
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []

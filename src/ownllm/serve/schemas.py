@@ -188,7 +188,7 @@ def embedding_rows(body: EmbeddingRequest, tokenizer: Any, context: int) -> list
 
 def embedding_options(body: EmbeddingRequest, default_pooling: str, dim: int) -> tuple[str, str]:
     """(pooling, encoding format) of an embeddings request, or BadRequest naming the field."""
-    from ownllm.embeddings import POOLINGS
+    from ownllm.model import POOLINGS
 
     encoding = body.encoding_format or "float"
     if encoding not in ("float", "base64"):

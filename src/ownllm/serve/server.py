@@ -40,7 +40,7 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
     """Serve `model` (a run or Hugging Face directory) until Ctrl-C."""
     import uvicorn
 
-    from ownllm.runs import load_quantized
+    from ownllm.runs import load_run
     from ownllm.serve.app import create_app
 
     api_key = read_api_key(api_key_file) if api_key_file else None
@@ -50,7 +50,7 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
     sys.setswitchinterval(float(os.environ.get("OWNLLM_SWITCH_INTERVAL", "0.0005")))
     if not 0 < port < 65536:
         raise OwnLLMError(f"--port {port} is not a TCP port (1-65535)")
-    run = load_quantized(model, quantize, device)
+    run = load_run(model, device=device, quantize=quantize)
     name = model_name or Path(model).resolve().name
     app = create_app(run, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      context=context, start_engine=False)

@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ownllm.errors import OwnLLMError
-from ownllm.tokenizer import _byte_of_symbol
+from ownllm.tokenizer import byte_of_symbol
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -79,7 +79,7 @@ def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Se
 def _vocabulary(tokens: Sequence[str]) -> dict[str, int]:
     """token -> id. Tokens written as plain text rather than in the byte alphabet are respelled (as transformers
     does); a repeated token keeps its first id and later copies get a placeholder, so ids stay dense."""
-    alphabet = _byte_of_symbol()
+    alphabet = byte_of_symbol()
     symbol_of = {byte: symbol for symbol, byte in alphabet.items()}
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
@@ -92,7 +92,7 @@ def _vocabulary(tokens: Sequence[str]) -> dict[str, int]:
 def _add_tokens(hf: HFTokenizer, tokens: Sequence[str], token_types: Sequence[int], vocab: dict[str, int]) -> None:
     """Control tokens (in the byte alphabet: others are mislabelled) as special tokens, user-defined ones as
     added tokens, so text containing them maps to their one id."""
-    alphabet = _byte_of_symbol().keys()
+    alphabet = byte_of_symbol().keys()
     special = [AddedToken(token, special=True, normalized=False) for token, kind in zip(tokens, token_types)
                if kind == CONTROL and set(token) <= alphabet]
     added = [AddedToken(token, special=False, normalized=False) for token, kind in zip(tokens, token_types)

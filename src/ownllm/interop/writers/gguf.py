@@ -29,9 +29,17 @@ from torch import Tensor
 
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
-from ownllm.interop.hf import bias_or_zeros, export_state_dict, hf_model_type
+from ownllm.interop.names import (
+    GGUF_GLOBAL,
+    GGUF_GPT2_LAYER,
+    GGUF_LLAMA_FUSED,
+    GGUF_LLAMA_LAYER,
+    POOLING_TYPES,
+    interleave_rope_rows,
+)
+from ownllm.interop.writers.hf import bias_or_zeros, export_state_dict, hf_model_type
 from ownllm.outputs import check_output, temporary_path
-from ownllm.tokenizer import Tokenizer, _merge_pair
+from ownllm.tokenizer import Tokenizer, merge_pair
 
 if TYPE_CHECKING:
     import gguf
@@ -40,7 +48,6 @@ if TYPE_CHECKING:
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = 32  # values per q8_0 / q4_0 block
-POOLING_TYPES = {"mean": "MEAN", "last": "LAST"}  # ownllm pooling -> gguf.PoolingType member ({arch}.pooling_type)
 
 # Regex fragments that tell llama.cpp's known byte-level pre-tokenizers apart (see its convert_hf_to_gguf.py).
 _PRE_TOKENIZERS = (("\\p{N}{1,3}", "llama-bpe"), ("\\p{N}|", "qwen2"))
@@ -162,7 +169,7 @@ def _vocabulary(tokenizer: Tokenizer, config: ModelConfig, gguf: Any) -> dict[st
     for index in range(size, config.vocab_size):  # embedding rows no token uses (vocabularies padded for speed)
         tokens.append(f"[PAD{index}]")
         types.append(gguf.TokenType.UNUSED)
-    merges = [" ".join(_merge_pair(merge)) for merge in model.get("merges", [])]
+    merges = [" ".join(merge_pair(merge)) for merge in model.get("merges", [])]
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
 
 
@@ -203,66 +210,54 @@ def _write_tokenizer(writer: gguf.GGUFWriter, gguf: Any, tokenizer: Tokenizer, v
 
 # ---- tensors ------------------------------------------------------------------------------------------------------
 
+def _global_tensors(state: dict[str, Tensor], config: ModelConfig, zero_biases: bool) -> dict[str, Tensor]:
+    """Embeddings, final norm and (untied) output head; `zero_biases`: a final-norm bias of zeros where ownllm's
+    norm has none (llama.cpp's gpt2 graph wants every bias)."""
+    out = {}
+    for theirs, ours in GGUF_GLOBAL.items():
+        if ours == "lm_head.weight" and config.tie_embeddings:
+            continue
+        if ours in state:
+            out[theirs] = state[ours]
+        elif zero_biases and ours.endswith(".bias"):
+            out[theirs] = bias_or_zeros(state, ours, config.n_embd)
+    return out
+
+
 def _gpt2_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """llama.cpp's gpt2 graph: every norm and linear layer has a bias (zeros where ownllm has none)."""
-    out = {"token_embd.weight": state["tok_emb.weight"], "position_embd.weight": state["pos_emb.weight"],
-           "output_norm.weight": state["norm.weight"],
-           "output_norm.bias": bias_or_zeros(state, "norm.bias", config.n_embd)}
-    if not config.tie_embeddings:
-        out["output.weight"] = state["lm_head.weight"]
-    names = {"norm1": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output", "norm2": "ffn_norm",
-             "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
+    out = _global_tensors(state, config, zero_biases=True)
     for i in range(config.n_layer):
-        for ours, theirs in names.items():
+        for theirs, ours in GGUF_GPT2_LAYER.items():
             weight = state[f"blocks.{i}.{ours}.weight"]
             out[f"blk.{i}.{theirs}.weight"] = weight
             out[f"blk.{i}.{theirs}.bias"] = bias_or_zeros(state, f"blocks.{i}.{ours}.bias", weight.shape[0])
     return out
 
 
-def interleave_rope_rows(weight: Tensor, n_heads: int) -> Tensor:
-    """Reorder each head's rows from the rotate-half layout (HF, ownllm) to llama.cpp's adjacent-pairs layout."""
-    head_size = weight.shape[0] // n_heads
-    rest = weight.shape[1:]
-    return weight.reshape(n_heads, 2, head_size // 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
-
-
-def deinterleave_rope_rows(weight: Tensor, n_heads: int) -> Tensor:
-    """The inverse of `interleave_rope_rows`: llama.cpp's adjacent-pairs rows back to the rotate-half layout."""
-    head_size = weight.shape[0] // n_heads
-    rest = weight.shape[1:]
-    return weight.reshape(n_heads, head_size // 2, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
-
-
 def _llama_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    out = {"token_embd.weight": state["tok_emb.weight"], "output_norm.weight": state["norm.weight"]}
-    if not config.tie_embeddings:
-        out["output.weight"] = state["lm_head.weight"]
-    q_size, kv_size = config.n_head * config.head_size, config.kv_heads * config.head_size
+    """llama.cpp's llama graph: q/k/v and gate/up apart, the q/k rows of every head in its interleaved order."""
+    out = _global_tensors(state, config, zero_biases=False)
     for i in range(config.n_layer):
         ours, blk = f"blocks.{i}.", f"blk.{i}."
-        out[f"{blk}attn_norm.weight"] = state[f"{ours}norm1.weight"]
-        out[f"{blk}ffn_norm.weight"] = state[f"{ours}norm2.weight"]
         for kind in ("weight", "bias"):
-            fused = state.get(f"{ours}attn.qkv.{kind}")
-            if fused is None:
-                continue
-            q, k, v = fused.split([q_size, kv_size, kv_size])
-            out[f"{blk}attn_q.{kind}"] = interleave_rope_rows(q, config.n_head)
-            out[f"{blk}attn_k.{kind}"] = interleave_rope_rows(k, config.kv_heads)
-            out[f"{blk}attn_v.{kind}"] = v
-        out[f"{blk}attn_output.weight"] = state[f"{ours}attn.proj.weight"]
-        if f"{ours}attn.proj.bias" in state:
-            out[f"{blk}attn_output.bias"] = state[f"{ours}attn.proj.bias"]
-        for kind in ("weight", "bias"):
-            fused = state.get(f"{ours}mlp.fc.{kind}")
-            if fused is None:
-                continue
-            gate, up = fused.chunk(2)
-            out[f"{blk}ffn_gate.{kind}"], out[f"{blk}ffn_up.{kind}"] = gate, up
-            if f"{ours}mlp.proj.{kind}" in state:
-                out[f"{blk}ffn_down.{kind}"] = state[f"{ours}mlp.proj.{kind}"]
+            out.update({f"{blk}{theirs}.{kind}": state[f"{ours}{mine}.{kind}"]
+                        for theirs, mine in GGUF_LLAMA_LAYER.items() if f"{ours}{mine}.{kind}" in state})
+            for mine, parts in GGUF_LLAMA_FUSED.items():
+                fused = state.get(f"{ours}{mine}.{kind}")
+                if fused is not None:
+                    pieces = _unfused(mine, fused, config)
+                    out.update({f"{blk}{part}.{kind}": piece for part, piece in zip(parts, pieces)})
     return out
+
+
+def _unfused(name: str, fused: Tensor, config: ModelConfig) -> tuple[Tensor, ...]:
+    """ownllm's fused q|k|v (q and k rows interleaved for llama.cpp's RoPE) or gate|up, split into its parts."""
+    if name == "mlp.fc":
+        return fused.chunk(2)
+    q_size, kv_size = config.n_head * config.head_size, config.kv_heads * config.head_size
+    q, k, v = fused.split([q_size, kv_size, kv_size])
+    return interleave_rope_rows(q, config.n_head), interleave_rope_rows(k, config.kv_heads), v
 
 
 def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
@@ -284,5 +279,4 @@ def _add_tensor(writer: gguf.GGUFWriter, gguf: Any, name: str, tensor: Tensor, q
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-__all__ = ["export_gguf", "check_gguf_pooling", "POOLING_TYPES", "interleave_rope_rows", "deinterleave_rope_rows",
-           "tensor_type", "QUANTS"]
+__all__ = ["export_gguf", "check_gguf_pooling", "tensor_type", "QUANTS"]

@@ -1,8 +1,8 @@
-"""GGUF import: a llama.cpp model file read back into ownllm's config, float32 weights and tokenizer.
+"""GGUF in: a llama.cpp model file read back into ownllm's config, float32 weights and tokenizer.
 
-    model = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # .config, .state (fp32, ownllm names), .tokenizer
+    model = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # a ForeignModel: .config, .state (fp32), .tokenizer
     import_gguf("model.gguf", "runs/smol")                  # ownllm import model.gguf --out runs/smol
-    ownllm.runs.load_run("model.gguf")                      # a LoadedRun, through read_gguf_model below
+    ownllm.runs.load_run("model.gguf")                      # a LoadedRun, built from read_gguf's ForeignModel
 
 What is read (the `gguf` package parses the file; it is memory-mapped and dequantized one tensor at a time, so
 a 135M model needs its float32 weights plus one tensor's scratch space, not a copy of the file):
@@ -27,22 +27,27 @@ extra tensor, a truncated file) is an OwnLLMError naming the key or tensor, rais
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, write_run_config
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
-from ownllm.outputs import check_output, replaced_dir
-from ownllm.interop.gguf import POOLING_TYPES, deinterleave_rope_rows
-from ownllm.interop.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
-from ownllm.interop.hf import template_section
+from ownllm.interop.names import (
+    GGUF_GLOBAL,
+    GGUF_GPT2_LAYER,
+    GGUF_LLAMA_FUSED,
+    GGUF_LLAMA_LAYER,
+    POOLING_TYPES,
+    deinterleave_rope_rows,
+    template_section,
+)
+from ownllm.interop.readers.foreign import ForeignModel, save_as_run
+from ownllm.interop.readers.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
+from ownllm.outputs import check_output
 from ownllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -52,19 +57,6 @@ log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
 GGUF_MAGIC = b"GGUF"
-
-@dataclass
-class GGUFModel:
-    """What a GGUF file holds, in ownllm's terms."""
-
-    config: ModelConfig
-    state: dict[str, Tensor]  # float32, ownllm parameter names (no lm_head.weight when the embeddings are tied)
-    tokenizer: Tokenizer
-    architecture: str
-    pad_id: int | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)  # general.* values (name, file type, license, ...)
-    embedding_pooling: str | None = None  # from {arch}.pooling_type: mean or last
-
 
 
 def _gguf_package():
@@ -204,30 +196,21 @@ def embedding_pooling_from_gguf(keys: _Keys, arch: str) -> str | None:
 
 # ---- the tensors --------------------------------------------------------------------------------------------------
 
-_GLOBAL_TENSORS = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_emb.weight",
-                   "output_norm.weight": "norm.weight", "output_norm.bias": "norm.bias",
-                   "output.weight": "lm_head.weight"}
-_GPT2_LAYER = {"attn_norm": "norm1", "attn_qkv": "attn.qkv", "attn_output": "attn.proj", "ffn_norm": "norm2",
-               "ffn_up": "mlp.fc", "ffn_down": "mlp.proj"}
-_LLAMA_LAYER = {"attn_norm": "norm1", "ffn_norm": "norm2", "attn_output": "attn.proj", "ffn_down": "mlp.proj"}
-_LLAMA_FUSED = {"attn.qkv": ["attn_q", "attn_k", "attn_v"], "mlp.fc": ["ffn_gate", "ffn_up"]}
-
-
 def tensor_plan(arch: str, config: ModelConfig, names: set[str], path: Path) -> dict[str, list[str]]:
     """ownllm parameter -> the GGUF tensors it is made of, stacked in this order; a missing or unused tensor is an
     OwnLLMError naming it."""
-    plan: dict[str, list[str]] = {ours: [theirs] for theirs, ours in _GLOBAL_TENSORS.items() if theirs in names}
+    plan: dict[str, list[str]] = {ours: [theirs] for theirs, ours in GGUF_GLOBAL.items() if theirs in names}
     for i in range(config.n_layer):
         blk, block = f"blk.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
             if arch == "gpt2":
                 plan.update({f"{block}{ours}.{kind}": [f"{blk}{theirs}.{kind}"]
-                             for theirs, ours in _GPT2_LAYER.items()})
+                             for theirs, ours in GGUF_GPT2_LAYER.items()})
                 continue
-            for theirs, ours in _LLAMA_LAYER.items():
+            for theirs, ours in GGUF_LLAMA_LAYER.items():
                 if f"{blk}{theirs}.{kind}" in names or kind == "weight":
                     plan[f"{block}{ours}.{kind}"] = [f"{blk}{theirs}.{kind}"]
-            for ours, parts in _LLAMA_FUSED.items():
+            for ours, parts in GGUF_LLAMA_FUSED.items():
                 if f"{blk}{parts[0]}.{kind}" in names or kind == "weight":
                     plan[f"{block}{ours}.{kind}"] = [f"{blk}{part}.{kind}" for part in parts]
     wanted = {name for parts in plan.values() for name in parts}
@@ -357,8 +340,9 @@ def _token_id(keys: _Keys, key: str, size: int) -> int | None:
 
 # ---- the whole file -----------------------------------------------------------------------------------------------
 
-def read_gguf(path: str | Path, progress: bool = False) -> GGUFModel:
-    """Read a GGUF file into (config, float32 state dict, tokenizer); nothing is written."""
+def read_gguf(path: str | Path, progress: bool = False) -> ForeignModel:
+    """Read a GGUF file into ownllm's terms (config, float32 state dict, tokenizer, source sections); nothing is
+    written. `progress` shows a bar while the tensors are dequantized."""
     path = Path(path)
     reader = open_gguf(path)
     keys = _Keys(read_metadata(reader), path)
@@ -372,52 +356,21 @@ def read_gguf(path: str | Path, progress: bool = False) -> GGUFModel:
         raise OwnLLMError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens but token_embd.weight "
                           f"only {config.vocab_size} rows")
     state = read_state(reader, arch, config, path, progress=progress)
-    general = {key: value for key, value in keys.metadata.items()
-               if key.startswith("general.") and isinstance(value, (str, int, float))}
-    return GGUFModel(config=config, state=state, tokenizer=tokenizer, architecture=arch, pad_id=pad_id,
-                     metadata=general, embedding_pooling=embedding_pooling_from_gguf(keys, arch))
+    pooling = embedding_pooling_from_gguf(keys, arch)
+    sections = {"source": _source_record(path, keys, arch, pad_id), **template_section(tokenizer),
+                **({"embedding_pooling": pooling} if pooling else {})}
+    return ForeignModel(config=config, state=state, tokenizer=tokenizer, format="gguf", sections=sections)
 
 
-def model_from_state(config: ModelConfig, state: dict[str, Tensor]) -> torch.nn.Module:
-    """A GPT whose parameters ARE the tensors of `state` (no second copy of the weights is made)."""
-    from ownllm.model import GPT, rope_tables
-
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    if config.position == "rope":
-        model.rope_cos, model.rope_sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise OwnLLMError(f"no tensor for {left[0]}")
-    return model.eval()
-
-
-def source_record(path: Path, model: GGUFModel) -> dict[str, Any]:
+def _source_record(path: Path, keys: _Keys, arch: str, pad_id: int | None) -> dict[str, Any]:
     """What the run config says about where the weights came from."""
-    record = {"kind": "gguf", "path": str(Path(path).resolve()), "architecture": model.architecture,
-              **{key.removeprefix("general."): value for key, value in model.metadata.items()
-                 if key in ("general.name", "general.file_type", "general.license", "general.organization")}}
-    if model.pad_id is not None:
-        record["pad_token_id"] = model.pad_id
+    general = ("general.name", "general.file_type", "general.license", "general.organization")
+    record = {"kind": "gguf", "path": str(Path(path).resolve()), "architecture": arch,
+              **{key.removeprefix("general."): value for key, value in keys.metadata.items()
+                 if key in general and isinstance(value, (str, int, float))}}
+    if pad_id is not None:
+        record["pad_token_id"] = pad_id
     return record
-
-
-def run_sections(path: Path, model: GGUFModel) -> dict[str, Any]:
-    pooling = {"embedding_pooling": model.embedding_pooling} if model.embedding_pooling else {}
-    return {"source": source_record(path, model), **template_section(model.tokenizer), **pooling}
-
-
-def read_gguf_model(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, ModelConfig, dict[str, Any]]:
-    """A GGUF file as an ownllm model on the CPU, float32, in eval mode: the model, its tokenizer, its config and a
-    run config recording the source (ownllm.runs.load_run wraps them in a LoadedRun)."""
-    path = Path(path)
-    model = read_gguf(path)
-    net = model_from_state(model.config, model.state)
-    run_config = {"format": "gguf", "model": model.config.to_dict(), **run_sections(path, model)}
-    return net, model.tokenizer, model.config, run_config
 
 
 def import_gguf(path: str | Path, out: str | Path, progress: bool = True, force: bool = False) -> Path:
@@ -425,12 +378,7 @@ def import_gguf(path: str | Path, out: str | Path, progress: bool = True, force:
     appears whole or not at all, and an existing non-empty `out` is replaced only with `force`."""
     path = Path(path)
     out = check_output(out, "dir", inputs=[path], force=force)
-    model = read_gguf(path, progress=progress)
-    with replaced_dir(out) as staging:
-        save_file({name: t.contiguous() for name, t in model.state.items()}, str(staging / WEIGHTS_FILE))
-        model.tokenizer.save(staging / TOKENIZER_DIR)
-        write_run_config(staging, model.config, **run_sections(path, model))
-    return out
+    return save_as_run(read_gguf(path, progress=progress), out)
 
 
-__all__ = ["GGUFModel", "read_gguf", "read_gguf_model", "import_gguf", "is_gguf_file", "is_gguf_path", "model_from_state"]
+__all__ = ["read_gguf", "import_gguf", "is_gguf_file", "is_gguf_path", "open_gguf", "read_metadata"]
