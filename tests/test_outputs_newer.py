@@ -26,7 +26,7 @@ def inputs(base, tmp_path_factory) -> dict[str, Path]:
     a GGUF file), another model (`other`) and a classifier made from it (`clf`)."""
     import ownllm
     from ownllm.finetune import finetune_classify
-    from ownllm.interop.gguf import export_gguf
+    from ownllm.interop.writers.gguf import export_gguf
     from ownllm.retrieval import build_index
 
     root = tmp_path_factory.mktemp("newer")

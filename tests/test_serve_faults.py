@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client as http_client
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -91,15 +92,15 @@ def test_after_dropped_streams_and_bad_requests_every_slot_is_free_and_the_next_
 # `ownllm serve` whose embedding batches take a minute and whose completions never stop early.
 SLOW_SERVE = """
 import dataclasses, sys, time
-import ownllm.embeddings, ownllm.serve.app
+import ownllm.serve.app as app
 
 def slow_embedding(*args, **kwargs):
     print("embedding", flush=True)
     time.sleep(60)
 
-real_options = ownllm.serve.app.sampling_options
-ownllm.embeddings.embed_token_rows = slow_embedding
-ownllm.serve.app.sampling_options = lambda *a, **k: dataclasses.replace(real_options(*a, **k), stop_at_eot=False)
+real_options = app.sampling_options
+app.embed_token_rows = slow_embedding
+app.sampling_options = lambda *a, **k: dataclasses.replace(real_options(*a, **k), stop_at_eot=False)
 from ownllm.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -134,6 +135,7 @@ def test_ctrl_c_stops_the_server_within_seconds_answering_what_still_runs(tiny):
             ("stream", "/v1/completions", {**completion, "stream": True})]]
         for thread in calls:
             thread.start()
+        assert select.select([process.stdout], [], [], 60)[0], "the embedding batch never started"
         assert process.stdout.readline() == "embedding\n" and streaming.wait(timeout=30)
         started = time.monotonic()
         process.send_signal(signal.SIGINT)
