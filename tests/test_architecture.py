@@ -83,7 +83,7 @@ def test_the_graph_sees_the_imports_it_should():
     graph = import_graph()
     assert "ownllm.checkpoint" in graph["ownllm.runs"] and "ownllm.interop.hf" in graph["ownllm.runs"]
     assert "ownllm.checkpoint" in graph["ownllm.training"]  # `from ownllm import checkpoint, distributed`
-    assert "ownllm.cli_finetune" in graph["ownllm.cli"]
+    assert "ownllm.cli.train" in graph["ownllm.cli"]  # `from ownllm.cli import ..., train, use`
 
 
 def test_find_cycle_finds_one():
@@ -121,8 +121,8 @@ def test_every_training_flag_is_a_parameter_of_its_stage():
     import dataclasses
     import inspect
 
-    from ownllm.cli_finetune import STAGES, _stage_tables
-    from ownllm.cli_options import MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN
+    from ownllm.cli.options import MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN
+    from ownllm.cli.train import STAGES, _stage_tables
     from ownllm.config import ModelConfig, TrainConfig
     from ownllm.finetune import finetune_classify, finetune_instruct
     from ownllm.pretrain import pretrain

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ownllm import cli, cli_finetune, decoding
+from ownllm import cli, decoding
+from ownllm.cli import use
 from ownllm.config import model_config_from_preset
 from ownllm.data.instructions import Message, encode_conversation, get_template
 from ownllm.model import GPT
@@ -40,7 +41,7 @@ def prompts_fed_to_the_model(monkeypatch, tok, template_name: str) -> dict[str, 
         continuations[0].accept(eot_id, eot_id)
 
     monkeypatch.setattr(decoding, "decode", spy_decode)
-    monkeypatch.setattr(cli_finetune, "_instruct_run", lambda path, device, *advice: (run, get_template(template_name)))
+    monkeypatch.setattr(use, "_instruct_run", lambda path, device, *advice: (run, get_template(template_name)))
     monkeypatch.setattr("sys.stdin", io.StringIO(INSTRUCTION + "\n"))
     assert cli.main(["chat", "RUN"]) == 0
     assert cli.main(["generate", "RUN", "--instruction", INSTRUCTION]) == 0

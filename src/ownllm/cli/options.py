@@ -6,9 +6,8 @@
 
 An `Option` is one flag: the keyword argument of the stage function it feeds (`--max-steps` -> `max_steps`), the
 argparse settings, and the help group it is listed under. `RUN` and `TRAIN` are shared by `pretrain` and every
-fine-tuning stage, `FINETUNE` by every fine-tuning stage; a stage adds only its own table (`ownllm.cli_finetune`
-registers `finetune classify|instruct` as a table and a function each). The sampling flags of `generate` and `chat`
-live here too.
+fine-tuning stage, `FINETUNE` by every fine-tuning stage; a stage adds only its own table (`ownllm.cli.train`
+registers `finetune classify|instruct|prefer` as a table and a function each).
 
 Defaults are written once, in the stage functions' signatures (as litgpt derives its CLI from signatures): a flag
 that is not given is left out of the call, so the function's default applies. The tables hold what a signature
@@ -166,23 +165,3 @@ def option_values(args: argparse.Namespace, *tables: Sequence[Option]) -> dict[s
         if option.to_api and value is not None:
             values[option.keyword] = value
     return values
-
-
-def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-
-
-def sampling_options(args: argparse.Namespace) -> Any:
-    """The `SamplingOptions` of the flags `add_sampling_flags` added (at least one new token)."""
-    from ownllm.decoding import SamplingOptions
-    from ownllm.errors import OwnLLMError
-
-    if args.max_new_tokens < 1:
-        raise OwnLLMError(f"--max-new-tokens {args.max_new_tokens}: generates nothing; give at least 1")
-    return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, stop=args.stop)
