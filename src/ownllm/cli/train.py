@@ -10,23 +10,23 @@ and demo, each a thin call into the API.
     ownllm merge-lora runs/assistant --out runs/assistant-merged
     ownllm demo
 
-A fine-tuning stage is a table of its own options and an entry in `STAGES`; the options every stage shares (the base
-model, the data split, LoRA, the run directory, training) come from ownllm.cli.options.
+The flags of the training verbs are their options dataclasses' fields (ownllm.options, ownllm.cli.options); a
+fine-tuning stage is an entry in `STAGES`: its options class, and what it prints at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ownllm.cli.common import add_force_flag, add_out_flag
-from ownllm.cli.options import (FINETUNE, MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN, Option, add_options, opt,
-                                option_values)
+from ownllm.cli.options import add_stage_flags, stage_options
+from ownllm.config import SCALE_GROUP
 from ownllm.errors import OwnLLMError
+from ownllm.options import ClassifyOptions, FinetuneOptions, InstructOptions, PreferOptions, PretrainOptions
 from ownllm.outputs import check_output, replaced_dir
 
 DEFAULT_VOCAB_SIZE = 8000
@@ -34,12 +34,11 @@ DEFAULT_VOCAB_SIZE = 8000
 
 @dataclass(frozen=True)
 class Stage:
-    """A fine-tuning stage of `ownllm finetune STAGE`: its own options (beside FINETUNE, RUN and TRAIN), the
-    function they are passed to ("module:name", imported when the stage runs) and what it prints at the end."""
+    """A fine-tuning stage of `ownllm finetune STAGE`: its options (their fields are its flags) and what it prints
+    at the end."""
 
     help: str
-    options: tuple[Option, ...]
-    function: str
+    options: type[FinetuneOptions]
     report: Callable[[Any, argparse.Namespace], None]
 
 
@@ -71,46 +70,19 @@ def _report_prefer(result: Any, args: argparse.Namespace) -> None:
           f"{'; '.join(parts) or 'no held-out pairs'}; run saved in {args.out}")
 
 
-CLASSIFY: tuple[Option, ...] = (
-    opt("text_column", "text column name (or number, 1 = first, in a file without a header)"),
-    opt("label_column", "label column name (or number)"),
-    opt("val_fraction", type=float),
-    opt("test_fraction", type=float),
-    opt("balance", "undersample every class to the smallest, or weight the loss by inverse class frequency",
-        choices=["none", "undersample", "weight"]),
-    opt("pooling", "read the last real token (default) or the mean over the real tokens", choices=["last", "mean"]),
-    opt("max_length", "tokens kept per text (default: the context)", type=int),
-)
-INSTRUCT: tuple[Option, ...] = (
-    opt("val_fraction", type=float),
-    opt("test_fraction", type=float),
-    opt("template", choices=["alpaca", "chatml"]),
-    opt("mask_prompt", "learn only the responses (default) or the whole text", action=argparse.BooleanOptionalAction),
-    opt("max_new_tokens", "length of the held-out responses", type=int),
-)
-PREFER: tuple[Option, ...] = (
-    opt("val_fraction", type=float),
-    opt("test_fraction", type=float),
-    opt("template", "prompt template (default: the model's own, from its instruct run or chat template)",
-        choices=["alpaca", "chatml"]),
-    opt("beta", "DPO beta: how far the model may move from where it started", type=float),
-    opt("loss", "DPO (sigmoid) or IPO loss", choices=["sigmoid", "ipo"]),
-    opt("sft_weight", "add this much of the chosen answers' mean NLL per token to the loss (RPO; trl's rpo_alpha; "
-        "default 0): keeps DPO from lowering the chosen answers' likelihood too, e.g. 1.0", type=float,
-        metavar="ALPHA"),
-)
 STAGES: dict[str, Stage] = {
-    "classify": Stage("train a classifier head (and the model, or LoRA) on labelled texts", CLASSIFY,
-                      "ownllm.finetune.classify:finetune_classify", _report_classify),
-    "instruct": Stage("train a model to follow instructions in a prompt template", INSTRUCT,
-                      "ownllm.finetune.instruct:finetune_instruct", _report_instruct),
-    "prefer": Stage("preference tuning (DPO): prefer the chosen of two answers", PREFER,
-                    "ownllm.finetune.prefer:finetune_prefer", _report_prefer),
+    "classify": Stage("train a classifier head (and the model, or LoRA) on labelled texts", ClassifyOptions,
+                      _report_classify),
+    "instruct": Stage("train a model to follow instructions in a prompt template", InstructOptions, _report_instruct),
+    "prefer": Stage("preference tuning (DPO): prefer the chosen of two answers", PreferOptions, _report_prefer),
 }
 
 
-def _stage_tables(stage: Stage) -> Sequence[tuple[Option, ...]]:
-    return (FINETUNE, RUN, stage.options, TRAIN)
+def _add_training_flags(parser: argparse.ArgumentParser, options_type: type) -> None:
+    """The flags of a training verb: its options', and --nproc, which launches torchrun (ownllm.distributed)."""
+    groups = add_stage_flags(parser, options_type)
+    groups[SCALE_GROUP].add_argument("--nproc", type=int, default=None,
+                                     help="train on N processes of this machine: ownllm starts torchrun itself")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -130,12 +102,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_force_flag(prep, "replace an existing dataset in --out")
 
     pre = sub.add_parser("pretrain", help="train a model on text (next-token prediction), or --resume one")
-    add_options(pre, PRETRAIN, RUN, TRAIN)
+    _add_training_flags(pre, PretrainOptions)
 
-    finetune = sub.add_parser("finetune", help="fine-tune a model: classify (a label per text) or instruct")
+    finetune = sub.add_parser("finetune", help="fine-tune a model: classify (a label per text), instruct (follow "
+                                               "instructions) or prefer (DPO)")
     stages = finetune.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, stage in STAGES.items():
-        add_options(stages.add_parser(name, help=stage.help), *_stage_tables(stage))
+        _add_training_flags(stages.add_parser(name, help=stage.help), stage.options)
 
     merge = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into its base weights: a standalone run")
     merge.add_argument("model", help="LoRA run directory")
@@ -178,9 +151,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from ownllm.distributed import is_main
     from ownllm.pretrain import pretrain
 
-    values = option_values(args, PRETRAIN, RUN, TRAIN)
-    model_overrides = {name: values.pop(name, None) for name in MODEL_OVERRIDES}
-    result = pretrain(model_overrides=model_overrides, **values)
+    result = pretrain(stage_options(args, PretrainOptions))
     if not is_main():  # the other torchrun processes print nothing
         return
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
@@ -192,10 +163,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from ownllm.distributed import is_main
+    from ownllm.finetune import finetune_classify, finetune_instruct, finetune_prefer
 
+    functions = {ClassifyOptions: finetune_classify, InstructOptions: finetune_instruct,
+                 PreferOptions: finetune_prefer}
     stage = STAGES[args.stage]
-    module, name = stage.function.split(":")
-    result = getattr(importlib.import_module(module), name)(**option_values(args, *_stage_tables(stage)))
+    result = functions[stage.options](stage_options(args, stage.options))
     if is_main():  # the other torchrun processes print nothing
         stage.report(result, args)
 
