@@ -12,14 +12,13 @@ MODEL_HELP = "run directory, Hugging Face model directory, .gguf file or hf:ORG/
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (CUDA when present)"
 
 
-def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str = DEVICE_HELP,
-                    **settings: Any) -> None:
-    parser.add_argument("--device", help=help_text, **{"default": "auto", **settings})
+def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str = DEVICE_HELP) -> None:
+    parser.add_argument("--device", default="auto", help=help_text)
 
 
 def add_force_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                   help_text: str = "replace an existing output", **settings: Any) -> None:
-    parser.add_argument("--force", action="store_true", **settings,
+                   help_text: str = "replace an existing output") -> None:
+    parser.add_argument("--force", action="store_true",
                         help=f"{help_text} (without it, an existing output is never replaced or mixed into)")
 
 
