@@ -61,15 +61,30 @@ def sentiment_lines(n: int, seed: int = 0) -> list[str]:
     return lines
 
 
+WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
+
+
 def instruction_records(n: int) -> list[dict[str, str]]:
-    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
     records = []
     for i in range(n):
-        word = words[i % len(words)]
+        word = WORDS[i % len(WORDS)]
         if i % 3 == 0:
             records.append({"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"})
         else:
             records.append({"instruction": f"Say {word}.", "input": "", "output": word})
+    return records
+
+
+def preference_records(n: int) -> list[dict[str, str]]:
+    """The chosen answer says please, the rejected one is curt; alternately in the book's and trl's format."""
+    records = []
+    for i in range(n):
+        word = WORDS[i % len(WORDS)]
+        if i % 2:
+            records.append({"instruction": f"Name the fruit {word}.", "input": "", "chosen": f"Please: {word}.",
+                            "rejected": f"{word}!"})
+        else:
+            records.append({"prompt": f"Say {word}.", "chosen": f"Please: {word}.", "rejected": f"{word}!"})
     return records
 
 
@@ -95,3 +110,20 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 
 def metrics_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folders` with its size and modification time."""
+    seen = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                path = Path(root) / name
+                stat = path.lstat()
+                seen[str(path)] = (stat.st_size, stat.st_mtime_ns)
+    return seen
+
+
+def printed_lines(err: str) -> list[str]:
+    """The lines left on a terminal: a progress bar redrawn with carriage returns and then cleared counts as none."""
+    return [line.split("\r")[-1] for line in err.split("\n") if line.split("\r")[-1].strip()]

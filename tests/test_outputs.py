@@ -10,12 +10,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from finetune_helpers import instruction_records, sentiment_lines, write_json
+from finetune_helpers import instruction_records, printed_lines, sentiment_lines, snapshot, write_json
 from parity import assert_parity
 from ownllm.cli import main
 from ownllm.outputs import atomic_file, replaced_dir
@@ -57,27 +56,10 @@ def make_path(folder: Path, kind: str) -> Path:
     return path
 
 
-def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under `folders` with its size and modification time."""
-    seen = {}
-    for folder in folders:
-        for root, dirs, files in os.walk(folder):
-            for name in dirs + files:
-                path = Path(root) / name
-                stat = path.lstat()
-                seen[str(path)] = (stat.st_size, stat.st_mtime_ns)
-    return seen
-
-
 def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def printed_lines(err: str) -> list[str]:
-    """The lines left on a terminal: a progress bar redrawn with carriage returns and then cleared counts as none."""
-    return [line.split("\r")[-1] for line in err.split("\n") if line.split("\r")[-1].strip()]
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
