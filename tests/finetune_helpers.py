@@ -61,6 +61,7 @@ def sentiment_lines(n: int, seed: int = 0) -> list[str]:
     return lines
 
 
+WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
 SAY = ["Say {}.", "Say {}!", "Please say {}.", "Say the word {}.", "Say {}, please.", "Write {}.", "Answer {}.",
        "Reply {}.", "Say only {}.", "Just say {}.", "Tell me {}.", "Say {} now."]
 REPEAT = ["Repeat the word.", "Repeat this word.", "Say the word twice.", "Write the word twice.", "Repeat it.",
@@ -71,14 +72,27 @@ REPEAT = ["Repeat the word.", "Repeat this word.", "Say the word twice.", "Write
 def instruction_records(n: int) -> list[dict[str, str]]:
     """Up to 96 distinct records (a repeated one would be skipped): "Say plum." -> "plum", and "Repeat the word."
     with an input word -> the word twice, in a dozen phrasings each."""
-    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
     records = []
     for i in range(n):
-        word, phrasing = words[i % len(words)], i // len(words)
+        word, phrasing = WORDS[i % len(WORDS)], i // len(WORDS)
         if i % 3 == 0:
             records.append({"instruction": REPEAT[phrasing], "input": word, "output": f"{word} {word}"})
         else:
             records.append({"instruction": SAY[phrasing].format(word), "input": "", "output": word})
+    return records
+
+
+def preference_records(n: int) -> list[dict[str, str]]:
+    """The chosen answer says please, the rejected one is curt; alternately in the book's and trl's format; no two
+    alike."""
+    records = []
+    for i in range(n):
+        word = WORDS[i % len(WORDS)] + ("s" * (i // len(WORDS)))
+        if i % 2:
+            records.append({"instruction": f"Name the fruit {word}.", "input": "", "chosen": f"Please: {word}.",
+                            "rejected": f"{word}!"})
+        else:
+            records.append({"prompt": f"Say {word}.", "chosen": f"Please: {word}.", "rejected": f"{word}!"})
     return records
 
 

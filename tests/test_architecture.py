@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ownllm"
 
 # A row: modules whose name starts with the key -> name prefixes they may not import, directly or through other
 # modules, anywhere in their files (inside functions too: a lazy import is still knowledge of that layer).
-# `ownllm.cli` covers ownllm.cli, ownllm.cli_finetune and ownllm.cli.*.
+# `ownllm.chat` covers ownllm.chat_templates too.
 FORBIDDEN_IMPORTS: dict[str, tuple[str, ...]] = {
     "ownllm.interop": ("ownllm.serve", "ownllm.training", "ownllm.finetune", "ownllm.pretrain", "ownllm.cli"),
     "ownllm.interop.readers": ("ownllm.runs", "ownllm.interop.writers"),  # plain data out; runs builds the model
@@ -183,7 +183,7 @@ def test_the_graph_sees_the_imports_it_should():
     graph = import_graph()
     assert {"ownllm.checkpoint", "ownllm.interop.readers.hf"} <= graph["ownllm.runs"]
     assert "ownllm.checkpoint" in graph["ownllm.training"]  # `from ownllm import checkpoint, distributed`
-    assert "ownllm.cli_finetune" in graph["ownllm.cli"]
+    assert "ownllm.cli.train" in graph["ownllm.cli"]  # `from ownllm.cli import ..., train, use`
     assert "ownllm.runs" in graph["ownllm"]  # under `if TYPE_CHECKING:`
     assert "ownllm.decoding" not in graph["ownllm"]  # imported inside a function only
 
@@ -239,26 +239,36 @@ def test_the_cli_is_not_imported_by_the_api():
             assert not {m for m in imported if m.startswith("ownllm.cli")}, name
 
 
-def test_every_training_flag_is_a_parameter_of_its_stage():
-    """The flag tables hold no defaults (the functions' signatures do): each flag must name a real parameter."""
+def test_every_training_flag_is_an_option_of_its_stage():
+    """A training verb's flags are its options dataclass's fields (ownllm.options; a TrainConfig or ModelConfig field
+    inside `train` or `model_overrides`), each read back into it; the stage function takes that dataclass."""
+    import argparse
     import dataclasses
-    import inspect
+    import typing
 
-    from ownllm.cli_finetune import STAGES, _stage_tables
-    from ownllm.cli_options import MODEL_OVERRIDES, PRETRAIN, RUN, TRAIN
-    from ownllm.config import ModelConfig, TrainConfig
-    from ownllm.finetune import finetune_classify, finetune_instruct
+    from ownllm.cli import build_parser
+    from ownllm.cli.options import stage_options
+    from ownllm.cli.train import STAGES
+    from ownllm.finetune import finetune_classify, finetune_instruct, finetune_prefer
+    from ownllm.options import PretrainOptions
     from ownllm.pretrain import pretrain
 
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert set(MODEL_OVERRIDES) <= model_fields
-    for function, tables in ((pretrain, (PRETRAIN, RUN, TRAIN)),
-                             (finetune_classify, _stage_tables(STAGES["classify"])),
-                             (finetune_instruct, _stage_tables(STAGES["instruct"]))):
-        parameters = inspect.signature(function).parameters
-        for option in (o for table in tables for o in table if o.to_api):
-            assert (option.keyword in parameters or option.keyword in train_fields
-                    or (function is pretrain and option.keyword in MODEL_OVERRIDES)), (function.__name__, option)
-
-
+    verbs = {("pretrain",): (PretrainOptions, pretrain)}
+    verbs.update({("finetune", name): (stage.options, function) for (name, stage), function in
+                  zip(STAGES.items(), (finetune_classify, finetune_instruct, finetune_prefer))})
+    parser = build_parser()
+    for words, (options_type, function) in verbs.items():
+        assert typing.get_type_hints(function)["options"] == options_type | None
+        verb = parser
+        for word in words:
+            verb = next(a for a in verb._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+        fields = {f.name: f for f in dataclasses.fields(options_type)}
+        for action in verb._actions:
+            if action.dest in ("help", "nproc"):
+                continue
+            outer, _, inner = action.dest.partition(".")
+            holder = fields[outer].metadata.get("fields_of")
+            assert (inner in {f.name for f in dataclasses.fields(holder)}) if inner else holder is None, action.dest
+        args = verb.parse_args(["--out", "run", "--lr", "0.5", "--device", "cpu", "--resume"])
+        options = stage_options(args, options_type)
+        assert (options.out, options.device, options.resume, options.train) == ("run", "cpu", True, {"lr": 0.5})

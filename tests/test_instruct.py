@@ -165,7 +165,7 @@ def test_finetune_instruct_chat_and_generate_from_the_cli(base, tmp_path, capsys
     rows = metrics_rows(run)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 1.0
     config = json.loads((run / "config.json").read_text())
-    assert config["task"] == "instruct" and config["template"] == "alpaca" and config["mask_prompt"] is True
+    assert config["task"] == "instruct" and config["template"] == "alpaca" and config["options"]["mask_prompt"] is True
     responses = json.loads((run / "responses.json").read_text())
     assert len(responses) == 10 and set(responses[0]) == {"instruction", "input", "output", "response"}
     summary = json.loads((run / "metrics.json").read_text())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from finetune_helpers import metrics_rows, write_json
+from finetune_helpers import metrics_rows, preference_records, write_json
 from ownllm.cli import main
 from ownllm.config import ModelConfig
 from ownllm.chat_templates import get_template
@@ -158,23 +158,6 @@ def test_adapters_disabled_gives_the_base_model():
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
 
-WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
-
-
-def preference_records(n: int) -> list[dict[str, str]]:
-    """The chosen answer says please, the rejected one is curt; alternately in the book's and trl's format; no two
-    alike."""
-    records = []
-    for i in range(n):
-        word = WORDS[i % len(WORDS)] + ("s" * (i // len(WORDS)))
-        if i % 2:
-            records.append({"instruction": f"Name the fruit {word}.", "input": "", "chosen": f"Please: {word}.",
-                            "rejected": f"{word}!"})
-        else:
-            records.append({"prompt": f"Say {word}.", "chosen": f"Please: {word}.", "rejected": f"{word}!"})
-    return records
-
-
 def _tiny_run(base, tmp_path, name, **options):
     data = write_json(tmp_path / "prefs.json", preference_records(32))
     common = dict(model=base, data=data, val_file=data, val_fraction=0.0, beta=0.1, show_progress=False,
@@ -205,7 +188,7 @@ def test_the_sft_weight_keeps_the_chosen_answers_likelier_than_plain_dpo(base, t
     assert rpo.val["rewards_chosen"] > plain.val["rewards_chosen"]
     assert rpo.val["preference_accuracy"] > 0.9  # and it still learns the preference
     assert metrics_rows(tmp_path / "rpo")[-1]["val_nll_chosen"] == pytest.approx(rpo.val["nll_chosen"], rel=1e-4)
-    assert json.loads((tmp_path / "rpo" / "config.json").read_text())["sft_weight"] == 1.0
+    assert json.loads((tmp_path / "rpo" / "config.json").read_text())["options"]["sft_weight"] == 1.0
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])

@@ -5,7 +5,8 @@
     print(ownllm.generate(run.model, run.tokenizer, "To be or", max_new_tokens=50)[0])
 
 Stages, one module each: `tokenizer`, `data.text`, `model`, `training`, `pretrain`, `checkpoint` (storage),
-`runs` (loading), `decoding`, `evaluation`; the `ownllm` command (`cli`) is a thin layer over them.
+`runs` (loading), `decoding`, `evaluation`; `options` holds what each training stage takes; the `ownllm` command
+(`cli`) is a thin layer over them.
 """
 
 from __future__ import annotations

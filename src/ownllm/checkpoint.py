@@ -7,8 +7,9 @@
     RUN/metrics.jsonl        one JSON object per logged step
     RUN/loss.png             train and val loss curves
 
-This module is storage only: it knows no training stage and no foreign format. Turning a path into a model is
-ownllm.runs (`load_run`).
+`RunConfig` is config.json of a run trained here, typed: the stage's options dataclass (ownllm.options), stored once
+and read back into the same class, the resolved TrainConfig and the speed decision. This module is storage only: it
+knows no training stage and no foreign format. Turning a path into a model is ownllm.runs (`load_run`).
 
 Every write goes to a temporary name first and is renamed into place, so a kill at any moment leaves the last
 good checkpoint readable. Weights are safetensors; the trainer state is read with `torch.load(weights_only=True)`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ownllm.config import ModelConfig
+from ownllm.config import ModelConfig, SpeedChoice, TrainConfig
 from ownllm.errors import OwnLLMError
-from ownllm.outputs import follow_umask
+from ownllm.options import StageOptions
+from ownllm.outputs import save_safetensors
 
 RUN_FORMAT = "ownllm-run-v1"
 CONFIG_FILE = "config.json"
@@ -46,12 +49,6 @@ def _fsync_and_replace(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, with the file mode a plain open() gives (save_file itself makes files 0600)."""
-    save_file(tensors, str(path), metadata=metadata)
-    follow_umask(path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -132,6 +129,44 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def write_run_config(run_dir: Path, model_config: ModelConfig, **sections: Any) -> None:
     write_json_atomic(Path(run_dir) / CONFIG_FILE, {"format": RUN_FORMAT, "model": model_config.to_dict(), **sections})
+
+
+@dataclass
+class RunConfig:
+    """config.json of a run trained here: what the run is (`model`, `task`, and the `sections` loading reads: the
+    base model, LoRA, labels, template, ...) and how it trains (the stage's `options`, `train`, `speed`)."""
+
+    model: ModelConfig
+    task: str
+    options: StageOptions
+    train: TrainConfig
+    sections: dict[str, Any] = field(default_factory=dict)
+    speed: SpeedChoice | None = None
+
+    OWN_KEYS = ("format", "model", "task", "train", "speed", "options")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": RUN_FORMAT, "model": self.model.to_dict(), "task": self.task, **self.sections,
+                "train": self.train.to_dict(), "speed": self.speed.to_dict() if self.speed else None,
+                "options": self.options.stored()}
+
+    def write(self, run_dir: Path) -> None:
+        write_json_atomic(Path(run_dir) / CONFIG_FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, run_dir: Path, now: StageOptions, task: str) -> "RunConfig":
+        """The `task` run in `run_dir` (a run of another task is refused), its options read back into `now`'s class,
+        with `now`'s options of this invocation (the device, the train settings given now, ...)."""
+        data = read_run_config(run_dir)
+        if data.get("task", "lm") != task or "train" not in data:
+            made = f"a {data.get('task', 'lm')!r} run" if "train" in data else "not a run trained by ownllm"
+            raise OwnLLMError(f"{run_dir}: {made}, not a {task!r} run to resume; resume it with the verb that made it, "
+                              "or start a new run with another --out")
+        sections = {k: v for k, v in data.items() if k not in cls.OWN_KEYS}
+        options = type(now).from_run(data.get("options") or {}, {**sections, "model": data["model"]}, now)
+        speed = SpeedChoice.from_dict(data["speed"]) if isinstance(data.get("speed"), dict) else None
+        return cls(ModelConfig.from_dict(data["model"]), data.get("task", "lm"), options,
+                   TrainConfig.from_dict(data.get("train") or {}), sections, speed)
 
 
 # ---- trainer checkpoints ------------------------------------------------------------------------------------------

@@ -5,19 +5,41 @@ GELU-tanh MLP, biases, tied embeddings) and the Llama flavour (RoPE, RMSNorm, Sw
 optional qkv bias, tied or untied head) are the same class with different field values. Named presets give the
 usual shapes; `model_config_from_preset("mini", n_layer=4)` overrides fields of a preset.
 
-`TrainConfig` holds the optimiser, schedule and loop settings shared by pretraining and fine-tuning.
+`TrainConfig` holds the optimiser, schedule and loop settings shared by pretraining and fine-tuning; `SpeedChoice`
+what `--precision` and `--compile` resolved to for a run (ownllm.probe decides it).
+
+A field made with `option(...)` is also a flag of the training verbs: its metadata holds the help text, the flag's
+spelling, choices and help group, from which ownllm.cli.options derives the flags (the stage options of
+ownllm.options are made the same way). `ModelConfig`'s recipe fields are the flags of `pretrain`; `TrainConfig`'s
+fields are the training flags of every stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from ownllm.errors import OwnLLMError
 
 
 MLP_KINDS = ("gelu", "swiglu", "relu2")  # relu2: relu(x)^2 (Primer, modded-nanogpt)
+RECIPE_GROUP = "model recipe (defaults: the --model preset's; docs/guide.md)"
+TRAIN_GROUP = "training (defaults suit the --model preset)"
+SCALE_GROUP = "several processes (docs/scaling.md)"
+
+
+def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: str | None = None,
+           group: str | None = None, section: str | None = None, fields_of: type | None = None,
+           **argparse_settings: Any) -> Any:
+    """A dataclass field that is also a flag: `help`, `flag` (default --name-with-dashes), `group` (its help
+    group) and argparse's `choices`, `nargs`, `metavar`, ... (the type comes from the annotation). `fields_of`: a
+    dict field of values for that dataclass's fields, one flag each (the train settings). `section`: the run's
+    config.json keeps the option (resolved) as that top-level section, which loading reads, instead of among the
+    stage's options ("lora.rank": the key of a section)."""
+    metadata = {"help": help, "flag": flag, "group": group, "section": section, "fields_of": fields_of,
+                "argparse": argparse_settings}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass
@@ -25,27 +47,32 @@ class ModelConfig:
     """Shape and flavour of a GPT. Field names follow nanoGPT; Llama-style fields default to GPT-2 behaviour."""
 
     vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    block_size: int = option(1024)
+    n_layer: int = option(12)
+    n_head: int = option(12)
+    n_embd: int = option(768)
     n_kv_head: int | None = None  # grouped-query attention; None = n_head (multi-head attention)
     head_dim: int | None = None  # None = n_embd // n_head
     mlp_hidden: int | None = None  # None = 4 * n_embd (gelu) or the Llama rule (swiglu)
-    dropout: float = 0.0
-    bias: bool = True  # biases in linear layers and LayerNorm (GPT-2)
+    dropout: float = option(0.0)
+    bias: bool = option(True, "biases in linear layers and norms", group=RECIPE_GROUP)  # and LayerNorm (GPT-2)
     qkv_bias: bool | None = None  # bias on q/k/v projections only (Qwen2); None = same as `bias`
     mlp_bias: bool | None = None  # bias on the MLP's linear layers (HF Llama `mlp_bias`); None = same as `bias`
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm: str = option("layernorm", "normalisation layers", group=RECIPE_GROUP, choices=["layernorm", "rmsnorm"])
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # "gelu" (GELU with tanh approximation) | "swiglu" | "relu2"
-    position: str = "learned"  # "learned" | "rope"
+    mlp: str = option("gelu", "MLP activation (relu2: relu(x)^2)", group=RECIPE_GROUP,  # gelu: tanh approximation
+                      choices=list(MLP_KINDS))
+    position: str = option("learned", "learned position embeddings or rotary (RoPE)", group=RECIPE_GROUP,
+                           choices=["learned", "rope"])
     rope_theta: float = 10000.0
-    tie_embeddings: bool = True
+    tie_embeddings: bool = option(True, "share the token embedding with the LM head (--no-tie-embeddings: untied "
+                                  "head)", group=RECIPE_GROUP)
     # speedrun recipe options (modded-nanogpt, nanochat); the defaults keep the GPT-2 / Llama behaviour
-    qk_norm: bool = False  # RMSNorm (no gain) on each head's queries and keys before attention
-    zero_init_proj: bool = False  # attention and MLP output projections start at zero (each block starts as identity)
-    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2, modded-nanogpt)
+    qk_norm: bool = option(False, "RMSNorm on each head's queries and keys", group=RECIPE_GROUP)  # no gain
+    zero_init_proj: bool = option(False, "start attention and MLP output projections at zero",  # blocks = identity
+                                  group=RECIPE_GROUP)
+    logit_softcap: float | None = option(None, "cap logits smoothly to (-C, C) with C*tanh(logits/C)",  # Gemma 2
+                                         group=RECIPE_GROUP)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -174,33 +201,39 @@ def train_config_for(preset: str, **overrides: Any) -> "TrainConfig":
 class TrainConfig:
     """Settings of the one training loop. Defaults suit the `mini` preset on a CPU."""
 
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float | None = None  # None = lr / 10
-    warmup_steps: int = 100
-    max_steps: int = 2000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 200
-    eval_steps: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int = 0  # 0 = only at evaluations and at the end
-    stop_at: int | None = None  # end after this step (with a checkpoint) while the schedule follows max_steps
-    max_minutes: float | None = None
-    precision: str = "auto"  # "auto" (measured on this machine: ownllm.probe) | "bf16" | "fp32"
-    compile: bool | str = False  # True, False, or "auto" (measured on this machine: ownllm.probe)
-    optimizer: str = "adamw"  # "adamw" | "muon" (Muon on hidden matrices, AdamW on the rest: ownllm.optim)
-    muon_lr: float = 0.02  # Muon's peak learning rate (follows the same warmup and decay as --lr)
-    muon_momentum: float = 0.95
-    seed: int = 1337
-    device: str = "auto"
-    strategy: str = "auto"  # with several processes (torchrun): "ddp" (auto) or "fsdp"; ignored alone
-    eval_tasks: str = ""  # pretraining: benchmarks scored at each evaluation (ownllm.benchmarks), comma-separated
-    eval_limit: int = 200  # items per benchmark at each evaluation
-    extra: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = option(16, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float | None = option(None, "learning rate at the end of the cosine decay (default lr/10)")
+    warmup_steps: int = option(100, "linear warmup steps")
+    max_steps: int = option(2000, "optimizer steps of the whole schedule")
+    weight_decay: float = option(0.1, "AdamW weight decay on weight matrices")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)")
+    eval_interval: int = option(200, "evaluate on validation data every N steps (0 = never)")
+    eval_steps: int = option(20, "validation batches per evaluation")
+    log_interval: int = option(10, "write a metrics.jsonl row every N steps")
+    checkpoint_interval: int = option(0, "also checkpoint every N steps (checkpoints are written at each "
+                                         "evaluation)")
+    stop_at: int | None = option(None, "end this invocation after step K with a checkpoint; the schedule still "
+                                       "follows --max-steps")
+    max_minutes: float | None = option(None, "stop with a checkpoint after this many minutes")
+    precision: str = option("auto", "bf16 autocast or fp32; auto: the faster on this machine, measured "
+                                    "(ownllm.probe)", choices=["auto", "bf16", "fp32"])
+    compile: bool | str = option(False, "torch.compile the model; auto: when a measurement says it pays over the "
+                                        "run", nargs="?", const="on", choices=["on", "off", "auto"])
+    optimizer: str = option("adamw", "AdamW, or Muon on the hidden matrices with AdamW on embeddings, head, gains "
+                                     "and biases (ownllm.optim)", choices=["adamw", "muon"])
+    muon_lr: float = option(0.02, "with --optimizer muon: Muon's peak learning rate (AdamW keeps --lr)")
+    muon_momentum: float = option(0.95, "with --optimizer muon: Muon's momentum")
+    seed: int = option(1337, "random seed (model init, batches, dropout)")
+    strategy: str = option("auto", "under torchrun: DDP (auto) or FSDP; --batch-size stays the global batch",
+                           group=SCALE_GROUP, choices=["auto", "ddp", "fsdp"])
+    # pretraining only (ownllm.options.PretrainOptions shows these two flags)
+    eval_tasks: str = option("", "benchmarks scored at each evaluation, e.g. hellaswag,arc_easy "
+                                 "(accuracy into metrics.jsonl and loss.png; docs/evaluation.md)")
+    eval_limit: int = option(200, "items per benchmark at each evaluation (default 200)")
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -231,5 +264,25 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class SpeedChoice:
+    """What --precision and --compile resolved to for a run (ownllm.probe.decide_speed), what was asked, why (one
+    line for the user) and the step times it was decided from (ms)."""
+
+    precision: str
+    compile: bool
+    reason: str
+    step_ms: dict[str, float] = field(default_factory=dict)
+    asked: dict[str, Any] = field(default_factory=dict)  # {"precision": ..., "compile": ...} as given
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SpeedChoice":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ownllm.checkpoint import save_safetensors
 from ownllm.errors import OwnLLMError
+from ownllm.outputs import save_safetensors
 
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 ADAPTER_CONFIG = "adapter_config.json"

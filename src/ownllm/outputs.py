@@ -26,6 +26,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Literal
 
+import torch
+from safetensors.torch import save_file
+
 from ownllm.errors import OwnLLMError
 
 FORCE_HINT = "pass --force to replace it"
@@ -93,6 +96,13 @@ def umask() -> int:
 def follow_umask(path: str | Path, directory: bool = False) -> None:
     """Give a temporary file (0600) or folder (0700) the mode a plain open() or mkdir() gives under the umask."""
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the file mode a plain open() gives (save_file itself makes files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    follow_umask(path)
 
 
 @contextlib.contextmanager

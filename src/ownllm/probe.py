@@ -1,7 +1,11 @@
 """`--precision auto` and `--compile auto`, decided by measuring training steps on the machine in front of us.
 
-    choice = choose_speed(model_config, train_config, device, planned_steps=2000)
+    choice = decide_speed(model_config, train_config, device)   # every stage, once per run (ownllm.training)
     choice.precision, choice.compile, choice.reason      # "bf16", False, "precision bf16 (auto: ...)"
+
+`decide_speed` is the one decision for every stage: a resumed run keeps the choice it recorded (when asked the same);
+under torchrun every process must agree, so none measures alone: the rule of `ownllm.device.pick_precision` (bf16
+where the hardware is known to gain), compiled only when asked; else `choose_speed` measures.
 
 The probe builds a throw-away model of the run's shape, times a few full training steps (forward, loss, backward,
 optimizer step) on random tokens in fp32 and, where the hardware has native bf16, in bf16 autocast, and keeps the
@@ -23,34 +27,21 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ownllm.config import ModelConfig, TrainConfig
-from ownllm.device import autocast, cpu_has_amx_bf16, cpu_has_native_bf16
+from ownllm import distributed
+from ownllm.config import ModelConfig, SpeedChoice, TrainConfig
+from ownllm.device import autocast, cpu_has_amx_bf16, cpu_has_native_bf16, pick_precision
 
 BF16_MARGIN = 0.10  # bf16 must be this much faster than fp32 to be chosen
 COMPILE_MIN_RUN_S = 120.0  # below this planned eager training time, compilation is not even probed
 STEP_BUDGET_S = 0.6  # time per probed arm, after warm-up (at least MIN_STEPS steps)
 MIN_STEPS, MAX_STEPS = 2, 15
 CACHE_FILE = "speed_probe.json"
-
-
-@dataclass
-class SpeedChoice:
-    """What the run uses, why (one line for the user), and the step times it was decided from (ms)."""
-
-    precision: str
-    compile: bool
-    reason: str
-    step_ms: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def cache_path() -> Path:
@@ -219,6 +210,25 @@ def choose_speed(model_config: ModelConfig, train_config: TrainConfig, device: t
         train_config.compile is True)
     reason = _reason(step_ms, precision, compiled, requested, step_ms == cached, steps)
     return SpeedChoice(precision, compiled, reason, {k: round(v, 2) for k, v in step_ms.items()})
+
+
+def decide_speed(model_config: ModelConfig, train_config: TrainConfig, device: torch.device, start_step: int = 0,
+                 recorded: SpeedChoice | None = None) -> SpeedChoice:
+    """Precision and compilation for a run of any stage, from step `start_step`: `recorded` (the run's own choice)
+    when asked the same, so a resumed run stays bit-exact; under torchrun the rule of `pick_precision`, compiled
+    only when asked; else measured (`choose_speed`). The choice records what was asked."""
+    asked = {"precision": train_config.precision, "compile": train_config.compile}
+    if recorded is not None and recorded.asked == asked:
+        return recorded
+    if distributed.world_size() > 1:
+        precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
+        compiled = train_config.compile is True
+        choice = SpeedChoice(precision, compiled, f"precision {precision} (rule of ownllm.device.pick_precision "
+                             f"under torchrun), compile {'on' if compiled else 'off'}")
+    else:
+        choice = choose_speed(model_config, train_config, device, planned_steps(train_config, start_step))
+    choice.asked = asked
+    return choice
 
 
 def planned_steps(train_config: TrainConfig, start_step: int = 0) -> int:

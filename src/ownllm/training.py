@@ -31,10 +31,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ownllm import checkpoint, distributed
-from ownllm.config import TrainConfig
+from ownllm.checkpoint import RunConfig
+from ownllm.config import SpeedChoice, TrainConfig
 from ownllm.device import autocast, matmul_peak_flops
 from ownllm.errors import OwnLLMError
 from ownllm.optim import make_optimizer
+from ownllm.probe import decide_speed
 
 Batch = Sequence[Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -418,16 +420,33 @@ def _save(job: TrainJob, run: _Progress) -> None:
         job.on_checkpoint(run_dir)
 
 
-# ---- a training run's directory (shared by pretraining and every fine-tuning stage) --------------------------------
+# ---- a training run's directory and config (shared by pretraining and every fine-tuning stage) ---------------------
 
 PER_INVOCATION = ("stop_at", "max_minutes")  # limits of one invocation, not of the run: not kept on resume
 
 
-def resumed_train_config(run_config: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+def resumed_train_config(stored: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """The stored train settings of a run to resume, with the ones given now (not None) replacing them."""
-    stored = {k: v for k, v in run_config.get("train", {}).items() if k not in PER_INVOCATION}
-    stored.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(stored)
+    values = {k: v for k, v in stored.to_dict().items() if k not in PER_INVOCATION}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def record_run(run_dir: Path, config: RunConfig, stored: RunConfig | None, device: torch.device) -> SpeedChoice:
+    """Decide the run's precision and compilation (`ownllm.probe.decide_speed`, the one decision of every stage: on a
+    resume the recorded one when asked the same) and write RUN/config.json once, on rank 0, for a new run or one
+    whose settings changed; say what was decided."""
+    start = 0
+    state = checkpoint.checkpoint_dir(run_dir) if stored is not None else None
+    if state is not None:
+        start = int(checkpoint.read_json(state / checkpoint.STATE_FILE).get("step", 0))
+    config.speed = decide_speed(config.model, config.train, device, start, stored.speed if stored else None)
+    if distributed.is_main() and (stored is None or config.to_dict() != stored.to_dict()):
+        config.write(run_dir)
+    if config.options.show_progress and distributed.is_main():
+        kept = stored is not None and config.speed == stored.speed
+        print(f"speed: {config.speed.reason}{' (as recorded in the run)' if kept else ''}", flush=True)
+    return config.speed
 
 
 def start_run_dir(out: str | Path, force: bool = False, inputs: Any = ()) -> tuple[Path, bool]:

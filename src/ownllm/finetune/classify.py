@@ -36,13 +36,11 @@ from ownllm.data.labelled import (ClassificationBatches, Example, check_labels, 
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import classification_metrics
 from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
-from ownllm.lora import TARGETS, LoRAConfig
+from ownllm.lora import LoRAConfig
 from ownllm.model import GPTClassifier
+from ownllm.options import BALANCES, ClassifyOptions
 from ownllm.tokenizer import Tokenizer
 from ownllm.training import TrainResult
-
-BALANCES = ("none", "undersample", "weight")
-
 
 @dataclass
 class ClassifyResult:
@@ -96,46 +94,14 @@ def evaluate_examples(model: GPTClassifier, examples: Sequence[Example], tokeniz
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
-def finetune_classify(
-    out: str | Path,
-    model: str | Path | None = None,
-    data: str | Path | None = None,
-    *,
-    resume: bool = False,
-    val_file: str | Path | None = None,
-    test_file: str | Path | None = None,
-    text_column: str | None = None,
-    label_column: str | None = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    split_seed: int = 123,
-    balance: str = "none",
-    train_layers: str = "all",
-    pooling: str = "last",
-    max_length: int | None = None,
-    lora_rank: int = 0,
-    lora_alpha: float | None = None,
-    lora_dropout: float = 0.0,
-    lora_targets: Sequence[str] = TARGETS,
-    epochs: float = 5,
-    dropout: float | None = None,
-    device: str = "auto",
-    show_progress: bool = True,
-    force: bool = False,
-    **train_overrides: Any,
-) -> ClassifyResult:
-    """Fine-tune the language model run `model` into a classifier of `data` in the run directory `out`.
+def finetune_classify(options: ClassifyOptions | None = None, /, **keywords: Any) -> ClassifyResult:
+    """Fine-tune the language model run `model` into a classifier of `data` in the run directory `out`: a
+    `ClassifyOptions`, or its fields as keywords (ownllm.options).
 
     `train_layers`: all | head | last:N; `lora_rank` > 0 trains LoRA adapters and the head instead. Train
     settings (lr, batch_size, max_steps, ...) are TrainConfig fields; by default `epochs` passes over the data.
     """
-    stage = ClassifyStage(dict(
-        model=model, data=data, val_file=val_file, test_file=test_file, text_column=text_column,
-        label_column=label_column, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
-        balance=balance, train_layers=train_layers, pooling=pooling, max_length=max_length, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, epochs=epochs, dropout=dropout))
-    return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
-                     train_overrides=train_overrides, force=force)
+    return run_stage(ClassifyStage(ClassifyOptions.given(options, keywords)))
 
 
 class ClassifyStage(FinetuneStage):
@@ -145,25 +111,26 @@ class ClassifyStage(FinetuneStage):
     data_kind = "a CSV, TSV or JSONL file of labelled texts"
     peft_task_type = "SEQ_CLS"
     head = ("score",)
+    options: ClassifyOptions
 
     def read_data(self) -> None:
         o = self.options
         self.train_set, self.val_set, self.test_set, self.labels = load_splits(
-            o["data"], val_file=o["val_file"], test_file=o["test_file"], text_column=o["text_column"],
-            label_column=o["label_column"], val_fraction=o["val_fraction"], test_fraction=o["test_fraction"],
-            split_seed=o["split_seed"], balance=o["balance"])
+            o.data, val_file=o.val_file, test_file=o.test_file, text_column=o.text_column,
+            label_column=o.label_column, val_fraction=o.val_fraction, test_fraction=o.test_fraction,
+            split_seed=o.split_seed, balance=o.balance)
 
     def default_lr(self, lora: LoRAConfig | None) -> float:
-        return 1e-3 if (lora or self.options["train_layers"] == "head") else 1e-4
+        return 1e-3 if (lora or self.options.train_layers == "head") else 1e-4
 
     def new_model(self, model_config: ModelConfig) -> GPTClassifier:
-        return GPTClassifier(model_config, len(self.labels), self.options["pooling"])
+        return GPTClassifier(model_config, len(self.labels), self.options.pooling)
 
     def max_length(self, model_config: ModelConfig) -> int:
-        return min(self.options["max_length"] or model_config.block_size, model_config.block_size)
+        return min(self.options.max_length or model_config.block_size, model_config.block_size)
 
     def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
-        return dict(labels=self.labels, pooling=self.options["pooling"], max_length=self.max_length(model_config),
+        return dict(labels=self.labels, pooling=self.options.pooling, max_length=self.max_length(model_config),
                     append_eot=True)
 
     def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
@@ -171,7 +138,7 @@ class ClassifyStage(FinetuneStage):
         max_length = self.max_length(model_config)
         batches = ClassificationBatches(self.train_set, tokenizer, self.labels, max_length, batch_size, seed=seed)
         host_weights = torch.tensor(class_weights(self.train_set, self.labels)) \
-            if self.options["balance"] == "weight" else None
+            if self.options.balance == "weight" else None
         weights = host_weights.to(device) if host_weights is not None else None
 
         def loss_fn(net: torch.nn.Module, batch) -> Tensor:

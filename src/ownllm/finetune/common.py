@@ -19,16 +19,17 @@ import torch
 from torch import nn
 
 from ownllm import checkpoint, distributed, outputs
-from ownllm.checkpoint import TOKENIZER_DIR
+from ownllm.checkpoint import TOKENIZER_DIR, RunConfig
 from ownllm.config import ModelConfig, TrainConfig
-from ownllm.device import pick_device, pick_precision
+from ownllm.device import pick_device
 from ownllm.errors import OwnLLMError
 from ownllm.lora import LoRAConfig, apply_lora, merge_lora, save_peft_adapter
 from ownllm.model import GPT, flops_per_token
+from ownllm.options import FinetuneOptions
 from ownllm.runs import LoadedRun, copy_base_weights, load_base
 from ownllm.tokenizer import Tokenizer
-from ownllm.training import (Batch, LossFn, TrainJob, TrainResult, discard_run_dir, lm_loss, resumed_train_config,
-                             start_run_dir, train)
+from ownllm.training import (Batch, LossFn, TrainJob, TrainResult, discard_run_dir, lm_loss, record_run,
+                             resumed_train_config, start_run_dir, train)
 RESULTS_FILE = "metrics.json"  # final metrics of a fine-tuning run (the training log is metrics.jsonl)
 
 
@@ -62,11 +63,12 @@ def select_trainable(model: GPT, spec: str, head: tuple[str, ...] = ()) -> None:
             param.requires_grad_(True)
 
 
-def lora_config_from(rank: int, alpha: float | None, dropout: float, targets: Any) -> LoRAConfig | None:
-    if not rank:
+def lora_config_from(options: FinetuneOptions) -> LoRAConfig | None:
+    if not options.lora_rank:
         return None
-    return LoRAConfig(rank=rank, alpha=float(alpha if alpha is not None else 2 * rank), dropout=dropout,
-                      targets=tuple(targets))
+    alpha = options.lora_alpha if options.lora_alpha is not None else 2 * options.lora_rank
+    return LoRAConfig(rank=options.lora_rank, alpha=float(alpha), dropout=options.lora_dropout,
+                      targets=tuple(options.lora_targets))
 
 
 def train_config_for_finetune(overrides: dict[str, Any], batches_per_epoch: int, epochs: float,
@@ -84,16 +86,6 @@ def train_config_for_finetune(overrides: dict[str, Any], batches_per_epoch: int,
                                   log_interval=max(1, min(10, max_steps // 20)), weight_decay=0.1)
     values.update(given)
     return TrainConfig(**values)
-
-
-def refuse_on_resume(**given: Any) -> None:
-    """A resumed run keeps its base model and data: refuse the flags that would set them (they would be ignored)."""
-    if given.pop("force", False):
-        raise OwnLLMError("--force and --resume: choose one (--resume continues the run, --force starts it over)")
-    flags = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
-    if flags:
-        raise OwnLLMError(f"{', '.join(flags)}: cannot change when resuming (the run keeps its base model and data); "
-                          "drop them, or start a new run with another --out")
 
 
 def adapt_model(model: GPT, lora: LoRAConfig | None, train_layers: str, head: tuple[str, ...]) -> None:
@@ -149,8 +141,8 @@ class FinetuneStage:
     peft_task_type = "CAUSAL_LM"
     head: tuple[str, ...] = ()  # modules the stage adds on top of the language model (they always train)
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options  # the stage function's arguments; on resume, the ones the run stored
+    def __init__(self, options: FinetuneOptions) -> None:
+        self.options = options  # as given; on resume, the ones the run stored (ownllm.options)
 
     def read_data(self) -> None:
         raise NotImplementedError
@@ -182,77 +174,73 @@ class FinetuneStage:
         raise NotImplementedError
 
 
-NOT_STORED = ("resume", "device", "show_progress")  # per invocation, not part of the run's options
-
-
-def run_stage(stage: FinetuneStage, out: str | Path, *, resume: bool, device: str, show_progress: bool,
-              train_overrides: dict[str, Any], force: bool = False) -> Any:
-    """Start a fine-tuning run in `out` with `stage.options` (a new run), or resume the run in `out` with the
+def run_stage(stage: FinetuneStage) -> Any:
+    """Start a fine-tuning run in `out` with the stage's options (a new run), or resume the run in `out` with the
     options it stored. A new run that fails before its first checkpoint leaves no directory behind; `force` starts
     over in a folder that holds a run (`ownllm.outputs.start_run_dir`)."""
-    paths = {name: stage.options.get(name) for name in ("model", "data", "val_file", "test_file")}
-    if resume:
-        refuse_on_resume(force=force, **paths)
-        config = checkpoint.read_run_config(Path(out))
-        stage.options = {**config["options"], "resume": True, "device": device, "show_progress": show_progress}
-        return _fit(stage, Path(out), resumed_train_config(config, train_overrides))
-    run_dir, created = start_run_dir(out, force=force, inputs=paths.values())
+    asked = stage.options
+    if asked.resume:
+        asked.check_resume()
+        stored = RunConfig.read(Path(asked.out), asked, stage.task)
+        stage.options = stored.options
+        return _fit(stage, Path(asked.out), stored)
+    run_dir, created = start_run_dir(asked.out, force=asked.force, inputs=asked.paths())
     try:
-        o = stage.options
-        if o["data"] is None:
+        if asked.data is None:
             raise OwnLLMError(f"--data is required for a new run ({stage.data_kind})")
-        paths = {name: str(Path(o[name]).resolve()) if o[name] else None
-                 for name in ("model", "data", "val_file", "test_file")}
-        stage.options = {**o, **paths, "lora_targets": list(o["lora_targets"]), "resume": False, "device": device,
-                         "show_progress": show_progress}
-        return _fit(stage, run_dir, None, train_overrides)
+        stage.options = asked.with_resolved_paths()
+        return _fit(stage, run_dir, None)
     except BaseException:
         if not (run_dir / checkpoint.CHECKPOINT_DIR).exists():
             discard_run_dir(run_dir, created)
         raise
 
 
-def _fit(stage: FinetuneStage, run_dir: Path, train_config: TrainConfig | None,
-         train_overrides: dict[str, Any] | None = None) -> Any:
-    """Read the data, build the model from the base, write the run's config, train, and let the stage finish."""
-    o, overrides = stage.options, train_overrides or {}
+def _fit(stage: FinetuneStage, run_dir: Path, stored: RunConfig | None) -> Any:
+    """Read the data, build the model from the base, record the run's config, train, and let the stage finish."""
+    o = stage.options
     stage.read_data()
-    base = load_base(o["model"])
+    base = load_base(o.model)
     stage.use_base(base)
-    model_config = with_dropout(base.config, o["dropout"])
-    lora = lora_config_from(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], o["lora_targets"])
-    batch_size = (train_config.batch_size if train_config else overrides.get("batch_size")) or 8
-    seed = train_config.seed if train_config else overrides.get("seed") or 1337
-    device = distributed.init(pick_device(o["device"]))
+    model_config = with_dropout(base.config, o.dropout)
+    lora = lora_config_from(o)
+    train_config = resumed_train_config(stored.train, o.train) if stored else None
+    batch_size = (train_config.batch_size if train_config else o.train.get("batch_size")) or 8
+    seed = train_config.seed if train_config else o.train.get("seed") or 1337
+    device = distributed.init(pick_device(o.device))
     training = stage.training(base.tokenizer, model_config, batch_size, seed, device)
     if train_config is None:
-        train_config = train_config_for_finetune(overrides, training.batches_per_epoch, o["epochs"],
-                                                 stage.default_lr(lora))
-    torch.manual_seed(train_config.seed)
+        train_config = train_config_for_finetune(o.train, training.batches_per_epoch, o.epochs, stage.default_lr(lora))
+    model = _stage_model(stage, base, model_config, lora, train_config.seed)
+    if stored is None and distributed.is_main():
+        base.tokenizer.save(run_dir / TOKENIZER_DIR)
+    config = RunConfig(model_config, stage.task, o, train_config, sections=dict(
+        base=o.model, lora=lora.to_dict() if lora else None, **stage.config_sections(model_config)))
+    speed = record_run(run_dir, config, stored, device)
+    stage.prepare(model, run_dir, device, speed.precision)
+    job = TrainJob(model=model, config=train_config, run_dir=run_dir, micro_batch=training.micro_batch,
+                   loss_fn=training.loss_fn, eval_batches=training.eval_batches, device=device,
+                   precision=speed.precision, flops_per_token=flops_per_token(model), compile_model=speed.compile,
+                   tokens_in=training.tokens_in, save_trainable_only=lora is not None,
+                   on_checkpoint=_adapter_writer(stage, model, lora), eval_metrics=training.eval_metrics)
+    if training.loss_weight is not None:
+        job.loss_weight = training.loss_weight
+    result = train(job, resume=o.resume, show_progress=o.show_progress)
+    return stage.finish(model, base.tokenizer, run_dir, result, device, speed.precision)
+
+
+def _stage_model(stage: FinetuneStage, base: LoadedRun, model_config: ModelConfig, lora: LoRAConfig | None,
+                 seed: int) -> GPT:
+    """The stage's model with the base's weights, and the right parameters trainable; the base's copy is let go."""
+    torch.manual_seed(seed)
     model = stage.new_model(model_config)
     copy_base_weights(model, base.model)
     del base.model
-    adapt_model(model, lora, o["train_layers"], head=stage.head)
+    adapt_model(model, lora, stage.options.train_layers, head=stage.head)
     if stage.head and model.lm_head.weight is not model.tok_emb.weight:
         model.lm_head.weight.requires_grad_(False)  # a model with its own head never reads the LM head (DDP needs
         # a gradient for every parameter that trains)
-    if not o["resume"] and distributed.is_main():
-        base.tokenizer.save(run_dir / TOKENIZER_DIR)
-        checkpoint.write_run_config(
-            run_dir, model_config, task=stage.task, **stage.config_sections(model_config),
-            train_layers=o["train_layers"], lora=lora.to_dict() if lora else None, base=o["model"],
-            train=train_config.to_dict(), options={k: v for k, v in o.items() if k not in NOT_STORED})
-    precision = pick_precision(train_config.precision, device, n_embd=model_config.n_embd)
-    stage.prepare(model, run_dir, device, precision)
-    job = TrainJob(model=model, config=train_config, run_dir=run_dir, micro_batch=training.micro_batch,
-                   loss_fn=training.loss_fn, eval_batches=training.eval_batches, device=device, precision=precision,
-                   flops_per_token=flops_per_token(model), tokens_in=training.tokens_in,
-                   save_trainable_only=lora is not None, on_checkpoint=_adapter_writer(stage, model, lora),
-                   eval_metrics=training.eval_metrics)
-    if training.loss_weight is not None:
-        job.loss_weight = training.loss_weight
-    result = train(job, resume=o["resume"], show_progress=o["show_progress"])
-    return stage.finish(model, base.tokenizer, run_dir, result, device, precision)
+    return model
 
 
 def _adapter_writer(stage: FinetuneStage, model: GPT, lora: LoRAConfig | None) -> Callable[[Path], None] | None:
@@ -262,6 +250,6 @@ def _adapter_writer(stage: FinetuneStage, model: GPT, lora: LoRAConfig | None) -
 
     def write(directory: Path) -> None:
         extra = {f"{name}.weight": getattr(model, name).weight for name in stage.head}
-        save_peft_adapter(model, lora, directory, base=stage.options["model"], task_type=stage.peft_task_type,
+        save_peft_adapter(model, lora, directory, base=stage.options.model, task_type=stage.peft_task_type,
                           extra=extra or None)
     return write

@@ -17,7 +17,6 @@ losses, ROUGE-L F1 and exact match.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,9 @@ from ownllm.decoding import SamplingOptions
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import exact_match, rouge_l_f1
 from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
-from ownllm.lora import TARGETS, LoRAConfig
+from ownllm.lora import LoRAConfig
 from ownllm.model import GPT
+from ownllm.options import InstructOptions
 from ownllm.tokenizer import Tokenizer
 from ownllm.training import TrainResult, counted_targets, evaluate_loss, lm_loss
 
@@ -86,42 +86,13 @@ def _record(conversation: Conversation, response: str) -> dict[str, Any]:
             "response": response}
 
 
-def finetune_instruct(
-    out: str | Path,
-    model: str | Path | None = None,
-    data: str | Path | None = None,
-    *,
-    resume: bool = False,
-    val_file: str | Path | None = None,
-    test_file: str | Path | None = None,
-    val_fraction: float = 0.05,
-    test_fraction: float = 0.1,
-    split_seed: int = 123,
-    template: str = "alpaca",
-    mask_prompt: bool = True,
-    train_layers: str = "all",
-    lora_rank: int = 0,
-    lora_alpha: float | None = None,
-    lora_dropout: float = 0.0,
-    lora_targets: Sequence[str] = TARGETS,
-    epochs: float = 2,
-    dropout: float | None = None,
-    max_new_tokens: int = 256,
-    device: str = "auto",
-    show_progress: bool = True,
-    force: bool = False,
-    **train_overrides: Any,
-) -> InstructResult:
-    """Fine-tune the language model run `model` on the instructions in `data` into the run directory `out`."""
-    if not resume:
-        get_template(template)  # fail fast
-    stage = InstructStage(dict(
-        model=model, data=data, val_file=val_file, test_file=test_file, val_fraction=val_fraction,
-        test_fraction=test_fraction, split_seed=split_seed, template=template, mask_prompt=mask_prompt,
-        train_layers=train_layers, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_targets=lora_targets, epochs=epochs, dropout=dropout, max_new_tokens=max_new_tokens))
-    return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
-                     train_overrides=train_overrides, force=force)
+def finetune_instruct(options: InstructOptions | None = None, /, **keywords: Any) -> InstructResult:
+    """Fine-tune the language model run `model` on the instructions in `data` into the run directory `out`: an
+    `InstructOptions`, or its fields as keywords (ownllm.options)."""
+    options = InstructOptions.given(options, keywords)
+    if not options.resume:
+        get_template(options.template)  # fail fast
+    return run_stage(InstructStage(options))
 
 
 class InstructStage(FinetuneStage):
@@ -129,25 +100,26 @@ class InstructStage(FinetuneStage):
 
     task = "instruct"
     data_kind = "Alpaca JSON/JSONL or chat JSONL"
+    options: InstructOptions
 
     def read_data(self) -> None:
         o = self.options
         self.train_set, self.val_set, self.test_set = split_conversations(
-            o["data"], o["val_file"], o["test_file"], o["val_fraction"], o["test_fraction"], o["split_seed"])
-        self.template = get_template(o["template"])
+            o.data, o.val_file, o.test_file, o.val_fraction, o.test_fraction, o.split_seed)
+        self.template = get_template(o.template)
 
     def default_lr(self, lora: LoRAConfig | None) -> float:
         return 5e-4 if lora else 1e-4
 
     def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
-        return dict(template=self.template.name, mask_prompt=self.options["mask_prompt"])
+        return dict(template=self.template.name)
 
     def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
                  device: torch.device) -> StageTraining:
-        mask_prompt, context = self.options["mask_prompt"], model_config.block_size
+        mask_prompt, context = self.options.mask_prompt, model_config.block_size
         batches = InstructionBatches(self.train_set, self.template, tokenizer, context, batch_size,
                                      mask_prompt=mask_prompt, seed=seed)
-        if (batches.truncated or batches.dropped) and self.options["show_progress"] and distributed.is_main():
+        if (batches.truncated or batches.dropped) and self.options.show_progress and distributed.is_main():
             print(f"note: {batches.truncated} training examples are longer than the context ({context} tokens) "
                   f"and were cut; {batches.dropped} with no response inside it were left out")
         self.held_out = {name: InstructionBatches(items, self.template, tokenizer, context, batch_size,
@@ -169,7 +141,7 @@ class InstructStage(FinetuneStage):
                                    "rouge_l_f1": None, "exact_match": None}
         test_set = [c for c in self.test_set if c[-1].role == "assistant" and len(c) >= 2 and c[-2].role == "user"]
         if test_set:
-            options = SamplingOptions(max_new_tokens=self.options["max_new_tokens"], temperature=0.0)
+            options = SamplingOptions(max_new_tokens=self.options.max_new_tokens, temperature=0.0)
             answers = answer_all(model, ChatFormat(tokenizer, self.template), [c[:-1] for c in test_set], options)
             records = [_record(c, a) for c, a in zip(test_set, answers)]
             write_json_atomic(run_dir / RESPONSES_FILE, records)

@@ -34,15 +34,17 @@ from torch import Tensor, nn
 
 from ownllm import distributed
 from ownllm.chat_templates import TEMPLATES, Template, get_template
-from ownllm.checkpoint import save_safetensors, write_json_atomic
+from ownllm.checkpoint import write_json_atomic
 from ownllm.config import ModelConfig
 from ownllm.data.labelled import split_examples
 from ownllm.data.preferences import PreferenceBatches, PreferencePair, pair_tokens, read_preferences
 from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
 from ownllm.finetune.dpo import (answer_tokens, check_loss_kind, dpo_losses, evaluate_pairs, pair_logps,
                                  reference_logps)
-from ownllm.lora import TARGETS, LoRAConfig
+from ownllm.lora import LoRAConfig
 from ownllm.model import GPT
+from ownllm.options import PreferOptions
+from ownllm.outputs import save_safetensors
 from ownllm.runs import LoadedRun
 from ownllm.tokenizer import Tokenizer
 from ownllm.training import TrainResult
@@ -80,44 +82,15 @@ def template_for(base: LoadedRun, name: str | None) -> Template:
     return get_template("chatml" if "<|im_start|>" in chat_template else "alpaca")
 
 
-def finetune_prefer(
-    out: str | Path,
-    model: str | Path | None = None,
-    data: str | Path | None = None,
-    *,
-    resume: bool = False,
-    val_file: str | Path | None = None,
-    test_file: str | Path | None = None,
-    val_fraction: float = 0.05,
-    test_fraction: float = 0.0,
-    split_seed: int = 123,
-    template: str | None = None,
-    beta: float = 0.1,
-    loss: str = "sigmoid",
-    sft_weight: float = 0.0,
-    train_layers: str = "all",
-    lora_rank: int = 0,
-    lora_alpha: float | None = None,
-    lora_dropout: float = 0.0,
-    lora_targets: Sequence[str] = TARGETS,
-    epochs: float = 1,
-    dropout: float | None = None,
-    device: str = "auto",
-    show_progress: bool = True,
-    **train_overrides: Any,
-) -> PreferResult:
-    """Preference-tune the model run `model` on the pairs in `data` (DPO) into the run directory `out`."""
-    if not resume:
-        check_loss_kind(loss, beta, sft_weight)  # fail fast
-        if template:
-            get_template(template)
-    stage = PreferStage(dict(
-        model=model, data=data, val_file=val_file, test_file=test_file, val_fraction=val_fraction,
-        test_fraction=test_fraction, split_seed=split_seed, template=template, beta=beta, loss=loss,
-        sft_weight=sft_weight, train_layers=train_layers, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, lora_targets=lora_targets, epochs=epochs, dropout=dropout))
-    return run_stage(stage, out, resume=resume, device=device, show_progress=show_progress,
-                     train_overrides=train_overrides)
+def finetune_prefer(options: PreferOptions | None = None, /, **keywords: Any) -> PreferResult:
+    """Preference-tune the model run `model` on the pairs in `data` (DPO) into the run directory `out`: a
+    `PreferOptions`, or its fields as keywords (ownllm.options)."""
+    options = PreferOptions.given(options, keywords)
+    if not options.resume:
+        check_loss_kind(options.loss, options.beta, options.sft_weight)  # fail fast
+        if options.template:
+            get_template(options.template)
+    return run_stage(PreferStage(options))
 
 
 def dpo_loss_fn(references: list[Tensor | None], beta: float, kind: str, sft_weight: float):
@@ -137,34 +110,32 @@ class PreferStage(FinetuneStage):
 
     task = "prefer"
     data_kind = "preference pairs: JSON or JSONL"
+    options: PreferOptions
 
     def read_data(self) -> None:
         o = self.options
-        self.splits = split_pairs(o["data"], o["val_file"], o["test_file"], o["val_fraction"], o["test_fraction"],
-                                  o["split_seed"])
+        self.splits = split_pairs(o.data, o.val_file, o.test_file, o.val_fraction, o.test_fraction, o.split_seed)
 
     def use_base(self, base: LoadedRun) -> None:
-        self.template = template_for(base, self.options["template"])
+        self.template = template_for(base, self.options.template)
 
     def default_lr(self, lora: LoRAConfig | None) -> float:
         return 5e-5 if lora else 5e-6
 
     @property
     def loss_options(self) -> dict[str, Any]:
-        """beta, kind and sft_weight of the loss (a run made before --sft-weight existed has none: 0)."""
-        o = self.options
-        return dict(beta=o["beta"], kind=o["loss"], sft_weight=o.get("sft_weight", 0.0))
+        """beta, kind and sft_weight of the loss (a run made before --sft-weight existed has none: the default 0)."""
+        return dict(beta=self.options.beta, kind=self.options.loss, sft_weight=self.options.sft_weight)
 
     def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
-        return dict(template=self.template.name, beta=self.options["beta"], loss=self.options["loss"],
-                    sft_weight=self.loss_options["sft_weight"])
+        return dict(template=self.template.name)
 
     def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
                  device: torch.device) -> StageTraining:
         o, context = self.options, model_config.block_size
         self.batches = [PreferenceBatches(items, self.template, tokenizer, context, batch_size, seed=seed)
                         if items else None for items in self.splits]
-        if o["show_progress"] and distributed.is_main():
+        if o.show_progress and distributed.is_main():
             for name, split in zip(SPLITS, self.batches):
                 if split is not None and (split.truncated or split.dropped):
                     print(f"note: {name}: {split.truncated} pairs have answers that run past the context ({context} "
@@ -180,9 +151,9 @@ class PreferStage(FinetuneStage):
     def prepare(self, model: GPT, run_dir: Path, device: torch.device, precision: str) -> None:
         """The reference log-probs of every pair, from the starting weights (before a resume loads the checkpoint)."""
         self.device, self.precision = device, precision
-        self.references[:] = reference_for(run_dir, self.options["resume"], model.to(device), self.batches,
+        self.references[:] = reference_for(run_dir, self.options.resume, model.to(device), self.batches,
                                            self.fixed, device, precision,
-                                           self.options["show_progress"] and distributed.is_main())
+                                           self.options.show_progress and distributed.is_main())
 
     def val_metrics(self, net: nn.Module) -> dict[str, float]:
         stats = evaluate_pairs(net, self.fixed[1], self.references[1], device=self.device, precision=self.precision,

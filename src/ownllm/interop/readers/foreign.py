@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
-from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, save_safetensors, write_run_config
+from ownllm.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, write_run_config
 from ownllm.config import ModelConfig
-from ownllm.outputs import replaced_dir
+from ownllm.outputs import replaced_dir, save_safetensors
 from ownllm.tokenizer import Tokenizer
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ownllm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_safetensors, weights_state_dict, write_json_atomic
+from ownllm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, weights_state_dict, write_json_atomic
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.interop.names import (
@@ -37,7 +37,7 @@ from ownllm.interop.names import (
     HF_LM_HEAD,
     TOKENIZER_CONFIG_FILE,
 )
-from ownllm.outputs import check_output, replaced_dir
+from ownllm.outputs import check_output, replaced_dir, save_safetensors
 from ownllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

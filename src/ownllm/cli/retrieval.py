@@ -1,4 +1,4 @@
-"""The embedding and retrieval verbs of the `ownllm` command (registered by `ownllm.cli`), thin calls into
+"""The embedding and retrieval verbs: embed, index and ask, thin calls into
 `ownllm.embeddings` and `ownllm.retrieval`.
 
     ownllm embed runs/smol --input texts.txt --output vectors.jsonl [--pooling mean|last|weighted-mean]
@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ownllm.cli.common import add_device_flag, add_force_flag, add_out_flag, add_sampling_flags, sampling_options
 from ownllm.embeddings import LONG_TEXTS
-from ownllm.errors import OwnLLMError
 from ownllm.model import POOLINGS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from ownllm.cli_options import add_sampling_flags
-
     emb = sub.add_parser("embed", help="embed texts (one per line) into vectors (JSON Lines)",
                          description="One output line {\"line\": N, \"embedding\": [...]} per input line, in order.")
     emb.add_argument("model", help="run directory or Hugging Face model directory")
@@ -29,20 +27,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--long-texts", choices=LONG_TEXTS, default="truncate",
                      help="a text longer than the context: keep its start (truncate) or average its pieces (chunk)")
     emb.add_argument("--no-normalize", action="store_true", help="raw pooled vectors instead of unit length")
-    emb.add_argument("--device", default="auto")
-    emb.add_argument("--force", action="store_true", help="replace an existing --output file")
+    add_device_flag(emb)
+    add_force_flag(emb, "replace an existing --output file")
 
     idx = sub.add_parser("index", help="chunk and embed a folder of .txt/.md files into one index file "
                                        "(re-running re-embeds only changed files)")
     idx.add_argument("docs", help="folder of documents (.txt, .md, .rst; searched recursively)")
     idx.add_argument("--model", required=True, help="the embedding model: run or Hugging Face directory")
-    idx.add_argument("--out", required=True, help="index file (created, or updated: only changed files re-embedded)")
-    idx.add_argument("--force", action="store_true", help="rebuild the index from scratch (a file that is not an "
-                                                          "index is never replaced)")
+    add_out_flag(idx, "index file (created, or updated: only changed files re-embedded)")
+    add_force_flag(idx, "rebuild the index from scratch (a file that is not an index is never replaced)")
     idx.add_argument("--chunk-size", type=int, default=200, help="words per chunk")
     idx.add_argument("--overlap", type=int, default=40, help="words shared by neighbouring chunks")
     _add_embedding_flags(idx)
-    idx.add_argument("--device", default="auto")
+    add_device_flag(idx)
 
     ask = sub.add_parser("ask", help="answer a question from an index's documents, printing the sources used")
     ask.add_argument("model", help="the answering model (an instruct run or a Hugging Face chat model)")
@@ -54,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--sources-only", action="store_true", help="print the retrieved sources, do not answer")
     add_sampling_flags(ask)
     ask.set_defaults(max_new_tokens=256, temperature=0.0)
-    ask.add_argument("--device", default="auto")
+    add_device_flag(ask)
 
 
 def _add_embedding_flags(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +105,6 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 def cmd_ask(args: argparse.Namespace) -> None:
     from ownllm.runs import load_run
-    from ownllm.cli_options import sampling_options
     from ownllm.device import pick_device
     from ownllm.retrieval import answer, open_index, search
 

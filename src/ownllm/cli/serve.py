@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ownllm.quantize import QUANTIZE_MODES
+from ownllm.cli.common import add_loading_flags
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve a model: OpenAI-compatible API, chat page at /, /v1/classify",
                          description="Serve a model on localhost. Any OpenAI client works with "
                                      "base_url=http://HOST:PORT/v1; the chat page is at http://HOST:PORT/.")
@@ -16,14 +16,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--model-name", help="the model id clients use (default: the directory's name)")
     srv.add_argument("--api-key-file", help="require 'Authorization: Bearer <key>' with the key in this file")
-    srv.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                     help="int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
     srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
     srv.add_argument("--context", type=int, default=None,
                      help="tokens per request kept in the KV cache (default: the model's context window, at most "
                           "4096; the cache holds --max-batch x --context positions)")
-    srv.add_argument("--device", default="auto")
+    add_loading_flags(srv, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 

@@ -1,0 +1,59 @@
+"""The flags many verbs share, each declared here once: --device, --quantize, --force, --out, --json and the
+sampling flags of the verbs that generate text (generate, chat, ask)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ownllm.errors import OwnLLMError
+
+MODEL_HELP = "run directory, Hugging Face model directory, .gguf file or hf:ORG/NAME[@REVISION]"
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (CUDA when present)"
+
+
+def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str = DEVICE_HELP) -> None:
+    parser.add_argument("--device", default="auto", help=help_text)
+
+
+def add_force_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                   help_text: str = "replace an existing output") -> None:
+    parser.add_argument("--force", action="store_true",
+                        help=f"{help_text} (without it, an existing output is never replaced or mixed into)")
+
+
+def add_out_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str | None = None,
+                 **settings: Any) -> None:
+    """--out, required unless `settings` give a default."""
+    parser.add_argument("--out", help=help_text, **{"required": "default" not in settings, **settings})
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str) -> None:
+    """--device and --quantize: how `runs.load_run` loads the model of a verb that only runs it."""
+    from ownllm.quantize import QUANTIZE_MODES
+
+    add_device_flag(parser)
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=quantize_help)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+
+
+def sampling_options(args: argparse.Namespace) -> Any:
+    """The `SamplingOptions` of the flags `add_sampling_flags` added (at least one new token)."""
+    from ownllm.decoding import SamplingOptions
+
+    if args.max_new_tokens < 1:
+        raise OwnLLMError(f"--max-new-tokens {args.max_new_tokens}: generates nothing; give at least 1")
+    return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, stop=args.stop)
