@@ -79,11 +79,11 @@ def test_a_gguf_pooling_type_is_the_pooling_embed_uses_by_default(loaded, tmp_pa
     mean = embed_texts(loaded, TEXTS, pooling="mean").vectors.numpy()
     assert not np.allclose(last, mean, atol=1e-2)  # the two poolings are told apart
     for model in (path, tmp_path / "run"):  # the file itself, and the run imported from it
-        vectors, err = embed_cli(model, texts_file, tmp_path / "vectors.jsonl", capsys)
+        vectors, err = embed_cli(model, texts_file, tmp_path / f"vectors-{model.name}.jsonl", capsys)
         assert "(last pooling)" in err
         assert_parity(vectors, last, layers=loaded.config.n_layer, what=f"embed {model.name} vs embed_texts")
     assert default_pooling(loaded) == "mean"  # a run without the key keeps the mean default
-    vectors, err = embed_cli(loaded.path, texts_file, tmp_path / "vectors.jsonl", capsys)
+    vectors, err = embed_cli(loaded.path, texts_file, tmp_path / "vectors-mean.jsonl", capsys)
     assert "(mean pooling)" in err
     assert_parity(vectors, mean, layers=loaded.config.n_layer, what="embed run vs embed_texts")
 
