@@ -230,3 +230,20 @@ def test_a_negative_sft_weight_gets_one_line_and_exit_2(base, tmp_path, capsys):
                  "--sft-weight", "-1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["ownllm: error: --sft-weight must be 0 or more, not -1.0"]
     assert not (tmp_path / "r").exists() and not (tmp_path / "api").exists()
+
+
+def test_prefer_on_a_lora_instruct_run_equals_prefer_on_its_merged_copy(base, tmp_path):
+    from finetune_helpers import instruction_records
+    from ownllm.finetune import finetune_instruct, merge_lora_run
+    from ownllm.runs import load_run
+
+    instructions = write_json(tmp_path / "instructions.json", instruction_records(16))
+    finetune_instruct(out=tmp_path / "lora", model=base, data=instructions, lora_rank=4, max_steps=3, lr=3e-3,
+                      val_fraction=0.0, test_fraction=0.0, show_progress=False, precision="fp32")
+    merge_lora_run(load_run(tmp_path / "lora"), tmp_path / "merged")
+    first_losses = {}
+    for name in ("lora", "merged"):
+        _tiny_run(tmp_path / name, tmp_path, f"prefer-{name}", max_steps=2, lr=3e-4, sft_weight=1.0, log_interval=1)
+        first_losses[name] = metrics_rows(tmp_path / f"prefer-{name}")[0]["train_loss"]
+    assert first_losses["lora"] == pytest.approx(first_losses["merged"], rel=1e-5)
+    assert first_losses["lora"] > math.log(2) + 0.5  # the chosen answers' NLL counts: the base's weights matter
