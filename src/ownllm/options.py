@@ -16,7 +16,7 @@ an option is written once, here, with its default.
 A run's config.json keeps the options once (`ownllm.checkpoint.RunConfig`): under "options", or, for those that
 loading reads (the base model, LoRA, the classifier's pooling, the prompt template, ...), as the top-level section
 their `section` names, resolved; a resume reads both back into the same dataclass. What holds for one invocation
-(`out`, `resume`, `force`, `device`, `show_progress`) is never stored; the train settings are stored resolved, as
+(`out`, `resume`, `force`, `device`, `show_progress`, `final_eval`) is never stored; the train settings are stored resolved, as
 the run's TrainConfig.
 """
 
@@ -32,7 +32,8 @@ from ownllm.config import PRESETS, TRAIN_GROUP, ModelConfig, TrainConfig, option
 from ownllm.errors import OwnLLMError
 from ownllm.lora import TARGETS
 
-PER_INVOCATION = ("out", "resume", "force", "device", "show_progress", "train")  # not among the stored options
+PER_INVOCATION = ("out", "resume", "force", "device", "show_progress", "train",  # not among the stored options
+                  "final_eval")
 TEMPLATES = ("alpaca", "chatml")  # ownllm.data.instructions.TEMPLATES
 BALANCES = ("none", "undersample", "weight")
 Options = TypeVar("Options", bound="StageOptions")
@@ -188,6 +189,8 @@ class FinetuneOptions(StageOptions):
                                          nargs="+", choices=TARGETS, metavar="MODULE", section="lora.targets")
     epochs: float = option(1, "passes over the training data (unless --max-steps)")
     dropout: float | None = option(None, "dropout while fine-tuning (default: the base's)")
+    final_eval: bool = option(True, "evaluate on the held-out data at the end (skipped after Ctrl-C, and when "
+                                    "--max-minutes, which bounds the whole command, runs out)")
 
     KEPT_ON_RESUME = ("model", "data", "val_file", "test_file")
     KEPT_WHAT = "base model and data"

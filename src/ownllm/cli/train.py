@@ -42,13 +42,21 @@ class Stage:
     report: Callable[[Any, argparse.Namespace], None]
 
 
+def _held_out(parts: list[str], result: Any, nothing: str) -> str:
+    """The held-out figures of a stage's result, and what became of its final evaluation when it did not run whole."""
+    if result.final_eval != "done":
+        parts = [*parts, f"final evaluation {result.final_eval}"]
+    return "; ".join(parts) or nothing
+
+
 def _report_classify(result: Any, args: argparse.Namespace) -> None:
     from ownllm.evaluation import format_classification_table
 
     for name, metrics in (("val", result.val), ("test", result.test)):
         if metrics:
             print(format_classification_table(metrics, name))
-    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
+    skipped = f" (final evaluation {result.final_eval})" if result.final_eval != "done" else ""
+    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}{skipped}; "
           f"classifier saved in {args.out} (metrics in {args.out}/metrics.json)")
 
 
@@ -59,7 +67,7 @@ def _report_instruct(result: Any, args: argparse.Namespace) -> None:
         parts.append(f"ROUGE-L F1 {result.rouge_l_f1:.3f}, exact match {100 * result.exact_match:.1f}% "
                      f"(responses in {args.out}/responses.json)")
     print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}: "
-          f"{'; '.join(parts) or 'no held-out data'}; run saved in {args.out}")
+          f"{_held_out(parts, result, 'no held-out data')}; run saved in {args.out}")
 
 
 def _report_prefer(result: Any, args: argparse.Namespace) -> None:
@@ -67,7 +75,7 @@ def _report_prefer(result: Any, args: argparse.Namespace) -> None:
     parts = [f"{name}: preference accuracy {100 * m['preference_accuracy']:.1f}%, reward margin "
              f"{m['reward_margin']:.3f}, loss {m['loss']:.4f}" for name, m in held_out if m]
     print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
-          f"{'; '.join(parts) or 'no held-out pairs'}; run saved in {args.out}")
+          f"{_held_out(parts, result, 'no held-out pairs')}; run saved in {args.out}")
 
 
 STAGES: dict[str, Stage] = {

@@ -35,7 +35,7 @@ from ownllm.data.labelled import (ClassificationBatches, Example, check_labels, 
                                   read_labelled, split_examples, undersample)
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import classification_metrics
-from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
+from ownllm.finetune.common import RESULTS_FILE, FinalEvaluation, FinetuneStage, StageTraining, run_stage
 from ownllm.lora import LoRAConfig
 from ownllm.model import GPTClassifier
 from ownllm.options import BALANCES, ClassifyOptions
@@ -49,6 +49,7 @@ class ClassifyResult:
     labels: list[str]
     val: dict[str, Any] | None
     test: dict[str, Any] | None
+    final_eval: str = "done"  # or "skipped (...)", "cut ..." (ownllm.finetune.common.FinalEvaluation)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -153,13 +154,21 @@ class ClassifyStage(FinetuneStage):
                              else None)
 
     def finish(self, model: GPTClassifier, tokenizer: Tokenizer, run_dir: Path, result: TrainResult,
-               device: torch.device, precision: str) -> ClassifyResult:
+               device: torch.device, precision: str, final: FinalEvaluation) -> ClassifyResult:
         if not distributed.is_main():  # rank 0 evaluates and writes the results
             return ClassifyResult(run_dir=run_dir, train=result, labels=self.labels, val=None, test=None)
         model.eval()
         max_length = self.max_length(model.config)
-        val_metrics = evaluate_examples(model, self.val_set, tokenizer, self.labels, max_length)
-        test_metrics = evaluate_examples(model, self.test_set, tokenizer, self.labels, max_length)
+        metrics: dict[str, Any] = {}
+        if not final.skipped():
+            for name, items in (("val", self.val_set), ("test", self.test_set)):
+                if final.out_of_time():
+                    final.note(f"cut at --max-minutes (no {name} metrics)")
+                    break
+                metrics[name] = evaluate_examples(model, items, tokenizer, self.labels, max_length)
+        val_metrics, test_metrics = metrics.get("val"), metrics.get("test")
         write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "labels": self.labels, "val": val_metrics,
-                                                   "test": test_metrics, "train_examples": len(self.train_set)})
-        return ClassifyResult(run_dir=run_dir, train=result, labels=self.labels, val=val_metrics, test=test_metrics)
+                                                   "test": test_metrics, "train_examples": len(self.train_set),
+                                                   "final_eval": final.outcome})
+        return ClassifyResult(run_dir=run_dir, train=result, labels=self.labels, val=val_metrics, test=test_metrics,
+                              final_eval=final.outcome)

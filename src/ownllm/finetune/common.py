@@ -10,6 +10,7 @@ Loading any of these runs (and the base model a stage starts from) is ownllm.run
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ from ownllm.model import GPT, flops_per_token
 from ownllm.options import FinetuneOptions
 from ownllm.runs import LoadedRun, copy_base_weights, load_base
 from ownllm.tokenizer import Tokenizer
-from ownllm.training import (Batch, LossFn, TrainJob, TrainResult, discard_run_dir, lm_loss, record_run,
-                             resumed_train_config, start_run_dir, train)
+from ownllm.training import (Batch, LossFn, TrainJob, TrainResult, deadline_of, discard_run_dir, lm_loss,
+                             record_run, resumed_train_config, start_run_dir, train)
 RESULTS_FILE = "metrics.json"  # final metrics of a fine-tuning run (the training log is metrics.jsonl)
 
 
@@ -120,6 +121,35 @@ def merge_lora_run(run: LoadedRun, out: str | Path, force: bool = False) -> Path
 # ---- the skeleton every fine-tuning stage shares ------------------------------------------------------------------
 
 @dataclass
+class FinalEvaluation:
+    """The held-out evaluation at the end of a stage: skipped with --no-final-eval, after Ctrl-C, or when the
+    --max-minutes of the whole command have run out; a stage checks `out_of_time` between its parts and cuts it
+    there. What happened is said in a note and kept in metrics.json ("final_eval")."""
+
+    enabled: bool
+    deadline: float | None  # time.monotonic() by which the command ends
+    interrupted: bool = False
+    show: bool = True
+    outcome: str = "done"
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def skipped(self) -> bool:
+        """Whether to skip it all (saying why, once)."""
+        reason = ("--no-final-eval" if not self.enabled else "Ctrl-C" if self.interrupted
+                  else "--max-minutes reached" if self.out_of_time() else None)
+        if reason is not None:
+            self.note(f"skipped ({reason})")
+        return reason is not None
+
+    def note(self, outcome: str) -> None:
+        self.outcome = outcome
+        if self.show:
+            print(f"note: final evaluation {outcome}; the run is saved", flush=True)
+
+
+@dataclass
 class StageTraining:
     """What a stage brings to the training loop besides the model: its batches, loss and held-out batches."""
 
@@ -169,8 +199,9 @@ class FinetuneStage:
         its reference log-probs here; nothing by default."""
 
     def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
-               precision: str) -> Any:
-        """The stage's result; on rank 0 its held-out evaluation is written to the run directory first."""
+               precision: str, final: FinalEvaluation) -> Any:
+        """The stage's result; on rank 0 its held-out evaluation (as `final` allows) is written to the run
+        directory first."""
         raise NotImplementedError
 
 
@@ -179,24 +210,25 @@ def run_stage(stage: FinetuneStage) -> Any:
     options it stored. A new run that fails before its first checkpoint leaves no directory behind; `force` starts
     over in a folder that holds a run (`ownllm.outputs.start_run_dir`)."""
     asked = stage.options
+    deadline = deadline_of(asked.train.get("max_minutes"))  # --max-minutes bounds the whole command
     if asked.resume:
         asked.check_resume()
         stored = RunConfig.read(Path(asked.out), asked, stage.task)
         stage.options = stored.options
-        return _fit(stage, Path(asked.out), stored)
+        return _fit(stage, Path(asked.out), stored, deadline)
     run_dir, created = start_run_dir(asked.out, force=asked.force, inputs=asked.paths())
     try:
         if asked.data is None:
             raise OwnLLMError(f"--data is required for a new run ({stage.data_kind})")
         stage.options = asked.with_resolved_paths()
-        return _fit(stage, run_dir, None)
+        return _fit(stage, run_dir, None, deadline)
     except BaseException:
         if not (run_dir / checkpoint.CHECKPOINT_DIR).exists():
             discard_run_dir(run_dir, created)
         raise
 
 
-def _fit(stage: FinetuneStage, run_dir: Path, stored: RunConfig | None) -> Any:
+def _fit(stage: FinetuneStage, run_dir: Path, stored: RunConfig | None, deadline: float | None) -> Any:
     """Read the data, build the model from the base, record the run's config, train, and let the stage finish."""
     o = stage.options
     stage.read_data()
@@ -222,11 +254,13 @@ def _fit(stage: FinetuneStage, run_dir: Path, stored: RunConfig | None) -> Any:
                    loss_fn=training.loss_fn, eval_batches=training.eval_batches, device=device,
                    precision=speed.precision, flops_per_token=flops_per_token(model), compile_model=speed.compile,
                    tokens_in=training.tokens_in, save_trainable_only=lora is not None,
-                   on_checkpoint=_adapter_writer(stage, model, lora), eval_metrics=training.eval_metrics)
+                   on_checkpoint=_adapter_writer(stage, model, lora), eval_metrics=training.eval_metrics,
+                   deadline=deadline)
     if training.loss_weight is not None:
         job.loss_weight = training.loss_weight
     result = train(job, resume=o.resume, show_progress=o.show_progress)
-    return stage.finish(model, base.tokenizer, run_dir, result, device, speed.precision)
+    final = FinalEvaluation(o.final_eval, deadline, result.interrupted, o.show_progress and distributed.is_main())
+    return stage.finish(model, base.tokenizer, run_dir, result, device, speed.precision, final)
 
 
 def _stage_model(stage: FinetuneStage, base: LoadedRun, model_config: ModelConfig, lora: LoRAConfig | None,

@@ -32,7 +32,7 @@ from ownllm.data.instructions import InstructionBatches, read_instructions, real
 from ownllm.decoding import SamplingOptions
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import exact_match, rouge_l_f1
-from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
+from ownllm.finetune.common import RESULTS_FILE, FinalEvaluation, FinetuneStage, StageTraining, run_stage
 from ownllm.lora import LoRAConfig
 from ownllm.model import GPT
 from ownllm.options import InstructOptions
@@ -40,6 +40,7 @@ from ownllm.tokenizer import Tokenizer
 from ownllm.training import TrainResult, counted_targets, evaluate_loss, lm_loss
 
 RESPONSES_FILE = "responses.json"
+ANSWER_BATCH = 16  # test instructions answered at once (the final evaluation may be cut between batches)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class InstructResult:
     test_loss: float | None
     rouge_l_f1: float | None
     exact_match: float | None
+    final_eval: str = "done"  # or "skipped (...)", "cut ..." (ownllm.finetune.common.FinalEvaluation)
 
 
 def split_conversations(data: str | Path, val_file: str | Path | None, test_file: str | Path | None,
@@ -131,22 +133,39 @@ class InstructStage(FinetuneStage):
                              loss_weight=counted_targets)
 
     def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
-               precision: str) -> InstructResult:
+               precision: str, final: FinalEvaluation) -> InstructResult:
         if not distributed.is_main():  # rank 0 evaluates, answers the test prompts and writes the results
             return InstructResult(run_dir=run_dir, train=result, val_loss=None, test_loss=None, rouge_l_f1=None,
                                   exact_match=None)
-        losses = {name: evaluate_loss(model, b, lm_loss, device, precision) if b else None
-                  for name, b in self.held_out.items()}
-        summary: dict[str, Any] = {"step": result.step, "val_loss": losses["val"], "test_loss": losses["test"],
-                                   "rouge_l_f1": None, "exact_match": None}
+        summary: dict[str, Any] = {"step": result.step, "val_loss": None, "test_loss": None, "rouge_l_f1": None,
+                                   "exact_match": None}
+        if not final.skipped():
+            self._evaluate(model, tokenizer, run_dir, device, precision, final, summary)
+        summary["final_eval"] = final.outcome
+        write_json_atomic(run_dir / RESULTS_FILE, summary)
+        return InstructResult(run_dir=run_dir, train=result, val_loss=summary["val_loss"],
+                              test_loss=summary["test_loss"], rouge_l_f1=summary["rouge_l_f1"],
+                              exact_match=summary["exact_match"], final_eval=final.outcome)
+
+    def _evaluate(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, device: torch.device, precision: str,
+                  final: FinalEvaluation, summary: dict[str, Any]) -> None:
+        """Held-out losses, then greedy answers to the test instructions (RUN/responses.json, ROUGE-L, exact match),
+        in batches until `final` runs out of time."""
+        for name, batches in self.held_out.items():
+            if batches:
+                summary[f"{name}_loss"] = evaluate_loss(model, batches, lm_loss, device, precision)
         test_set = [c for c in self.test_set if c[-1].role == "assistant" and len(c) >= 2 and c[-2].role == "user"]
-        if test_set:
-            options = SamplingOptions(max_new_tokens=self.options.max_new_tokens, temperature=0.0)
-            answers = answer_all(model, ChatFormat(tokenizer, self.template), [c[:-1] for c in test_set], options)
+        options = SamplingOptions(max_new_tokens=self.options.max_new_tokens, temperature=0.0)
+        chat_format = ChatFormat(tokenizer, self.template)
+        answers: list[str] = []
+        for first in range(0, len(test_set), ANSWER_BATCH):
+            if final.out_of_time():
+                final.note(f"cut at --max-minutes: {len(answers)} of {len(test_set)} test instructions answered")
+                break
+            answers += answer_all(model, chat_format, [c[:-1] for c in test_set[first:first + ANSWER_BATCH]],
+                                  options, batch_size=ANSWER_BATCH)
+        if answers:
             records = [_record(c, a) for c, a in zip(test_set, answers)]
             write_json_atomic(run_dir / RESPONSES_FILE, records)
             summary["rouge_l_f1"] = sum(rouge_l_f1(r["response"], r["output"]) for r in records) / len(records)
             summary["exact_match"] = sum(exact_match(r["response"], r["output"]) for r in records) / len(records)
-        write_json_atomic(run_dir / RESULTS_FILE, summary)
-        return InstructResult(run_dir=run_dir, train=result, val_loss=losses["val"], test_loss=losses["test"],
-                              rouge_l_f1=summary["rouge_l_f1"], exact_match=summary["exact_match"])

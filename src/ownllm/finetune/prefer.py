@@ -38,7 +38,7 @@ from ownllm.checkpoint import write_json_atomic
 from ownllm.config import ModelConfig
 from ownllm.data.labelled import split_examples
 from ownllm.data.preferences import PreferenceBatches, PreferencePair, pair_tokens, read_preferences
-from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
+from ownllm.finetune.common import RESULTS_FILE, FinalEvaluation, FinetuneStage, StageTraining, run_stage
 from ownllm.finetune.dpo import (answer_tokens, check_loss_kind, dpo_losses, evaluate_pairs, pair_logps,
                                  reference_logps)
 from ownllm.lora import LoRAConfig
@@ -59,6 +59,7 @@ class PreferResult:
     train: TrainResult
     val: dict[str, float] | None  # ownllm.finetune.dpo.METRICS on the validation pairs
     test: dict[str, float] | None
+    final_eval: str = "done"  # or "skipped (...)", "cut ..." (ownllm.finetune.common.FinalEvaluation)
 
 
 def split_pairs(data: str | Path, val_file: str | Path | None, test_file: str | Path | None, val_fraction: float,
@@ -161,14 +162,22 @@ class PreferStage(FinetuneStage):
         return {f"val_{k}": v for k, v in stats.items()}
 
     def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
-               precision: str) -> PreferResult:
+               precision: str, final: FinalEvaluation) -> PreferResult:
         if not distributed.is_main():  # rank 0 evaluates and writes the results
             return PreferResult(run_dir=run_dir, train=result, val=None, test=None)
-        val, test = (evaluate_pairs(model, self.fixed[i], self.references[i], device=device, precision=precision,
-                                    **self.loss_options) if self.batches[i] is not None else None for i in (1, 2))
+        metrics: list[dict[str, float] | None] = [None, None, None]
+        if not final.skipped():
+            for i in (1, 2):
+                if final.out_of_time():
+                    final.note(f"cut at --max-minutes (no {SPLITS[i]} metrics)")
+                    break
+                if self.batches[i] is not None:
+                    metrics[i] = evaluate_pairs(model, self.fixed[i], self.references[i], device=device,
+                                                precision=precision, **self.loss_options)
+        val, test = metrics[1], metrics[2]
         write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "val": val, "test": test,
-                                                   "train_pairs": len(self.batches[0])})
-        return PreferResult(run_dir=run_dir, train=result, val=val, test=test)
+                                                   "train_pairs": len(self.batches[0]), "final_eval": final.outcome})
+        return PreferResult(run_dir=run_dir, train=result, val=val, test=test, final_eval=final.outcome)
 
 
 def reference_for(run_dir: Path, resume: bool, model: nn.Module, batches: Sequence[PreferenceBatches | None],
