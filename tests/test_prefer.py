@@ -213,7 +213,7 @@ def test_the_cli_runs_and_bad_data_gets_one_line_and_exit_2(base, tmp_path, caps
     assert main(["finetune", "prefer", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "polite"),
                  "--beta", "0.2", "--lora-rank", "4", "--max-steps", "2", "--batch-size", "4", "--val-fraction",
                  "0.25", "--precision", "fp32"]) == 0
-    assert "val: preference accuracy" in capsys.readouterr().out
+    assert "val (4 records): preference accuracy" in capsys.readouterr().out
     bad = write_json(tmp_path / "bad.json", [*preference_records(3), {"instruction": "x", "chosen": "y"}])
     assert main(["finetune", "prefer", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

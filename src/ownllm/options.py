@@ -178,8 +178,11 @@ class FinetuneOptions(StageOptions):
     data: str | Path | None = option(None, "training data file")
     val_file: str | Path | None = option(None, "validation data (default: a --val-fraction of --data)")
     test_file: str | Path | None = option(None, "test data (default: a --test-fraction of --data)")
-    val_fraction: float = option(0.05)
-    test_fraction: float = option(0.1)
+    val_fraction: float | None = option(None, "held-out share of --data for validation (default 0.05; none for a "
+                                              "file of fewer than 200 records, which validates on a copy of the "
+                                              "training set)")
+    test_fraction: float | None = option(None, "held-out share of --data for the final test (default 0.1; none for a "
+                                               "file of fewer than 200 records)")
     split_seed: int = option(123, "seed of the val/test split")
     train_layers: str = option("all", "all | last:N | head (classification only)")
     lora_rank: int = option(0, "train LoRA adapters of this rank (0 = off)", section="lora.rank")
@@ -194,6 +197,7 @@ class FinetuneOptions(StageOptions):
 
     KEPT_ON_RESUME = ("model", "data", "val_file", "test_file")
     KEPT_WHAT = "base model and data"
+    HELD_OUT: ClassVar[tuple[float, float]] = (0.05, 0.1)  # the val and test fractions not given (large data)
     PATHS: ClassVar[tuple[str, ...]] = KEPT_ON_RESUME
 
     def paths(self) -> list[str | Path | None]:
@@ -216,8 +220,8 @@ def stage_default(options: type, name: str, default: Any) -> Any:
 class ClassifyOptions(FinetuneOptions):
     """`finetune classify`: labelled texts -> a classifier."""
 
-    val_fraction: float = stage_default(FinetuneOptions, "val_fraction", 0.1)
-    test_fraction: float = stage_default(FinetuneOptions, "test_fraction", 0.2)
+    val_fraction: float = option(0.1, "held-out share of --data for validation")
+    test_fraction: float = option(0.2, "held-out share of --data for the final test")
     epochs: float = stage_default(FinetuneOptions, "epochs", 5)
     text_column: str | None = option(None, "text column name (or number, 1 = first, in a file without a header)")
     label_column: str | None = option(None, "label column name (or number)")
@@ -233,7 +237,11 @@ class InstructOptions(FinetuneOptions):
     """`finetune instruct`: conversations in a prompt template -> an assistant."""
 
     epochs: float = stage_default(FinetuneOptions, "epochs", 2)
-    template: str = option("alpaca", choices=TEMPLATES, section="template")
+    template: str | None = option(None, "prompt template (default: the model's own, from its instruct run or chat "
+                                        "template; alpaca for a model with none)", choices=TEMPLATES,
+                                  section="template")
+    system: str | None = option(None, "system prompt of the conversations that have none, kept as the run's chat "
+                                      "default (default: the model's own)", section="chat.system")
     mask_prompt: bool = option(True, "learn only the responses (default) or the whole text")
     max_new_tokens: int = option(256, "length of the held-out responses")
 
@@ -242,9 +250,10 @@ class InstructOptions(FinetuneOptions):
 class PreferOptions(FinetuneOptions):
     """`finetune prefer`: pairs of a chosen and a rejected answer -> a model that prefers the chosen (DPO)."""
 
-    test_fraction: float = stage_default(FinetuneOptions, "test_fraction", 0.0)
-    template: str | None = option(None, "prompt template (default: the model's own, from its instruct run or chat "
-                                        "template)", choices=TEMPLATES, section="template")
+    test_fraction: float | None = option(None, "held-out share of --data for the final test (default 0)")
+    HELD_OUT = (0.05, 0.0)
+    template: str | None = stage_default(InstructOptions, "template", None)
+    system: str | None = stage_default(InstructOptions, "system", None)
     beta: float = option(0.1, "DPO beta: how far the model may move from where it started")
     loss: str = option("sigmoid", "DPO (sigmoid) or IPO loss", choices=["sigmoid", "ipo"])
     sft_weight: float = option(0.0, "add this much of the chosen answers' mean NLL per token to the loss (RPO; "
