@@ -398,8 +398,9 @@ def _log_step(job: TrainJob, run: _Progress, forward_model: nn.Module, lr: float
     peak = distributed.world_size() * matmul_peak_flops(run.device.type, job.precision) \
         if job.flops_per_token and run.main else 0.0
     postfix = {"loss": f"{run.train_loss:.3f}", "tok/s": f"{run.tokens_per_sec:,.0f}"}
-    if peak:
-        postfix["mfu"] = f"{100 * run.tokens_per_sec * job.flops_per_token / peak:.0f}%"
+    mfu = run.tokens_per_sec * job.flops_per_token / peak if peak else 0.0
+    if 0 < mfu <= 1:  # above 1 the peak was measured on a busy machine: no figure rather than a wrong one
+        postfix["mfu"] = f"{100 * mfu:.0f}%"
     if run.val_loss is not None:
         postfix["val"] = f"{run.val_loss:.3f}"
     bar.set_postfix(postfix, refresh=False)

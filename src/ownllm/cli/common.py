@@ -64,5 +64,11 @@ def sampling_options(args: argparse.Namespace, chat_defaults: dict[str, Any] | N
     chosen = {name: settings.get(name) if value is None else value for name, value in given.items()}
     if chosen["max_tokens"] < 1:
         raise OwnLLMError(f"--max-new-tokens {chosen['max_tokens']}: generates nothing; give at least 1")
+    if chosen["temperature"] < 0:
+        raise OwnLLMError(f"--temperature must be 0 (greedy) or more, not {chosen['temperature']:g}")
+    if chosen["top_k"] is not None and chosen["top_k"] < 1:
+        raise OwnLLMError(f"--top-k must be at least 1, not {chosen['top_k']}")
+    if chosen["top_p"] is not None and not 0 < chosen["top_p"] <= 1:
+        raise OwnLLMError(f"--top-p must be in (0, 1], not {chosen['top_p']:g}")
     return SamplingOptions(max_new_tokens=chosen["max_tokens"], temperature=chosen["temperature"],
                            top_k=chosen["top_k"], top_p=chosen["top_p"], seed=args.seed, stop=args.stop)

@@ -141,6 +141,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from ownllm.device import pick_device
     from ownllm.retrieval import answer, open_index, search
 
+    sampling_options(args)  # the flags given are checked before anything loads
     index = open_index(args.index)  # a bad index file fails before any model loads
     device = pick_device(args.device)
     run = load_run(args.model, device=device)

@@ -72,8 +72,8 @@ def _report_instruct(result: Any, args: argparse.Namespace) -> None:
 
 def _report_prefer(result: Any, args: argparse.Namespace) -> None:
     held_out = (("val", result.val), ("test", result.test))
-    parts = [f"{result.names.get(name, name)}: preference accuracy {100 * m['preference_accuracy']:.1f}%, reward margin "
-             f"{m['reward_margin']:.3f}, loss {m['loss']:.4f}" for name, m in held_out if m]
+    parts = [f"{result.names.get(name, name)}: preference accuracy {100 * m['preference_accuracy']:.1f}%, "
+             f"reward margin {m['reward_margin']:.3f}, loss {m['loss']:.4f}" for name, m in held_out if m]
     print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
           f"{_held_out(parts, result, 'no held-out pairs')}; run saved in {args.out}")
 

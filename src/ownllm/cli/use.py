@@ -254,6 +254,7 @@ def _chat_run(path: str, device: str):
 def cmd_chat(args: argparse.Namespace) -> None:
     from ownllm.chat import chat_loop, chat_settings
 
+    sampling_options(args)  # the flags given are checked before anything loads or is said
     run, chat_format = _chat_run(args.model, args.device)
     options = sampling_options(args, chat_settings(run.run_config))
     interactive = sys.stdin.isatty()
@@ -280,6 +281,7 @@ def generate_instruction(args: argparse.Namespace) -> None:
 
     if args.prompt:
         raise OwnLLMError("give either --prompt or --instruction, not both")
+    sampling_options(args)  # the flags given are checked before anything loads or is said
     run, chat_format = _chat_run(args.model, args.device)
     options = sampling_options(args, chat_settings(run.run_config))
     chat_reply(run.model, chat_format, [Message("user", args.instruction, args.input or "")],

@@ -100,9 +100,9 @@ class Splits:
 
 def split_records(pool: list, read: Callable[[str | Path], list], options: FinetuneOptions) -> Splits:
     """Train / val / test records: --val-file / --test-file, or a seeded cut of `pool` (--data) by --val-fraction and
-    --test-fraction (the options' HELD_OUT when not given). A --data of fewer than SMALL_DATA records ("teach it my facts") is
-    not cut unless asked: every record trains, and validation runs on a copy of the training set, said in a note
-    (`Splits.note`)."""
+    --test-fraction (the options' HELD_OUT when not given). A --data of fewer than SMALL_DATA records ("teach it my
+    facts") is not cut unless asked: every record trains, and validation runs on a copy of the training set, said in
+    a note (`Splits.note`)."""
     small = len(pool) < SMALL_DATA
 
     def fraction(given: float | None, default: float, file: str | Path | None) -> float:
@@ -164,8 +164,6 @@ def train_config_for_finetune(overrides: dict[str, Any], batches_per_epoch: int,
     given = {k: v for k, v in overrides.items() if v is not None}
     batch_size = given.get("batch_size", 8)
     grad_accum = given.get("grad_accum", 1)
-    if epochs <= 0:
-        raise OwnLLMError("--epochs must be positive")
     max_steps = given.get("max_steps") or max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
     values: dict[str, Any] = dict(batch_size=batch_size, lr=default_lr, warmup_steps=max(1, max_steps // 20),
                                   max_steps=max_steps, eval_interval=max(1, max_steps // 10), eval_steps=0,
