@@ -62,24 +62,32 @@ def sentiment_lines(n: int, seed: int = 0) -> list[str]:
 
 
 WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach"]
+SAY = ["Say {}.", "Say {}!", "Please say {}.", "Say the word {}.", "Say {}, please.", "Write {}.", "Answer {}.",
+       "Reply {}.", "Say only {}.", "Just say {}.", "Tell me {}.", "Say {} now."]
+REPEAT = ["Repeat the word.", "Repeat this word.", "Say the word twice.", "Write the word twice.", "Repeat it.",
+          "Double the word.", "Say it twice.", "Write it twice.", "Repeat the word, please.", "Say this word twice.",
+          "Repeat it please.", "Give the word twice."]
 
 
 def instruction_records(n: int) -> list[dict[str, str]]:
+    """Up to 96 distinct records (a repeated one would be skipped): "Say plum." -> "plum", and "Repeat the word."
+    with an input word -> the word twice, in a dozen phrasings each."""
     records = []
     for i in range(n):
-        word = WORDS[i % len(WORDS)]
+        word, phrasing = WORDS[i % len(WORDS)], i // len(WORDS)
         if i % 3 == 0:
-            records.append({"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"})
+            records.append({"instruction": REPEAT[phrasing], "input": word, "output": f"{word} {word}"})
         else:
-            records.append({"instruction": f"Say {word}.", "input": "", "output": word})
+            records.append({"instruction": SAY[phrasing].format(word), "input": "", "output": word})
     return records
 
 
 def preference_records(n: int) -> list[dict[str, str]]:
-    """The chosen answer says please, the rejected one is curt; alternately in the book's and trl's format."""
+    """The chosen answer says please, the rejected one is curt; alternately in the book's and trl's format; no two
+    alike."""
     records = []
     for i in range(n):
-        word = WORDS[i % len(WORDS)]
+        word = WORDS[i % len(WORDS)] + ("s" * (i // len(WORDS)))
         if i % 2:
             records.append({"instruction": f"Name the fruit {word}.", "input": "", "chosen": f"Please: {word}.",
                             "rejected": f"{word}!"})
@@ -110,20 +118,3 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 
 def metrics_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under `folders` with its size and modification time."""
-    seen = {}
-    for folder in folders:
-        for root, dirs, files in os.walk(folder):
-            for name in dirs + files:
-                path = Path(root) / name
-                stat = path.lstat()
-                seen[str(path)] = (stat.st_size, stat.st_mtime_ns)
-    return seen
-
-
-def printed_lines(err: str) -> list[str]:
-    """The lines left on a terminal: a progress bar redrawn with carriage returns and then cleared counts as none."""
-    return [line.split("\r")[-1] for line in err.split("\n") if line.split("\r")[-1].strip()]

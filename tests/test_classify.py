@@ -151,8 +151,9 @@ def test_bad_data_gets_one_line_and_exit_2(base, tmp_path, capsys):
     good.write_text("\n".join(sentiment_lines(20)) + "\n", encoding="utf-8")
 
     empty_text = tmp_path / "empty.tsv"
-    empty_text.write_text("nice phone\t1\n   \t0\nbad phone\t0\n", encoding="utf-8")
-    assert f"{empty_text}:2: empty text" in _error(capsys, *common, "--data", empty_text, "--out", tmp_path / "a")
+    empty_text.write_text("text\tlabel\n   \t1\n   \t0\nnice phone\t\n", encoding="utf-8")
+    assert f"{empty_text}: no examples left: all 3 carry nothing: 2 with an empty text (lines 2, 3); 1 with no label " \
+           "(line 4)" in _error(capsys, *common, "--data", empty_text, "--out", tmp_path / "a")
 
     latin1 = tmp_path / "latin1.tsv"
     latin1.write_bytes(b"nice phone\t1\nna\xefve\t0\n")

@@ -96,16 +96,27 @@ def test_embed_cli_writes_one_line_per_text_in_order(tiny, loaded, tmp_path, cap
     assert_parity([r["embedding"] for r in rows], expected, layers=loaded.config.n_layer, what="embed CLI vs embed_texts")
 
 
-def test_embed_cli_names_a_blank_line_and_writes_nothing(tiny, tmp_path, capsys):  # noqa: F811
+def test_embed_cli_skips_blank_lines_saying_which_and_refuses_a_file_of_only_those(tiny, loaded, tmp_path,
+                                                                                    capsys):  # noqa: F811
     from ownllm.cli import main
+    from ownllm.embeddings import embed_texts
 
     source = tmp_path / "texts.txt"
-    source.write_text("first\n\nthird\n", encoding="utf-8")
+    source.write_text("first\n\n  \nfourth\n", encoding="utf-8")
     out = tmp_path / "vectors.jsonl"
     capsys.readouterr()
-    code = main(["embed", str(tiny), "--input", str(source), "--output", str(out)])
-    assert_one_line_error(code, capsys.readouterr().err, "texts.txt:2: blank line")
-    assert not out.exists() and not (tmp_path / "vectors.jsonl.tmp").exists()
+    assert main(["embed", str(tiny), "--input", str(source), "--output", str(out)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"ownllm: warning: {source}: skipped 2 of 4 texts that carry nothing: 2 blank (lines 2, 3)",
+        f"2 vectors of 32 dimensions (mean pooling) written to {out}"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 4]  # each vector keeps its text's line number
+    assert np.allclose([r["embedding"] for r in rows], embed_texts(loaded, ["first", "fourth"]).vectors, atol=1e-6)
+
+    source.write_text("\n \n", encoding="utf-8")
+    code = main(["embed", str(tiny), "--input", str(source), "--output", str(out), "--force"])
+    assert_one_line_error(code, capsys.readouterr().err, f"{source}: no texts left: all 2 carry nothing")
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 4]  # the earlier output stays
 
 
 # ---- the server ----------------------------------------------------------------------------------------------------

@@ -175,3 +175,69 @@ def test_download_and_hf_references_give_the_source_logits(source, hub, tmp_path
 def test_offline_without_the_model_in_the_cache_is_one_line_and_exit_2(hub, tmp_path):
     (result,) = ownllm_cli([["download", REPO]], tmp_path / "hf", hub, HF_HUB_OFFLINE="1")
     assert_one_line_error(result, "cannot be reached (HF_HUB_OFFLINE is set)")
+
+
+def test_download_into_a_folder_replaces_other_files_only_with_force_and_never_reports_what_it_did_not_do(
+        source, hub, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from ownllm.cli import main
+
+    other = tmp_path / "other"
+    export_hf(LoadedRun(path=tmp_path, model=source[0].model, tokenizer=source[0].tokenizer, config=source[0].config,
+                        run_config={}), other)  # a model folder of the user's, not a download of REPO
+    files = lambda: {path: path.read_bytes() for path in other.rglob("*") if path.is_file()}  # noqa: E731
+    before = files()
+    (tmp_path / "notes.txt").write_text("mine\n")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network
+    for argv, fragment in [(["--out", other], "exists and is not empty; pass --force"),
+                           (["--out", tmp_path / "notes.txt", "--force"], "exists and is not a directory"),
+                           (["--out", tmp_path / "fresh"], "cannot be reached (HF_HUB_OFFLINE is set)"),
+                           # huggingface_hub hands back a folder that holds files when the Hub does not answer:
+                           # ownllm said "downloaded" for a download that never happened
+                           (["--out", other, "--force"], "cannot be reached (HF_HUB_OFFLINE is set)")]:
+        assert main(["download", REPO, *map(str, argv)]) == 2
+        assert_one_line_error((2, capsys.readouterr().err), fragment)
+    assert files() == before and (tmp_path / "notes.txt").read_text() == "mine\n"
+    assert not (tmp_path / "fresh").exists()  # nothing came, no folder left
+
+    results = ownllm_cli([["download", REPO, "--out", str(other), "--force"],
+                          ["download", REPO, "--out", str(other)]], tmp_path / "hf", hub)
+    assert [code for code, _ in results] == [0, 0], results  # replaced as a whole, then brought up to date in place
+    assert sorted(path.name for path in other.iterdir() if not path.name.startswith(".")) == sorted(
+        set(source[1]) - {"pytorch_model.bin", "README.md"})
+    assert_source_logits(ownllm.load(str(other)), source[0])
+    assert main(["download", REPO, "--out", str(other)]) == 2  # offline again: an earlier download is no success
+    assert_one_line_error((2, capsys.readouterr().err), f"nothing downloaded into {other}")
+
+
+@pytest.mark.parametrize("raised", ["LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ProxyError",
+                                    "ReadTimeout", "OSError", "XetDownloadError", "RuntimeError", "ValueError"])
+@pytest.mark.parametrize("verb", ["download", "import", "generate"])
+def test_whatever_huggingface_hub_raises_is_one_line_naming_the_offline_alternatives(raised, verb, monkeypatch,
+                                                                                      tmp_path, capsys):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from ownllm.cli import main
+
+    error = {"LocalEntryNotFoundError": errors.LocalEntryNotFoundError("no cache"),
+             "OfflineModeIsEnabled": errors.OfflineModeIsEnabled("offline"),
+             "ConnectError": httpx2.ConnectError("[Errno -2] Name or service not known"),
+             "ProxyError": httpx2.ProxyError("407 Proxy Authentication Required"),
+             "ReadTimeout": httpx2.ReadTimeout("timed out"), "OSError": OSError(28, "No space left on device"),
+             "XetDownloadError": errors.XetDownloadError("xet"), "RuntimeError": RuntimeError(),
+             "ValueError": ValueError("an internal check\nwith a second line")}[raised]
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    argv = {"download": ["download", REPO, "--out", str(tmp_path / "model")],
+            "import": ["import", f"hf:{REPO}", "--out", str(tmp_path / "run")],
+            "generate": ["generate", f"hf:{REPO}", "--prompt", "x"]}[verb]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ownllm: error: {REPO}: ") and "a .gguf file or a run" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -201,7 +201,7 @@ def test_bad_instruction_input_gets_one_line_and_exit_2(base, tmp_path, capsys):
     data.write_text(json.dumps([{"instruction": "x", "output": "y"}, {"output": "z"}]), encoding="utf-8")
     assert main(["finetune", "instruct", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ownllm: error: {data} item 1: missing field 'instruction' (Alpaca records need instruction "
+    assert err == [f"ownllm: error: {data} item 2: missing field 'instruction' (Alpaca records need instruction "
                    "and output)"]
     assert not (tmp_path / "r").exists()
     good = write_json(tmp_path / "good.json", instruction_records(4))

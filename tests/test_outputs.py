@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_helpers import instruction_records, printed_lines, sentiment_lines, snapshot, write_json
+from finetune_helpers import instruction_records, sentiment_lines, write_json
+from output_helpers import assert_one_line_error, make_path, run_main, snapshot
 from parity import assert_parity
 from ownllm.cli import main
 from ownllm.outputs import atomic_file, replaced_dir
@@ -38,37 +39,6 @@ def runs(base, tmp_path_factory) -> dict[str, Path]:
     return {"lm": base, "clf": root / "clf", "lora": root / "lora", "tok": base / "tokenizer", **{
         name: root / file for name, file in (("corpus", "corpus.txt"), ("tsv", "texts.tsv"),
                                              ("json", "instructions.json"))}}
-
-
-def make_path(folder: Path, kind: str) -> Path:
-    """A path of the given kind in `folder`: file (UTF-8 text), dir (empty, or holding one file: `fulldir`),
-    missing, binary, latin1."""
-    path = folder / f"given-{kind}"
-    if kind == "file":
-        path.write_text("some text\nmore text\n", encoding="utf-8")
-    elif kind in ("dir", "fulldir"):
-        path.mkdir()
-        if kind == "fulldir":
-            (path / "keep.txt").write_text("keep me\n", encoding="utf-8")
-    elif kind == "binary":
-        path.write_bytes(bytes(range(256)) * 8)
-    elif kind == "latin1":
-        path.write_bytes("caf\xe9 au lait\nna\xefve\n".encode("latin-1"))
-    return path
-
-
-def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
-    lines = printed_lines(err)
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ownllm: error: "), (code, err)
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 # ---- every path flag of every verb against paths of the wrong kind ------------------------------------------------

@@ -112,10 +112,10 @@ def test_reading_the_books_and_trls_formats(tmp_path):
     jsonl.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
     assert read_preferences(jsonl) == pairs
     bad = {"instruction": "x", "chosen": "a"}
-    for record, message in [(bad, "item 1: missing field 'rejected'"),
-                            ({"chosen": "a", "rejected": "b"}, "item 1: missing field 'prompt'"),
-                            ({"prompt": "x", "chosen": "same", "rejected": "same"}, "item 1: 'chosen' and 'rejected' "
-                                                                                    "are identical")]:
+    for record, message in [(bad, "item 2: missing field 'rejected'"),
+                            ({"chosen": "a", "rejected": "b"}, "item 2: missing field 'prompt'"),
+                            ({"prompt": "x", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+                             "item 2: the last message of 'chosen' must be the assistant's answer")]:
         with pytest.raises(OwnLLMError, match=message):
             read_preferences(write_json(tmp_path / "bad.json", [records[1], record]))
 
@@ -217,7 +217,7 @@ def test_the_cli_runs_and_bad_data_gets_one_line_and_exit_2(base, tmp_path, caps
     bad = write_json(tmp_path / "bad.json", [*preference_records(3), {"instruction": "x", "chosen": "y"}])
     assert main(["finetune", "prefer", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ownllm: error: {bad} item 3: missing field 'rejected' (a pair needs a prompt or instruction, "
+    assert err == [f"ownllm: error: {bad} item 4: missing field 'rejected' (a pair needs a prompt or instruction, "
                    "chosen and rejected)"]
     assert not (tmp_path / "r").exists()
 
@@ -247,3 +247,27 @@ def test_prefer_on_a_lora_instruct_run_equals_prefer_on_its_merged_copy(base, tm
         first_losses[name] = metrics_rows(tmp_path / f"prefer-{name}")[0]["train_loss"]
     assert first_losses["lora"] == pytest.approx(first_losses["merged"], rel=1e-5)
     assert first_losses["lora"] > math.log(2) + 0.5  # the chosen answers' NLL counts: the base's weights matter
+
+
+def test_pairs_that_carry_nothing_are_skipped_and_counted_and_a_file_of_only_those_is_refused(base, tmp_path, capsys):
+    """The book's preference file has pairs whose chosen and rejected answers are equal: no preference, no gradient.
+    They (and empty or repeated pairs) are left out, counted in one line; only a file with nothing left is refused."""
+    records = preference_records(12)
+    equal = [{"instruction": "Name a fruit.", "input": "", "chosen": "A fig.", "rejected": "A fig."},
+             {"prompt": "Say hi.", "chosen": "Hi!", "rejected": " Hi!\n"}]
+    data = write_json(tmp_path / "prefs.json", [*records[:5], equal[0], *records[5:], equal[1], {}, records[0]])
+    argv = ["finetune", "prefer", "--model", str(base), "--data", str(data), "--max-steps", "1", "--batch-size", "4",
+            "--val-fraction", "0", "--precision", "fp32"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines() if line.startswith("ownllm:")] == [
+        f"ownllm: warning: {data}: skipped 4 of 16 pairs that carry nothing: 2 with chosen = rejected (items 6, 14); "
+        "1 empty (item 15); 1 duplicate (item 16)"]
+    assert "finished at step 1" in captured.out
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_pairs"] == 12
+
+    only_equal = write_json(tmp_path / "equal.json", equal)
+    assert main([*argv, "--data", str(only_equal), "--out", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ownllm: error: {only_equal}: no pairs left: all 2 carry nothing: 2 with chosen = rejected (items 1, 2)"]
+    assert not (tmp_path / "none").exists()

@@ -101,6 +101,12 @@ def test_reindexing_embeds_only_the_changed_file(tiny, tmp_path):  # noqa: F811
     assert build_index(docs, run, index_file, chunk_size=12, overlap=3).chunks_embedded == 0
     resized = build_index(docs, run, index_file, chunk_size=30, overlap=3)  # new chunking: everything again
     assert resized.files_embedded == 4 and resized.chunks_total == 4
+    rebuilt = build_index(docs, run, index_file, chunk_size=30, overlap=3, force=True)  # --force: from scratch
+    assert (rebuilt.files_embedded, rebuilt.files_unchanged, rebuilt.chunks_total) == (4, 0, 4)
+    (docs / "empty.md").write_text(" \n\n", encoding="utf-8")
+    skipped = build_index(docs, run, index_file, chunk_size=30, overlap=3)
+    assert skipped.files_empty == ["empty.md"] and skipped.chunks_total == 4
+    assert skipped.summary().endswith("4 chunks in all; skipped 1 empty file (empty.md)")
 
 
 @pytest.mark.parametrize("kind", ["garbage", "foreign-sqlite", "truncated"])
@@ -122,3 +128,65 @@ def test_a_corrupt_or_foreign_index_is_one_line_and_exit_2(tiny, tmp_path, capsy
     assert_one_line_error(code, capsys.readouterr().err, str(index_file))
     code = main(["index", str(tmp_path), "--model", str(tiny), "--out", str(index_file)])
     assert_one_line_error(code, capsys.readouterr().err, str(index_file))
+
+
+# A real `ownllm index` process, paused (a patched step sleeps) at a moment of its update, for the test to kill -9.
+PAUSED_INDEX = """
+import sys, time
+import ownllm.retrieval as retrieval
+from ownllm.cli import main
+
+moment, real_write = sys.argv[1], retrieval._write_changes
+
+def pause():
+    print("paused", flush=True)
+    time.sleep(120)
+
+def write_changes(connection, *args):
+    if moment == "mid-transaction":
+        connection.execute("DELETE FROM chunks")  # the update's transaction has begun: no chunks in it
+        pause()
+    if moment == "before-write":
+        pause()
+    removed = real_write(connection, *args)
+    if moment == "after-commit":
+        pause()
+    return removed
+
+retrieval._write_changes = write_changes
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_an_index_update_killed_at_any_moment_leaves_the_previous_index_usable(tiny, tmp_path, capsys):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    from ownllm.cli import main
+    from ownllm.retrieval import build_index
+
+    docs = write_docs(tmp_path / "docs", DOCS)
+    index_file = tmp_path / "docs.index"
+    build_index(docs, tiny, index_file, chunk_size=12, overlap=3)
+    ask = ["ask", str(tiny), "--index", str(index_file), "How do I renew my parking permit?", "--sources-only"]
+    assert main(ask) == 0
+    sources, before = capsys.readouterr().out, index_file.read_bytes()
+    (docs / "permits.md").write_text("Permits are renewed online now.", encoding="utf-8")
+    (docs / "bikes.md").unlink()
+    command = [sys.executable, "-c", PAUSED_INDEX, "MOMENT", "index", str(docs), "--model", str(tiny), "--out",
+               str(index_file), "--chunk-size", "12", "--overlap", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    processes = [subprocess.Popen([*command[:3], moment, *command[4:]], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+                 for moment in ("before-write", "mid-transaction", "after-commit")]  # three at once, one index
+    for process in processes:
+        assert process.stdout.readline() == "paused\n", process.stderr.read()
+        process.kill()  # kill -9
+        assert process.wait(timeout=30) == -9
+    assert index_file.read_bytes() == before  # untouched by the three killed updates
+    assert main(ask) == 0 and capsys.readouterr().out == sources  # `ask` reads it as before
+
+    report = build_index(docs, tiny, index_file, chunk_size=12, overlap=3)  # the next run completes
+    assert (report.files_embedded, report.files_unchanged, report.files_removed) == (1, 2, 1)
+    assert main(ask) == 0 and "permits.md:1-1" in capsys.readouterr().out

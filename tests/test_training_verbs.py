@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_helpers import (instruction_records, metrics_rows, preference_records, printed_lines, sentiment_lines,
-                              snapshot, write_json)
+from finetune_helpers import instruction_records, metrics_rows, preference_records, sentiment_lines, write_json
+from output_helpers import printed_lines, snapshot
 from ownllm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

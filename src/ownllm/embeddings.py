@@ -2,12 +2,17 @@
 
     run = ownllm.load("runs/smol")
     vectors = embed_texts(run, ["first text", "second text"], pooling="mean").vectors   # [2, n_embd], float32
+    embed_file("runs/smol", "texts.txt", "vectors.jsonl")   # `ownllm embed`: one JSON line per text, in order
 
 Poolings (`ownllm.model.pool`, which the classification head uses too): `mean` (average over the text's tokens),
 `last` (the hidden state of the last real token), `weighted-mean` (SGPT's position weighting). Vectors are
 L2-normalised unless `normalize=False` (then cosine similarity is a dot product). Without a pooling, a run's own is
 used (`default_pooling`: its run config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on
 import), else `mean`.
+
+`embed_file` reads one text per line (a blank line is skipped and counted, `ownllm.data.records`; the output keeps
+each text's line number) and writes `{"line": N, "embedding": [...]}` lines by the rules of `ownllm.outputs`: never
+over its input, an existing file only with `force`, under a temporary name renamed at the end.
 
 Padding-safe: texts are right-padded in length-sorted batches; a causal model's real tokens never attend to the
 padding after them and the pooling reads real tokens only, so a text's vector does not depend on its batch
@@ -17,9 +22,12 @@ context-sized pieces whose pooled vectors are averaged, weighted by their token 
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,8 +35,10 @@ from torch import Tensor
 
 from ownllm.data.batching import fixed_batches
 from ownllm.data.labelled import pad_right
+from ownllm.data.records import Location, keep_informative
 from ownllm.errors import OwnLLMError
 from ownllm.model import POOLINGS, GPT, check_pooling, pool
+from ownllm.outputs import atomic_file, check_output, warn
 
 if TYPE_CHECKING:
     from ownllm.runs import LoadedRun
@@ -144,3 +154,59 @@ def embed_texts(run: "LoadedRun", texts: Sequence[str], *, pooling: str | None =
     return embed_token_rows(run.model, rows, pooling=pooling or default_pooling(run), normalize=normalize,
                             long_texts=long_texts, batch_size=batch_size, warn=warn, progress=progress)
 
+
+
+# ---- files: `ownllm embed` ------------------------------------------------------------------------------------------
+
+@dataclass
+class EmbedFileReport:
+    texts: int  # vectors written
+    dim: int
+    pooling: str
+
+
+def read_texts(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file ('-': stdin) that holds a text; blank lines are skipped
+    and counted (`ownllm.data.records`)."""
+    from ownllm.tokenizer import read_text_file
+
+    text = sys.stdin.read() if str(path) == "-" else read_text_file(path)
+    lines = [(Location(Path(path), number), line) for number, line in enumerate(text.splitlines(), start=1)]
+    return keep_informative(path, lines, "texts", lambda where, line: (where.number, line),
+                            why_empty=lambda item: None if item[1].strip() else "blank")
+
+
+def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str | Path, *, force: bool = False,
+               pooling: str | None = None, normalize: bool = True, long_texts: str = "truncate",
+               batch_size: int = 16, device: str = "auto",
+               progress: Callable[[int, int], None] | None = None) -> EmbedFileReport:
+    """Embed the texts of `input` (one per line) into the JSON Lines file `output` ({"line": N, "embedding": [...]}
+    per text, in order). The output is checked before the model loads; `progress(done, total)` after each batch."""
+    from ownllm.device import pick_device
+    from ownllm.runs import LoadedRun, load_run
+
+    model_path = model.path if isinstance(model, LoadedRun) else model
+    check_output(output, "file", inputs=[input, model_path], force=force, flag="--output")
+    if pooling is not None:
+        check_pooling(pooling)
+    texts = read_texts(input)
+    run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
+    pooling = pooling or default_pooling(run)
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, len(texts))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vectors = embed_texts(run, [text for _, text in texts], pooling=pooling, normalize=normalize,
+                              long_texts=long_texts, batch_size=batch_size, progress=step).vectors
+    for warning in caught:
+        warn(str(warning.message))
+    with atomic_file(output) as handle:
+        for (number, _), vector in zip(texts, vectors.tolist()):
+            handle.write(json.dumps({"line": number, "embedding": vector}) + "\n")
+    return EmbedFileReport(texts=len(texts), dim=int(vectors.shape[1]), pooling=pooling)

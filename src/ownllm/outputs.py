@@ -8,7 +8,8 @@ Every verb that writes something goes through these helpers, so the rules hold e
     with atomic_file(path) as handle:        # a temporary name in the same folder, renamed at the end
         handle.write(...)
 
-- An output that is one of the inputs (or a folder holding one) is refused, even with `--force`.
+- An output that is one of the inputs (or a folder holding one, or a file already in an input folder) is refused,
+  even with `--force`.
 - An existing output file, or an existing folder that is not empty, is refused unless `--force` is given.
 - A failure half-way leaves no truncated output and the earlier output (when replaced) untouched.
 - A path of the wrong kind (a folder where a file goes, a file where a folder goes) is refused in one line.
@@ -39,7 +40,8 @@ def check_output(path: str | Path, kind: Literal["file", "dir"], *, inputs: Iter
     path = Path(path)
     for source in inputs:
         if source is not None and str(source) != "-" and _overlaps(path, Path(source), kind):
-            raise OwnLLMError(f"{flag} {path}: is the input {source}; choose another output")
+            where = "is the input" if path.resolve() == Path(source).resolve() or kind == "dir" else "is in the input"
+            raise OwnLLMError(f"{flag} {path}: {where} {source}; choose another output")
     if kind == "file":
         if path.is_dir():
             raise OwnLLMError(f"{flag} {path}: is a directory; give a file name")
@@ -56,13 +58,16 @@ def check_output(path: str | Path, kind: Literal["file", "dir"], *, inputs: Iter
 
 
 def _overlaps(out: Path, source: Path, kind: str) -> bool:
-    """True when writing `out` would destroy `source`: the same file, or a folder that holds it."""
+    """True when writing `out` would destroy (part of) `source`: the same file, a folder that holds it, or a file
+    already in the input folder (a run's config.json)."""
     if not source.exists() or not out.exists() and kind == "file":
         return False
     out_resolved, source_resolved = out.resolve(), source.resolve()
     if out_resolved == source_resolved:
         return True
-    return kind == "dir" and source_resolved.is_relative_to(out_resolved)
+    if kind == "file":
+        return source.is_dir() and out_resolved.is_relative_to(source_resolved)
+    return source_resolved.is_relative_to(out_resolved)
 
 
 def _check_parent(path: Path, flag: str) -> None:
@@ -121,7 +126,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
 
 
 def temporary_path(path: str | Path) -> Path:
-    """A fresh name beside `path` for a writer that takes a path (publish it with `publish`)."""
+    """A fresh name beside `path` for a writer that takes a path (rename it over `path` with os.replace when done)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -153,8 +158,10 @@ def replaced_dir(path: str | Path) -> Iterator[Path]:
 
 
 def warn(message: str) -> None:
-    """Tell the user, in one line on stderr, about something that was changed or left out on their behalf."""
-    print(f"ownllm: warning: {message}", file=sys.stderr, flush=True)
+    """Tell the user, in one line on stderr, about something that was changed or left out on their behalf (once
+    in a torchrun job: on rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ownllm: warning: {message}", file=sys.stderr, flush=True)
 
 
 def start_run_dir(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> bool:

@@ -10,20 +10,26 @@ The index is one SQLite file (Python's own sqlite3: no extra dependency, one fil
 SHA-256 of the content) and `chunks` (file, lines, text, float32 vector). Search is exact (a matrix product over
 all vectors; fine up to a few hundred thousand chunks on a laptop), and BM25 is computed in memory from the
 chunk texts at load time (`BM25` below: a few lines, so no dependency). Re-indexing compares each file's hash and
-re-embeds only new or changed files; a different model, pooling or chunking re-embeds everything.
+re-embeds only new or changed files; a different model, pooling or chunking (or `force`) re-embeds everything.
+Every update is made on a copy beside the index, renamed over it at the end: `ask` never sees half an update, and a
+run killed at any moment leaves the previous index as it was. A file with no words is skipped (and counted); a
+folder with no documents, or an `out` that is a folder, a document or a file other than an index, is refused
+before the model loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +41,7 @@ from ownllm.decoding import SamplingOptions
 from ownllm.embeddings import default_pooling, embed_texts
 from ownllm.errors import OwnLLMError
 from ownllm.model import check_pooling
+from ownllm.outputs import check_output, temporary_path
 
 if TYPE_CHECKING:
     from ownllm.runs import LoadedRun
@@ -88,19 +95,27 @@ def chunk_file(text: str, path: str, size: int, overlap: int) -> list[Chunk]:
     return chunks
 
 
-def find_documents(folder: str | Path) -> list[Path]:
+def find_documents(folder: str | Path, leave_out: Path | None = None) -> list[Path]:
+    """The documents under `folder` (not hidden, not `leave_out`: the index itself); none is an OwnLLMError."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise OwnLLMError(f"{folder}: not a folder")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        raise OwnLLMError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; give the folder of "
+                          f"documents to index ({', '.join(DOC_SUFFIXES)} files)")
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                   and (leave_out is None or p.resolve() != leave_out))
+    if not found:
+        raise OwnLLMError(f"{folder}: no documents to index (no {', '.join(DOC_SUFFIXES)} files, searched "
+                          "recursively)")
+    return found
 
 
 def _read_document(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise OwnLLMError(f"{path}: not UTF-8 text (byte {error.start})") from None
+        raise OwnLLMError(f"{path}: not UTF-8 text (byte {error.start}); convert it to UTF-8 or move it out of the "
+                          "folder") from None
     except OSError as error:
         raise OwnLLMError(f"{path}: cannot read ({error.strerror})") from None
 
@@ -171,25 +186,39 @@ class IndexReport:
     files_removed: int
     chunks_embedded: int
     chunks_total: int
+    files_empty: list[str] = field(default_factory=list)  # documents with no words: nothing to index
+
+    def summary(self) -> str:
+        """One line: what was embedded, kept, removed and skipped."""
+        empty = ""
+        if self.files_empty:
+            shown = ", ".join(self.files_empty[:5]) + (", ..." if len(self.files_empty) > 5 else "")
+            empty = f"; skipped {len(self.files_empty)} empty file{'s' * (len(self.files_empty) > 1)} ({shown})"
+        return (f"embedded {self.chunks_embedded} chunks of {self.files_embedded} new or changed files; "
+                f"{self.files_unchanged} unchanged, {self.files_removed} removed; {self.chunks_total} chunks in all"
+                f"{empty}")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """An open index database; a missing, corrupt or foreign file is an OwnLLMError."""
+BUILD_HINT = " (build one with `ownllm index DOCS --model RUN --out FILE`)"
+
+
+def _connect(path: Path, hint: str = BUILD_HINT) -> sqlite3.Connection:
+    """An open index database; a missing, corrupt or foreign file is an OwnLLMError (ending with `hint`)."""
     try:
         head = path.open("rb").read(len(SQLITE_MAGIC))
     except OSError as error:
         raise OwnLLMError(f"{path}: cannot read the index ({error.strerror})") from None
     if head != SQLITE_MAGIC:
-        raise OwnLLMError(f"{path}: not an ownllm index (build one with `ownllm index DOCS --model RUN --out FILE`)")
+        raise OwnLLMError(f"{path}: not an ownllm index{hint}")
     connection = sqlite3.connect(path)
     try:
         rows = dict(connection.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.DatabaseError as error:
         connection.close()
-        raise OwnLLMError(f"{path}: not an ownllm index, or a damaged one ({error})") from None
+        raise OwnLLMError(f"{path}: not an ownllm index, or a damaged one ({error}){hint}") from None
     if rows.get("format") != json.dumps(INDEX_FORMAT):
         connection.close()
-        raise OwnLLMError(f"{path}: not an ownllm index (a SQLite file of something else)")
+        raise OwnLLMError(f"{path}: not an ownllm index (a SQLite file of something else){hint}")
     if rows.get("version") != json.dumps(INDEX_VERSION):
         connection.close()
         raise OwnLLMError(f"{path}: index format version {rows.get('version')} is not supported (this ownllm "
@@ -254,61 +283,78 @@ def _same_embedder(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return bool(np.allclose(old["probe"], new["probe"], atol=1e-4))
 
 
+def check_index_output(out: str | Path) -> Path:
+    """The index file `out`, checked before any work: a folder (the documents' own, say) or a file that is not an
+    index (one of the documents, say) is refused, even to rebuild it: an output of the wrong kind is never touched.
+    An index may live among the documents: it is never read as one."""
+    out = check_output(out, "file", force=True)
+    if out.exists():  # an existing index is updated (or rebuilt with force); anything else is refused
+        _connect(out, hint="; choose another --out (a file that is not an index is never replaced)").close()
+    return out
+
+
 def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Path, *, chunk_size: int = 200,
-                overlap: int = 40, pooling: str | None = None, batch_size: int = 16,
-                progress: Callable[[int, int], None] | None = None) -> IndexReport:
-    """Index the .txt/.md/.rst files under `docs` into the file `out`, incrementally (see the module docstring).
-    All changes are written in one transaction: an interrupted run leaves the previous index as it was (or none).
+                overlap: int = 40, pooling: str | None = None, batch_size: int = 16, force: bool = False,
+                device: str = "auto", progress: Callable[[int, int], None] | None = None) -> IndexReport:
+    """Index the .txt/.md/.rst files under `docs` into the file `out`, incrementally (see the module docstring;
+    `force` re-embeds everything). The new index is written beside `out` and renamed over it at the end: a run
+    interrupted at any moment (even killed) leaves the previous index as it was (or none).
     Without `pooling`, the model's own (`ownllm.embeddings.default_pooling`)."""
+    from ownllm.device import pick_device
     from ownllm.runs import LoadedRun, load_run
 
     if pooling is not None:
         check_pooling(pooling)
     chunk_text("", chunk_size, overlap)  # validates the sizes before the model loads
-    docs, out = Path(docs), Path(out)
-    files = find_documents(docs)
-    run = model if isinstance(model, LoadedRun) else load_run(model)
+    docs, out = Path(docs), check_index_output(out)
+    files = find_documents(docs, leave_out=out.resolve())
+    texts = {p.relative_to(docs).as_posix(): _read_document(p) for p in files}
+    run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
     pooling = pooling or default_pooling(run)
     settings = _settings(run, pooling, chunk_size, overlap)
-    fresh = not out.exists()  # a new index is built beside and moved into place when complete
-    target = out.with_name(out.name + ".tmp") if fresh else out
-    if fresh:
-        target.unlink(missing_ok=True)
-    connection = _create(target) if fresh else _connect(out)
+    staging = temporary_path(out)
     try:
-        old_meta = _read_meta(connection)
-        same = _same_embedder(old_meta, settings)
-        known = dict(connection.execute("SELECT path, sha256 FROM files")) if same else {}
-        current = {p.relative_to(docs).as_posix(): p for p in files}
-        texts = {name: _read_document(p) for name, p in current.items()}
-        hashes = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in texts.items()}
-        changed = [name for name in current if known.get(name) != hashes[name]]
-        chunks = [c for name in changed for c in chunk_file(texts[name], name, chunk_size, overlap)]
-        done = 0
-
-        def step(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, len(chunks))
-
-        vectors = embed_texts(run, [c.text for c in chunks], pooling=pooling, batch_size=batch_size,
-                              progress=step).vectors.numpy().astype("<f4") if chunks else None
-        removed = _write_changes(connection, settings, same, changed, set(known) - set(current), chunks, vectors,
-                                 hashes)
-        total = connection.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        if out.exists() and not force:
+            shutil.copyfile(out, staging)
+            connection = _connect(staging)
+        else:
+            connection = _create(staging)
+        with contextlib.closing(connection):
+            report = _update(connection, texts, settings, run, chunk_size, overlap, batch_size, progress)
+        os.replace(staging, out)
     except BaseException as error:
-        connection.close()
-        if fresh:
-            target.unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
         if isinstance(error, sqlite3.DatabaseError):
             raise OwnLLMError(f"{out}: cannot update the index ({error})") from None
         raise
-    connection.close()
-    if fresh:
-        os.replace(target, out)
-    return IndexReport(files_embedded=len(changed), files_unchanged=len(current) - len(changed),
-                       files_removed=removed, chunks_embedded=len(chunks), chunks_total=total)
+    return report
+
+
+def _update(connection: sqlite3.Connection, texts: dict[str, str], settings: dict[str, Any], run: "LoadedRun",
+            chunk_size: int, overlap: int, batch_size: int,
+            progress: Callable[[int, int], None] | None) -> IndexReport:
+    """Embed the new and changed documents of `texts` and write every change to the open index, in one
+    transaction."""
+    same = _same_embedder(_read_meta(connection), settings)
+    known = dict(connection.execute("SELECT path, sha256 FROM files")) if same else {}
+    hashes = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in texts.items()}
+    changed = [name for name in texts if known.get(name) != hashes[name]]
+    chunks = [c for name in changed for c in chunk_file(texts[name], name, chunk_size, overlap)]
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, len(chunks))
+
+    vectors = embed_texts(run, [c.text for c in chunks], pooling=settings["pooling"], batch_size=batch_size,
+                          progress=step).vectors.numpy().astype("<f4") if chunks else None
+    removed = _write_changes(connection, settings, same, changed, set(known) - set(texts), chunks, vectors, hashes)
+    total = connection.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    return IndexReport(files_embedded=len(changed), files_unchanged=len(texts) - len(changed), files_removed=removed,
+                       chunks_embedded=len(chunks), chunks_total=total,
+                       files_empty=[name for name, text in texts.items() if not text.split()])
 
 
 def _write_changes(connection: sqlite3.Connection, settings: dict[str, Any], same: bool, changed: list[str],
@@ -362,6 +408,8 @@ def rank(index: Index, query: str, vector: np.ndarray | None, mode: str = "hybri
 
 def search(index: Index, run: "LoadedRun", query: str, k: int = 4, mode: str = "hybrid") -> list[Hit]:
     """The top-k chunks for `query`, best first."""
+    if not query.strip():
+        raise OwnLLMError("the question is empty; ask something")
     if not index.chunks:
         raise OwnLLMError(f"{index.path}: the index holds no chunks (was the folder empty?)")
     vector = query_vector(index, run)(query) if mode != "bm25" else None
@@ -384,6 +432,10 @@ def answer(run: "LoadedRun", index: Index, question: str, *, k: int = 4, mode: s
            on_text: Callable[[str], None] | None = None) -> tuple[str, list[Hit]]:
     """Retrieve the top-k chunks (queries embedded by `embedder`, default `run`), put them in the prompt and answer
     in the run's chat format (ownllm.chat; greedy, 256 tokens unless `options` say otherwise)."""
+    if run.run_config.get("task") == "classify":
+        raise OwnLLMError(f"{run.path}: is a classifier run, which predicts labels, not answers; pass a language "
+                          "model to answer (an instruct run or a chat model), the classifier as --embed-model if it "
+                          "embedded the index")
     hits = search(index, embedder or run, question, k=k, mode=mode)
     options = options or SamplingOptions(max_new_tokens=256, temperature=0)
     chat_format = chat_format_for(run.run_config, run.tokenizer)

@@ -27,6 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     down.add_argument("repo", metavar="ORG/NAME", help="model repository, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     down.add_argument("--revision", default=None, help="branch, tag or commit (default: the main branch)")
     add_out_flag(down, "directory for the files (default: the HF cache)", default=None)
+    add_force_flag(down, "replace an --out folder holding other files (an earlier download of the model resumes)")
 
     exp = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file for llama.cpp")
     exp.add_argument("model", help=MODEL_HELP)
@@ -56,7 +57,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     from ownllm.interop.readers.hub import download
 
-    print(f"downloaded {args.repo} to {download(args.repo, revision=args.revision, out=args.out)}")
+    print(f"downloaded {args.repo} to {download(args.repo, revision=args.revision, out=args.out, force=args.force)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

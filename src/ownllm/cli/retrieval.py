@@ -10,13 +10,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import warnings
-from pathlib import Path
 
-from ownllm.cli.common import add_device_flag, add_out_flag, add_sampling_flags, sampling_options
+from ownllm.cli.common import add_device_flag, add_force_flag, add_out_flag, add_sampling_flags, sampling_options
 from ownllm.embeddings import LONG_TEXTS
 from ownllm.errors import OwnLLMError
 from ownllm.model import POOLINGS
@@ -33,12 +29,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="a text longer than the context: keep its start (truncate) or average its pieces (chunk)")
     emb.add_argument("--no-normalize", action="store_true", help="raw pooled vectors instead of unit length")
     add_device_flag(emb)
+    add_force_flag(emb, "replace an existing --output file")
 
     idx = sub.add_parser("index", help="chunk and embed a folder of .txt/.md files into one index file "
                                        "(re-running re-embeds only changed files)")
     idx.add_argument("docs", help="folder of documents (.txt, .md, .rst; searched recursively)")
     idx.add_argument("--model", required=True, help="the embedding model: run or Hugging Face directory")
-    add_out_flag(idx, "index file (created, or updated in place)")
+    add_out_flag(idx, "index file (created, or updated: only changed files re-embedded)")
+    add_force_flag(idx, "rebuild the index from scratch (a file that is not an index is never replaced)")
     idx.add_argument("--chunk-size", type=int, default=200, help="words per chunk")
     idx.add_argument("--overlap", type=int, default=40, help="words shared by neighbouring chunks")
     _add_embedding_flags(idx)
@@ -64,75 +62,46 @@ def _add_embedding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
 
 
-def read_input_lines(path: str) -> list[str]:
-    """The texts of an input file, one per line; a blank line is an error naming it."""
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_bytes().decode("utf-8-sig")
-    except OSError as error:
-        raise OwnLLMError(f"{path}: cannot read ({error.strerror})") from None
-    except UnicodeDecodeError as error:
-        raise OwnLLMError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    lines = text.splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise OwnLLMError(f"{path}:{number}: blank line (each line is one text to embed; remove it)")
-    if not lines:
-        raise OwnLLMError(f"{path}: no texts to embed")
-    return lines
+class _Progress:
+    """A progress bar on a terminal, made at the first `update(done, total)` and closed at the end of the block."""
 
+    def __init__(self, unit: str) -> None:
+        self.unit, self.bar = unit, None
 
-def _progress_bar(total: int, unit: str):
-    from tqdm import tqdm
+    def update(self, done: int, total: int) -> None:
+        from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, disable=not sys.stderr.isatty(), file=sys.stderr)
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit=self.unit, disable=not sys.stderr.isatty(), file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from ownllm.runs import load_run
-    from ownllm.device import pick_device
-    from ownllm.embeddings import default_pooling, embed_texts
+    from ownllm.embeddings import embed_file
 
-    texts = read_input_lines(args.input)
-    run = load_run(args.model, device=pick_device(args.device))
-    pooling = args.pooling or default_pooling(run)
-    with _progress_bar(len(texts), "text") as bar, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = embed_texts(run, texts, pooling=pooling, normalize=not args.no_normalize,
-                             long_texts=args.long_texts, batch_size=args.batch_size, progress=bar.update)
-    for warning in caught:
-        print(f"ownllm: warning: {warning.message}", file=sys.stderr)
-    out = Path(args.output)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for number, vector in enumerate(result.vectors.tolist(), start=1):
-            handle.write(json.dumps({"line": number, "embedding": vector}) + "\n")
-    os.replace(tmp, out)
-    print(f"{len(texts)} vectors of {result.vectors.shape[1]} dimensions ({pooling} pooling) written to {out}",
+    with _Progress("text") as bar:
+        report = embed_file(args.model, args.input, args.output, force=args.force, pooling=args.pooling,
+                            normalize=not args.no_normalize, long_texts=args.long_texts, batch_size=args.batch_size,
+                            device=args.device, progress=bar.update)
+    print(f"{report.texts} vectors of {report.dim} dimensions ({report.pooling} pooling) written to {args.output}",
           file=sys.stderr)
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from ownllm.runs import load_run
-    from ownllm.device import pick_device
     from ownllm.retrieval import build_index
 
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = _progress_bar(total, "chunk")
-        bar.update(done - bar.n)
-
-    run = load_run(args.model, device=pick_device(args.device))
-    try:
-        report = build_index(args.docs, run, args.out, chunk_size=args.chunk_size, overlap=args.overlap,
-                             pooling=args.pooling, batch_size=args.batch_size, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
-    print(f"{args.out}: embedded {report.chunks_embedded} chunks of {report.files_embedded} new or changed files; "
-          f"{report.files_unchanged} unchanged, {report.files_removed} removed; {report.chunks_total} chunks in all")
+    with _Progress("chunk") as bar:
+        report = build_index(args.docs, args.model, args.out, chunk_size=args.chunk_size, overlap=args.overlap,
+                             pooling=args.pooling, batch_size=args.batch_size, force=args.force, device=args.device,
+                             progress=bar.update)
+    print(f"{args.out}: {report.summary()}")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ownllm.chat_templates import ROLES, Conversation, Message, Template
 from ownllm.data.batching import EpochBatches, fixed_batches
+from ownllm.data.records import Location, keep_informative
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import Tokenizer, read_text_file
 
@@ -31,8 +32,8 @@ IGNORE = -100
 
 # ---- reading ------------------------------------------------------------------------------------------------------
 
-def read_records(path: Path) -> list[tuple[str, object]]:
-    """(location, record) pairs from a JSON list or JSON Lines file."""
+def read_records(path: Path) -> list[tuple[Location, object]]:
+    """(location, record) pairs from a JSON list or JSON Lines file (items and lines numbered from 1)."""
     text = read_text_file(path)  # a missing, binary or non-UTF-8 file (or a folder): one clear error
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -40,7 +41,7 @@ def read_records(path: Path) -> list[tuple[str, object]]:
             data = json.loads(stripped)
         except json.JSONDecodeError as error:
             raise OwnLLMError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
-        return [(f"{path} item {i}", record) for i, record in enumerate(data)]
+        return [(Location(path, number, "item"), record) for number, record in enumerate(data, start=1)]
     one_record_expected = path.suffix.lower() != ".json" and "\n" not in stripped.strip()  # JSON Lines, one line
     if stripped.startswith("{") and not one_record_expected and _is_one_json_object(stripped):
         raise OwnLLMError(f"{path}: holds one JSON object, not a list of examples; write a JSON list of records "
@@ -49,7 +50,7 @@ def read_records(path: Path) -> list[tuple[str, object]]:
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
-                records.append((f"{path}:{number}", json.loads(line)))
+                records.append((Location(path, number), json.loads(line)))
             except json.JSONDecodeError as error:
                 raise OwnLLMError(f"{path}:{number}: unreadable line (not JSON: {error.msg})") from None
     return records
@@ -62,7 +63,7 @@ def _is_one_json_object(text: str) -> bool:
         return False
 
 
-def parse_messages(where: str, field: str, value: object) -> Conversation:
+def parse_messages(where: Location, field: str, value: object) -> Conversation:
     """A JSON list of {"role", "content"} objects (field `field` of the record at `where`) as Messages; anything
     else is an OwnLLMError naming the record and the field."""
     if not isinstance(value, list) or not value:
@@ -76,30 +77,33 @@ def parse_messages(where: str, field: str, value: object) -> Conversation:
     return messages
 
 
-def _conversation(where: str, record: object) -> Conversation:
+def _conversation(where: Location, record: object) -> Conversation:
     if not isinstance(record, dict):
         raise OwnLLMError(f"{where}: expected a JSON object")
     if "messages" in record:
-        conversation = parse_messages(where, "messages", record["messages"])
-        if not any(m.role == "assistant" for m in conversation):
-            raise OwnLLMError(f"{where}: no assistant message to learn from")
-        return conversation
+        return parse_messages(where, "messages", record["messages"])
     for field in ("instruction", "output"):
         if not isinstance(record.get(field), str):
             raise OwnLLMError(f"{where}: missing field {field!r} (Alpaca records need instruction and output)")
-    if not record["instruction"].strip():
-        raise OwnLLMError(f"{where}: empty instruction")
     return [Message("user", record["instruction"], str(record.get("input") or "")),
             Message("assistant", record["output"])]
 
 
+def conversation_is_empty(conversation: Conversation) -> str | None:
+    """Why a conversation carries nothing to learn from (`ownllm.data.records`), or None."""
+    if not any(m.role == "assistant" and m.content.strip() for m in conversation):
+        return "with no answer"
+    if any(m.role == "user" and not m.content.strip() for m in conversation):
+        return "with an empty instruction"
+    return None
+
+
 def read_instructions(path: str | Path) -> list[Conversation]:
-    """Conversations from Alpaca JSON/JSONL (instruction, input, output) or chat JSONL ({"messages": [...]})."""
+    """Conversations from Alpaca JSON/JSONL (instruction, input, output) or chat JSONL ({"messages": [...]}); those
+    that carry nothing (no answer, an empty instruction, a repeat) are skipped and counted (`ownllm.data.records`)."""
     path = Path(path)
-    conversations = [_conversation(where, record) for where, record in read_records(path)]
-    if not conversations:
-        raise OwnLLMError(f"{path}: no examples")
-    return conversations
+    return keep_informative(path, read_records(path), "examples", _conversation, why_empty=conversation_is_empty,
+                            key=tuple)
 
 
 # ---- encoding and batches -----------------------------------------------------------------------------------------

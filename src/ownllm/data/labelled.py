@@ -9,7 +9,9 @@
 Columns: by name (a header row) or, in a file without a header, by number (1 = first column). Left to detect, the
 label column is the one with the fewest distinct values and the text column the longest of the others. Any
 label strings work; the mapping to class ids is kept in the run. Every problem with a line (not UTF-8, a wrong
-number of fields, bad JSON, an empty text, a missing column) is an `OwnLLMError` naming the file and line.
+number of fields, bad JSON, a missing column) is an `OwnLLMError` naming the file and line; a line that carries
+nothing (an empty text or label, a repeat of an earlier text with its label) is skipped and counted
+(`ownllm.data.records`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ownllm.data.batching import EpochBatches, fixed_batches
+from ownllm.data.records import Location, keep_informative
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import Tokenizer
 
@@ -137,13 +140,13 @@ def _read_delimited(path: Path, delimiter: str, text: str | None, label: str | N
     values = {c: [fields[i] for fields in regular] for i, c in enumerate(columns)}
     text_col, label_col = _detect(columns, values, text, label, path)
     label_first = columns.index(label_col) == 0
-    examples = []
+    pairs = []
     for number, fields in body:
         if len(fields) > len(columns):
             fields = [fields[0], "\t".join(fields[1:])] if label_first else ["\t".join(fields[:-1]), fields[-1]]
         row = dict(zip(columns, fields))
-        examples.append(_example(path, number, row[text_col], row[label_col]))
-    return LabelledData(path, examples, text_col, label_col)
+        pairs.append((Location(path, number), (row[text_col], row[label_col])))
+    return LabelledData(path, _informative_examples(path, pairs), text_col, label_col)
 
 
 def _read_jsonl(path: Path, text: str | None, label: str | None) -> LabelledData:
@@ -156,16 +159,18 @@ def _read_jsonl(path: Path, text: str | None, label: str | None) -> LabelledData
         if not isinstance(record, dict):
             raise OwnLLMError(f"{path}:{number}: expected a JSON object per line")
         records.append((number, record))
-    columns = list(records[0][1])
+    columns = list(next((record for _, record in records if record), {}))
+    if not columns:
+        raise OwnLLMError(f"{path}: no examples (every record is empty)")
     values = {c: [_as_label(r.get(c, "")) for _, r in records] for c in columns}
     text_col, label_col = _detect(columns, values, text, label, path)
-    examples = []
+    pairs = []
     for number, record in records:
         for column in (text_col, label_col):
-            if column not in record:
+            if column not in record and record:
                 raise OwnLLMError(f"{path}:{number}: missing field {column!r}")
-        examples.append(_example(path, number, str(record[text_col]), _as_label(record[label_col])))
-    return LabelledData(path, examples, text_col, label_col)
+        pairs.append((Location(path, number), (str(record.get(text_col, "")), _as_label(record.get(label_col, "")))))
+    return LabelledData(path, _informative_examples(path, pairs), text_col, label_col)
 
 
 def _as_label(value: object) -> str:
@@ -174,12 +179,17 @@ def _as_label(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _example(path: Path, number: int, text: str, label: str) -> Example:
-    if not text.strip():
-        raise OwnLLMError(f"{path}:{number}: empty text")
-    if not label.strip():
-        raise OwnLLMError(f"{path}:{number}: empty label")
-    return Example(text=text, label=label.strip(), source=f"{path}:{number}")
+def _informative_examples(path: Path, pairs: list[tuple[Location, tuple[str, str]]]) -> list[Example]:
+    """Examples from (location, (text, label)): those with an empty text or label, or repeating an earlier text
+    and label, are skipped and counted (`ownllm.data.records`)."""
+    def example(where: Location, row: tuple[str, str]) -> Example:
+        return Example(text=row[0], label=row[1].strip(), source=str(where))
+
+    def why_empty(example: Example) -> str | None:
+        return "with an empty text" if not example.text.strip() else "with no label" if not example.label else None
+
+    return keep_informative(path, pairs, "examples", example, why_empty=why_empty,
+                            key=lambda e: (e.text, e.label))
 
 
 def read_labelled(path: str | Path, text_column: str | None = None, label_column: str | None = None) -> LabelledData:

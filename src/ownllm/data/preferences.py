@@ -12,6 +12,9 @@ Formats, one record per pair (the two may be mixed in one file):
   without "prompt", "chosen" and "rejected" as whole conversations that differ only in their last (assistant)
   message, which is the answer.
 
+A pair that carries nothing (chosen = rejected: no preference and no gradient; an empty answer or prompt; a repeat)
+is skipped and counted in one line (`ownllm.data.records`); a malformed record is an error naming its item.
+
 The prompt is rendered with the run's chat template exactly as instruction tuning renders it, each answer ends with
 the template's end marker (as learned in instruction tuning), and only answer tokens are counted (prompt and padding
 targets are -100): a sequence's log-probability is the sum over its answer tokens.
@@ -33,6 +36,7 @@ from torch import Tensor
 from ownllm.chat_templates import Conversation, Message, Template, encode_prompt
 from ownllm.data.batching import EpochBatches, fixed_batches
 from ownllm.data.instructions import IGNORE, parse_messages, read_records
+from ownllm.data.records import Location, keep_informative
 from ownllm.errors import OwnLLMError
 from ownllm.tokenizer import Tokenizer
 
@@ -46,7 +50,7 @@ class PreferencePair:
 
 # ---- reading ------------------------------------------------------------------------------------------------------
 
-def _answer(where: str, field: str, value: object) -> tuple[Conversation, str]:
+def _answer(where: Location, field: str, value: object) -> tuple[Conversation, str]:
     """(the conversation before the answer, the answer) of a chosen/rejected field."""
     if isinstance(value, str):
         return [], value
@@ -56,7 +60,7 @@ def _answer(where: str, field: str, value: object) -> tuple[Conversation, str]:
     return messages[:-1], messages[-1].content
 
 
-def _prompt(where: str, record: dict) -> Conversation:
+def _prompt(where: Location, record: dict) -> Conversation:
     if "prompt" in record:
         prompt = record["prompt"]
         return [Message("user", prompt)] if isinstance(prompt, str) else parse_messages(where, "prompt", prompt)
@@ -68,8 +72,9 @@ def _prompt(where: str, record: dict) -> Conversation:
     return []
 
 
-def parse_pair(where: str, record: object) -> PreferencePair:
-    """One pair from a record in either format; `where` names it in errors ("prefs.json item 3")."""
+def parse_pair(where: Location, record: object) -> PreferencePair:
+    """One pair from a record in either format; `where` names it in errors ("prefs.json item 3"). A pair that
+    carries nothing (`pair_is_empty`) is returned as it is: the reader skips it."""
     if not isinstance(record, dict):
         raise OwnLLMError(f"{where}: expected a JSON object")
     for field in ("chosen", "rejected"):
@@ -83,22 +88,28 @@ def parse_pair(where: str, record: object) -> PreferencePair:
     prompt = _prompt(where, record) + chosen_context
     if not prompt:
         raise OwnLLMError(f"{where}: missing field 'prompt' (or 'instruction')")
-    if prompt[-1].role != "user" or not prompt[-1].content.strip():
-        raise OwnLLMError(f"{where}: the prompt must end with a non-empty user message")
-    if not chosen.strip() or not rejected.strip():
-        raise OwnLLMError(f"{where}: empty {'chosen' if not chosen.strip() else 'rejected'} answer")
-    if chosen == rejected:
-        raise OwnLLMError(f"{where}: 'chosen' and 'rejected' are identical (nothing to prefer)")
+    if prompt[-1].role != "user":
+        raise OwnLLMError(f"{where}: the prompt must end with a user message")
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected)
 
 
+def pair_is_empty(pair: PreferencePair) -> str | None:
+    """Why a pair carries no preference (`ownllm.data.records`), or None: equal answers give DPO no gradient."""
+    if not pair.prompt[-1].content.strip():
+        return "with an empty prompt"
+    if not pair.chosen.strip() or not pair.rejected.strip():
+        return "with an empty answer"
+    if pair.chosen.strip() == pair.rejected.strip():
+        return "with chosen = rejected"
+    return None
+
+
 def read_preferences(path: str | Path) -> list[PreferencePair]:
-    """Preference pairs from a JSON list or JSON Lines file in the book's or trl's format."""
+    """Preference pairs from a JSON list or JSON Lines file in the book's or trl's format; pairs that carry nothing
+    (chosen = rejected, an empty answer or prompt, a repeat) are skipped and counted (`ownllm.data.records`)."""
     path = Path(path)
-    pairs = [parse_pair(where, record) for where, record in read_records(path)]
-    if not pairs:
-        raise OwnLLMError(f"{path}: no preference pairs")
-    return pairs
+    return keep_informative(path, read_records(path), "pairs", parse_pair, why_empty=pair_is_empty,
+                            key=lambda pair: (tuple(pair.prompt), pair.chosen, pair.rejected))
 
 
 # ---- encoding and batches -----------------------------------------------------------------------------------------

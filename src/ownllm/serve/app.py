@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ownllm.chat import ChatFormat, ChatTemplateError, chat_format_for, chat_settings
@@ -170,6 +172,7 @@ class ServerState:
     chat_format: ChatFormat | None
     created: int = field(default_factory=lambda: int(time.time()))
     classify_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one classification/embedding batch at a time
+    stopping: threading.Event = field(default_factory=threading.Event)  # set on Ctrl-C: unfinished batches get 503
 
     @property
     def is_classifier(self) -> bool:
@@ -250,6 +253,24 @@ class ApiCall:
             self.engine.cancel(engine_request)
 
 
+def engine_error(event: tuple) -> ApiError:
+    """The HTTP error of an engine's ("error", message, status) event: 503 when the server is shutting down."""
+    return ApiError(event[2], event[1], "server_error", code="server_shutting_down" if event[2] == 503 else None)
+
+
+async def model_call(state: ServerState, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)` (a classification or embedding batch) on a worker thread, the event loop serving
+    on; when the server stops first (Ctrl-C), a 503 at once: the thread is left to end on its own."""
+    work = asyncio.ensure_future(anyio.to_thread.run_sync(functools.partial(function, *args, **kwargs),
+                                                          abandon_on_cancel=True))
+    while not work.done():
+        if state.stopping.is_set():
+            work.cancel()
+            raise engine_error(("error", "the server is shutting down", 503))
+        await asyncio.wait({work}, timeout=0.25)
+    return work.result()
+
+
 # ---- routes ----------------------------------------------------------------------------------------------------
 
 async def chat_page() -> FileResponse:
@@ -290,7 +311,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         elif event[0] == "done":
             reasons[index], completion_tokens = event[1], completion_tokens + event[2].completion_tokens
         else:
-            raise ApiError(500, event[1], "server_error")
+            raise engine_error(event)
     choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
                for i, (t, r) in enumerate(zip(texts, reasons))]
     return JSONResponse({**base, "choices": choices, "usage": _usage(call.prompt_tokens, completion_tokens)})
@@ -332,7 +353,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
         elif event[0] == "done":
             reason, completion_tokens = event[1], event[2].completion_tokens
         else:
-            raise ApiError(500, event[1], "server_error")
+            raise engine_error(event)
     choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
               "logprobs": None, "finish_reason": reason}
     return JSONResponse({**base, "object": "chat.completion", "choices": [choice],
@@ -347,7 +368,7 @@ async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
                             "classify`)", code="wrong_endpoint")
     texts = classify_texts_of(body)
     async with state.classify_lock:  # one batch at a time on the model
-        results = await run_in_threadpool(classify_texts, state.run, texts)
+        results = await model_call(state, classify_texts, state.run, texts)
     tokens = sum(len(state.run.tokenizer.encode(t)) for t in texts)
     return {"object": "list", "model": state.model_name,
             "data": [{"index": i, "object": "classification", **r} for i, r in enumerate(results)],
@@ -363,7 +384,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
     rows = embedding_rows(body, run.tokenizer, run.config.block_size)
 
     async with state.classify_lock:  # one batch at a time on the model (beside the engine's decoding)
-        result = await run_in_threadpool(embed_token_rows, run.model, rows, pooling=pooling, warn=False)
+        result = await model_call(state, embed_token_rows, run.model, rows, pooling=pooling, warn=False)
     data = [{"object": "embedding", "index": index, "embedding": _encode_vector(vector, encoding)}
             for index, vector in enumerate(result.vectors.numpy())]
     tokens = sum(len(row) for row in rows)

@@ -3,7 +3,8 @@
     engine = Engine(model, tokenizer, max_batch=16, max_queue=64)
     engine.start()
     request = engine.submit(prompt_ids, SamplingOptions(max_new_tokens=50, temperature=0), on_event=print)
-    # on_event gets ("text", piece) as text becomes final, then ("done", finish_reason, usage) or ("error", message)
+    # on_event gets ("text", piece) as text becomes final, then ("done", finish_reason, usage) or
+    # ("error", message, http_status): 500 for a failure, 503 when the engine stops (Ctrl-C) with the request unfinished
 
 A worker thread owns the model. Each loop it prefills newly arrived requests (together, into free slots of the KV
 pool) and then runs one batched decoding step over every running request: decoding a token reads every weight
@@ -149,33 +150,44 @@ class Engine:
     # ---- the worker thread -----------------------------------------------------------------------------------
 
     def _loop(self, keep_going: Callable[[], bool] = lambda: True) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not self._closing and not self._waiting and not self._running and keep_going():
-                        self._wake.wait(timeout=0.5)
-                    if self._closing or not keep_going():
-                        break
-                    admitted = []
-                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
-                        request = self._waiting.popleft()
-                        if not request.cancelled:
-                            admitted.append(request)
-                try:
-                    for group in _prefill_groups(admitted):
-                        self._prefill(group)
-                    self._drop_finished()
-                    if self._running:
-                        self._decode_step()
-                        self._drop_finished()
-                except Exception as error:  # a bug or out of memory: fail the requests in flight, keep serving
-                    for request in [*self._running, *admitted]:
-                        if not request.finished:
-                            request.finished = True
-                            self._emit(request, ("error", f"{type(error).__name__}: {error}"))
-                    self._running = []
-        for request in [*self._running, *self._waiting]:
-            self._emit(request, ("error", "the server is shutting down"))
+        try:
+            with torch.inference_mode():
+                while self._next_step(keep_going):
+                    pass
+        finally:  # closed, or interrupted (Ctrl-C on the main thread): no request is left waiting for ever
+            with self._wake:
+                self._closing = True
+                unfinished = [r for r in [*self._running, *self._waiting] if not r.finished]
+            for request in unfinished:
+                request.finished = True
+                self._emit(request, ("error", "the server is shutting down", 503))
+
+    def _next_step(self, keep_going: Callable[[], bool]) -> bool:
+        """Admit waiting requests, prefill them and run one decoding step; False when the engine should stop."""
+        with self._wake:
+            while not self._closing and not self._waiting and not self._running and keep_going():
+                self._wake.wait(timeout=0.5)
+            if self._closing or not keep_going():
+                return False
+            admitted = []
+            while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                request = self._waiting.popleft()
+                if not request.cancelled:
+                    admitted.append(request)
+        try:
+            for group in _prefill_groups(admitted):
+                self._prefill(group)
+            self._drop_finished()
+            if self._running:
+                self._decode_step()
+                self._drop_finished()
+        except Exception as error:  # a bug or out of memory: fail the requests in flight, keep serving
+            for request in [*self._running, *admitted]:
+                if not request.finished:
+                    request.finished = True
+                    self._emit(request, ("error", f"{type(error).__name__}: {error}", 500))
+            self._running = []
+        return True
 
     def _prefill(self, requests: list[Request]) -> None:
         """Prompts into consecutive free slots in one forward pass (right-padded), and each one's first token."""

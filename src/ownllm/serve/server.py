@@ -74,7 +74,8 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
                 http_thread.join(timeout=0.5)
     except KeyboardInterrupt:
         pass
-    finally:
+    finally:  # Ctrl-C: every request still running is answered 503 at once, then the server stops
+        app.state.server.stopping.set()
         server.should_exit = True
         http_thread.join(timeout=30)
         if engine is not None:
