@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from finetune_helpers import instruction_records, write_json
+from finetune_helpers import numbered_instructions, write_json
 from ownllm.finetune import finetune_instruct
 from ownllm.finetune.common import FinalEvaluation
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _instruct(base, tmp_path, **options):
-    data = write_json(tmp_path / "instructions.json", instruction_records(200))
+    data = write_json(tmp_path / "instructions.json", numbered_instructions(200))
     common = dict(model=base, data=data, val_fraction=0.1, test_fraction=0.2, max_new_tokens=24, batch_size=8,
                   show_progress=False, precision="fp32")
     return finetune_instruct(out=tmp_path / "run", **{**common, **options})
@@ -60,7 +60,7 @@ def test_no_final_eval_leaves_it_out(base, tmp_path):
 
 
 def test_ctrl_c_during_training_skips_the_final_evaluation(base, tmp_path):
-    data = write_json(tmp_path / "instructions.json", instruction_records(200))
+    data = write_json(tmp_path / "instructions.json", numbered_instructions(200))
     run = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "ownllm", "finetune", "instruct", "--model", str(base), "--data", str(data), "--out",

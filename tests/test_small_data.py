@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from finetune_helpers import instruction_records, preference_records, write_json
+from finetune_helpers import instruction_records, numbered_instructions, preference_records, write_json
 from ownllm.cli import main
 from ownllm.finetune import finetune_instruct
 
@@ -36,7 +36,7 @@ def test_fractions_given_hold_out_and_large_files_keep_the_defaults(base, tmp_pa
     out = capsys.readouterr().out
     assert "note: 34 records" not in out and "data: train (31 records), val (3 records), test (0 records)" in out
     assert result.names["val"] == "val (3 records)" and result.val_loss is not None and result.test_loss is None
-    large = write_json(tmp_path / "large.json", instruction_records(200))
+    large = write_json(tmp_path / "large.json", numbered_instructions(200))
     result = finetune_instruct(out=tmp_path / "b", model=base, data=large, max_steps=1, max_new_tokens=2,
                                precision="fp32")
     assert result.names == {"train": "train (170 records)", "val": "val (10 records)", "test": "test (20 records)"}
