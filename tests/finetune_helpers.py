@@ -82,6 +82,12 @@ def instruction_records(n: int) -> list[dict[str, str]]:
     return records
 
 
+def numbered_instructions(n: int) -> list[dict[str, str]]:
+    """Any number of distinct records ("Say plum, number 7." -> "plum"), for files of 200 records and more."""
+    return [{"instruction": f"Say {WORDS[i % len(WORDS)]}, number {i}.", "input": "", "output": WORDS[i % len(WORDS)]}
+            for i in range(n)]
+
+
 def preference_records(n: int) -> list[dict[str, str]]:
     """The chosen answer says please, the rejected one is curt; alternately in the book's and trl's format; no two
     alike."""

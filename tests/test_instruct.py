@@ -159,9 +159,11 @@ def test_finetune_instruct_chat_and_generate_from_the_cli(base, tmp_path, capsys
     run = tmp_path / "assistant"
     result = run_cli("finetune", "instruct", "--model", base, "--data", data, "--out", run, "--max-steps", "60",
                      "--batch-size", "8", "--lr", "3e-3", "--eval-interval", "30", "--max-new-tokens", "12",
-                     "--precision", "fp32")
+                     "--precision", "fp32", "--val-fraction", "0.05", "--test-fraction", "0.1")
     assert result.returncode == 0, result.stderr
-    assert "test loss" in result.stdout and "ROUGE-L" in result.stdout
+    assert "test (10 records) loss" in result.stdout and "ROUGE-L" in result.stdout
+    assert result.stdout.splitlines()[0] == ("template: alpaca (the project's default: the model has no chat "
+                                             "template of its own)")
     rows = metrics_rows(run)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 1.0
     config = json.loads((run / "config.json").read_text())
@@ -219,3 +221,44 @@ def test_a_context_too_small_for_every_prompt_names_the_block_size_that_fits():
     suggested = int(str(error.value).split("--block-size ")[1].split()[0])
     fits = InstructionBatches(conversations, get_template("alpaca"), tokenizer, block_size=suggested, batch_size=2)
     assert fits.dropped == 0 and fits.truncated <= len(conversations) // 2
+
+
+def test_instruct_on_a_chatml_model_trains_in_its_own_template_and_default_system_prompt(base, tmp_path, monkeypatch,
+                                                                                         capsys):
+    import shutil
+
+    import ownllm
+    from ownllm.chat import chat_format_for, render_jinja
+    from ownllm.finetune import finetune_instruct
+    from ownllm.finetune import instruct as instruct_stage
+    from ownllm.tokenizer import load_tokenizer
+    from test_prompts import CHATML_JINJA, SYSTEM
+
+    model = tmp_path / "chatml-model"  # a run whose tokenizer carries a ChatML chat template, as SmolLM2's does
+    shutil.copytree(base, model)
+    tok = load_tokenizer(model / "tokenizer")
+    tok.chat_template = CHATML_JINJA
+    tok.save(model / "tokenizer")
+    seen = []
+
+    class Spy(instruct_stage.InstructionBatches):
+        def __init__(self, conversations, template, *args, **kwargs):
+            seen.append((list(conversations), template))
+            super().__init__(conversations, template, *args, **kwargs)
+
+    monkeypatch.setattr(instruct_stage, "InstructionBatches", Spy)
+    data = write_json(tmp_path / "instructions.json", instruction_records(8))
+    finetune_instruct(out=tmp_path / "run", model=model, data=data, max_steps=1, val_fraction=0.0,
+                      test_fraction=0.0, precision="fp32")
+    assert capsys.readouterr().out.splitlines()[0] == f"template: chatml (the model's own); system prompt {SYSTEM!r}"
+    conversations, template = seen[0]
+    assert template.name == "chatml"
+    user = conversations[0][1]
+    own = render_jinja(CHATML_JINJA, tok, [{"role": "user", "content": user.content + (
+        f"\n\n{user.input}" if user.input else "")}], add_generation_prompt=True)
+    expected = tok.starting_sequence(tok.encode(own))
+    trained, _ = encode_conversation(conversations[0], template, tok)
+    assert trained[:len(expected)] == expected  # the prompt ids equal the model's own template rendering
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["template"] == "chatml"
+    run = ownllm.load(tmp_path / "run")  # and the fine-tuned run chats with the same prompt
+    assert chat_format_for(run.run_config, run.tokenizer).encode(conversations[0][1:2]) == expected

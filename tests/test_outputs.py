@@ -219,6 +219,12 @@ def test_a_run_with_no_checkpoint_yet_starts_over_saying_so(verb, runs, tmp_path
 
     code, _, err = run_main(capsys, [verb.split()[0], *verb.split()[1:], "--out", run, "--resume"])
     assert_one_line_error(code, err, str(run), "without --resume to start it over")
+    inside = run / "data.txt"  # an input inside the run: refused, with no "starting it over" warning first
+    shutil.copyfile(runs["corpus"] if verb == "pretrain" else runs["tsv"], inside)
+    code, _, err = run_main(capsys, [*argv[:2], inside, *argv[3:]] if verb == "pretrain" else
+                            [*argv[:5], inside, *argv[6:]])
+    assert_one_line_error(code, err, f"--out {run}: is the input {inside}")
+    inside.unlink()
     code, out, err = run_main(capsys, argv)
     assert code == 0, err
     assert "never saved a checkpoint: starting it over" in err and "finished at step 2" in out

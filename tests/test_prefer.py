@@ -213,7 +213,7 @@ def test_the_cli_runs_and_bad_data_gets_one_line_and_exit_2(base, tmp_path, caps
     assert main(["finetune", "prefer", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "polite"),
                  "--beta", "0.2", "--lora-rank", "4", "--max-steps", "2", "--batch-size", "4", "--val-fraction",
                  "0.25", "--precision", "fp32"]) == 0
-    assert "val: preference accuracy" in capsys.readouterr().out
+    assert "val (4 records): preference accuracy" in capsys.readouterr().out
     bad = write_json(tmp_path / "bad.json", [*preference_records(3), {"instruction": "x", "chosen": "y"}])
     assert main(["finetune", "prefer", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -230,6 +230,23 @@ def test_a_negative_sft_weight_gets_one_line_and_exit_2(base, tmp_path, capsys):
                  "--sft-weight", "-1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["ownllm: error: --sft-weight must be 0 or more, not -1.0"]
     assert not (tmp_path / "r").exists() and not (tmp_path / "api").exists()
+
+
+def test_prefer_on_a_lora_instruct_run_equals_prefer_on_its_merged_copy(base, tmp_path):
+    from finetune_helpers import instruction_records
+    from ownllm.finetune import finetune_instruct, merge_lora_run
+    from ownllm.runs import load_run
+
+    instructions = write_json(tmp_path / "instructions.json", instruction_records(16))
+    finetune_instruct(out=tmp_path / "lora", model=base, data=instructions, lora_rank=4, max_steps=3, lr=3e-3,
+                      val_fraction=0.0, test_fraction=0.0, show_progress=False, precision="fp32")
+    merge_lora_run(load_run(tmp_path / "lora"), tmp_path / "merged")
+    first_losses = {}
+    for name in ("lora", "merged"):
+        _tiny_run(tmp_path / name, tmp_path, f"prefer-{name}", max_steps=2, lr=3e-4, sft_weight=1.0, log_interval=1)
+        first_losses[name] = metrics_rows(tmp_path / f"prefer-{name}")[0]["train_loss"]
+    assert first_losses["lora"] == pytest.approx(first_losses["merged"], rel=1e-5)
+    assert first_losses["lora"] > math.log(2) + 0.5  # the chosen answers' NLL counts: the base's weights matter
 
 
 def test_pairs_that_carry_nothing_are_skipped_and_counted_and_a_file_of_only_those_is_refused(base, tmp_path, capsys):

@@ -117,3 +117,31 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
     resumed = run_cli("pretrain", "--out", str(run), "--resume", "--max-steps", str(step + 3), "--eval-interval", "0")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == step + 3
+
+
+@pytest.mark.parametrize("peak, shown", [(1.0, False), (1e18, True)], ids=["busy-peak", "stable-peak"])
+def test_mfu_is_not_shown_above_100_percent(tmp_path, monkeypatch, capsys, peak, shown):
+    from ownllm import training
+
+    monkeypatch.setattr(training, "matmul_peak_flops", lambda device_type, precision: peak)
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text(python_docs(20_000), encoding="utf-8")
+    pretrain(out=tmp_path / "run", data=corpus, preset="tiny", tokenizer="char", max_steps=3, log_interval=1,
+             model_overrides=dict(block_size=32), batch_size=4, eval_interval=0, precision="fp32")
+    assert ("mfu=" in capsys.readouterr().err) == shown
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--stop-at", "0"], "--stop-at must be at least 1, not 0"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1, not -2"),
+    (["--max-minutes", "0"], "--max-minutes must be more than 0, not 0"),
+    (["--lora-rank", "-4"], "--lora-rank must be at least 0, not -4"),
+    (["--val-fraction", "-0.1"], "--val-fraction must be at least 0, not -0.1"),
+])
+def test_a_flag_out_of_its_range_gets_one_line_and_exit_2(tmp_path, capsys, flags, error):
+    from ownllm.cli import main
+
+    assert main(["finetune", "instruct", "--model", "m", "--data", "d.json", "--out", str(tmp_path / "r"),
+                 *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"ownllm: error: {error}"]
+    assert not (tmp_path / "r").exists()

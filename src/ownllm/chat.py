@@ -5,12 +5,20 @@ answers. `ownllm chat`, `generate --instruction`, `ownllm ask` (ownllm.retrieval
     chat_format = chat_format_for(run.run_config, run.tokenizer)
     answer = chat_reply(run.model, chat_format, [Message("user", "Hi")], SamplingOptions(max_new_tokens=50))
 
-Which format a model chats in, in order (one rule for every front end): the prompt template it was fine-tuned
-with (`alpaca` or `chatml`, from `ownllm finetune instruct`; an imported model whose own template is ChatML gets
-`chatml` too), else the Jinja chat template that came with an imported Hugging Face model, else ChatML (what
-llama.cpp's server falls back to as well), or, where the tokenizer cannot spell ChatML's markers (a char tokenizer
-trained on a play), the plain-text `transcript` template. Our templates (ownllm.chat_templates) are encoded piece
-by piece exactly as in fine-tuning, so the model sees the token boundaries it learned.
+Which format a model chats in, in order (one rule for every front end, and for the fine-tuning stages, which train
+in the model's own template, `own_template`): the prompt template it was fine-tuned with (`alpaca` or `chatml`,
+from `ownllm finetune instruct`), else ChatML when the model's own Jinja chat template writes ChatML (an imported
+SmolLM2 or Qwen2), else that Jinja template itself (an imported model of another format), else the project's
+default: ChatML (what llama.cpp's server falls back to as well), or, where the tokenizer cannot spell ChatML's
+markers (a char tokenizer trained on a play), the plain-text `transcript` template. Our templates
+(ownllm.chat_templates) are encoded piece by piece exactly as in fine-tuning, so the model sees the token boundaries
+it learned.
+
+The default system prompt (`default_system`): a conversation without a system message gets the run's own (config.json
+"chat": {"system": ...}, set by `finetune instruct --system` or `ownllm chat-defaults`), else, in ChatML, the one the
+model's Jinja chat template adds by default (SmolLM2's "You are a helpful AI assistant named SmolLM, ..."), so a
+model is prompted as its own template prompts it, in every front end and in fine-tuning. The run's other chat
+defaults (temperature, top_p, top_k, max_tokens) are `chat_settings`.
 
 The context-room rule (`prompt_room`): a prompt may take the context window less the tokens asked for, and the
 answer never takes more than half the window. `chat_prompt` drops the oldest exchanges until the prompt fits;
@@ -22,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from ownllm.chat_templates import Message, Template, encode_prompt, get_template
+from ownllm.chat_templates import Message, Template, encode_prompt, get_template, speaks_chatml, with_system
 from ownllm.decoding import SamplingOptions, decode_texts
 from ownllm.errors import OwnLLMError
 from ownllm.model import GPT
@@ -32,6 +41,10 @@ from ownllm.tokenizer import Tokenizer
 
 class ChatTemplateError(OwnLLMError):
     """The model's own (Jinja) chat template refused the messages or failed on them."""
+
+
+CHAT_SETTINGS = ("system", "temperature", "top_p", "top_k", "max_tokens")  # a run's chat defaults (config.json "chat")
+PROJECT_DEFAULT = "the project's default: the model has no chat template of its own"
 
 
 # ---- chat formats -------------------------------------------------------------------------------------------------
@@ -43,6 +56,8 @@ class ChatFormat:
     tokenizer: Tokenizer
     template: Template | None = None  # ours (alpaca, chatml, transcript); None: the tokenizer's Jinja template
     jinja: str | None = None
+    system: str | None = None  # the system message a conversation without one gets (`default_system`)
+    origin: str = "the model's own"  # or PROJECT_DEFAULT
 
     @property
     def name(self) -> str:
@@ -54,41 +69,102 @@ class ChatFormat:
 
     def encode(self, conversation: Sequence[Message]) -> list[int]:
         """Prompt ids; begin-of-sequence by `Tokenizer.starting_sequence`, as in training and `generate`."""
+        conversation = with_system(conversation, self.system)
         if self.template is not None:
             return encode_prompt(conversation, self.template, self.tokenizer)
         return self.tokenizer.starting_sequence(self.tokenizer.encode(self._render_jinja(conversation)))
 
     def _render_jinja(self, conversation: Sequence[Message]) -> str:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise ChatTemplateError(f"the model's chat template refused the messages: {message}")
-
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = raise_exception
-        tok = self.tokenizer
-        special = {"bos_token": tok.token(tok.bos_id) if tok.bos_id is not None else "",
-                   "eos_token": tok.token(tok.eot_id) if tok.eot_id is not None else ""}
         messages = [{"role": m.role, "content": m.content + (f"\n\n{m.input}" if m.input else "")}
                     for m in conversation]
-        try:
-            return environment.from_string(self.jinja or "").render(messages=messages, add_generation_prompt=True,
-                                                                    **special)
-        except TemplateError as error:
-            raise ChatTemplateError(f"the model's chat template failed: {error}") from error
+        return render_jinja(self.jinja or "", self.tokenizer, messages, add_generation_prompt=True)
+
+
+def render_jinja(jinja: str, tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """A model's Jinja chat template rendered over `messages`, sandboxed, as transformers renders it."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ChatTemplateError(f"the model's chat template refused the messages: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    special = {"bos_token": tokenizer.token(tokenizer.bos_id) if tokenizer.bos_id is not None else "",
+               "eos_token": tokenizer.token(tokenizer.eot_id) if tokenizer.eot_id is not None else ""}
+    try:
+        return environment.from_string(jinja).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                     **special)
+    except TemplateError as error:
+        raise ChatTemplateError(f"the model's chat template failed: {error}") from error
+
+
+def own_template(run_config: dict, tokenizer: Tokenizer) -> str | None:
+    """The name of our template that is the model's own: the one it was fine-tuned with, else `chatml` when its
+    Jinja chat template writes ChatML; None when it has none of ours."""
+    if run_config.get("template"):
+        return run_config["template"]
+    return "chatml" if speaks_chatml(getattr(tokenizer, "chat_template", None)) else None
+
+
+def chat_settings(run_config: dict) -> dict:
+    """The run's own chat defaults (config.json "chat": system, temperature, top_p, top_k, max_tokens), those set."""
+    return {k: v for k, v in (run_config.get("chat") or {}).items() if k in CHAT_SETTINGS and v is not None}
+
+
+def set_chat_defaults(run_dir: str | Path, settings: dict, unset: Sequence[str] = ()) -> dict:
+    """Set (and `unset`) chat defaults of the ownllm run in `run_dir`, in its config.json; the run's chat defaults
+    after the change. Ranges as in the OpenAI API: temperature 0..2, top_p in (0, 1], top_k and max_tokens >= 1."""
+    from ownllm.checkpoint import CONFIG_FILE, read_run_config, write_json_atomic
+
+    ranges = {"temperature": (lambda v: 0 <= v <= 2, "in [0, 2]"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+              "top_k": (lambda v: v >= 1, "at least 1"), "max_tokens": (lambda v: v >= 1, "at least 1")}
+    for name, value in settings.items():
+        if name not in CHAT_SETTINGS:
+            raise OwnLLMError(f"{name}: not a chat default (choose from {', '.join(CHAT_SETTINGS)})")
+        if name in ranges and not ranges[name][0](value):
+            raise OwnLLMError(f"--{name.replace('_', '-')} {value}: must be {ranges[name][1]}")
+    config = read_run_config(Path(run_dir))
+    chat = {k: v for k, v in {**chat_settings(config), **settings}.items() if k not in unset}
+    config["chat"] = chat or None
+    write_json_atomic(Path(run_dir) / CONFIG_FILE, config)
+    return chat
+
+
+def default_system(run_config: dict, tokenizer: Tokenizer, template_name: str | None) -> str | None:
+    """The system message a conversation without one gets: the run's own, else, in ChatML, the one the model's Jinja
+    chat template adds when a conversation has none."""
+    own = chat_settings(run_config).get("system")
+    if own is not None:
+        return own
+    jinja = getattr(tokenizer, "chat_template", None)
+    if template_name != "chatml" or not speaks_chatml(jinja):
+        return None
+    marker = "\x00user\x00"
+    try:
+        text = render_jinja(jinja, tokenizer, [{"role": "user", "content": marker}], add_generation_prompt=False)
+    except ChatTemplateError:
+        return None  # a template that needs more than one user message has no default to read
+    before = text.split(marker)[0]
+    start = before.find("<|im_start|>system\n")
+    if start < 0:
+        return None
+    return before[start + len("<|im_start|>system\n"):].split("<|im_end|>")[0]
 
 
 def chat_format_for(run_config: dict, tokenizer: Tokenizer) -> ChatFormat:
     """The chat format of a language model (see the module docstring for the order)."""
-    if run_config.get("template"):
-        return ChatFormat(tokenizer, template=get_template(run_config["template"]))
+    own = own_template(run_config, tokenizer)
+    system = default_system(run_config, tokenizer, own)
+    if own:
+        return ChatFormat(tokenizer, template=get_template(own), system=system)
     if getattr(tokenizer, "chat_template", None):
-        return ChatFormat(tokenizer, jinja=tokenizer.chat_template)
+        return ChatFormat(tokenizer, jinja=tokenizer.chat_template, system=system)
     chatml = get_template("chatml")
     if tokenizer.encode_known(chatml.render([Message("user", ""), Message("assistant", "")]))[1]:
-        return ChatFormat(tokenizer, template=get_template("transcript"))  # a char tokenizer cannot spell <|im_end|>
-    return ChatFormat(tokenizer, template=chatml)
+        # a char tokenizer cannot spell <|im_end|>
+        return ChatFormat(tokenizer, template=get_template("transcript"), system=system, origin=PROJECT_DEFAULT)
+    return ChatFormat(tokenizer, template=chatml, system=system, origin=PROJECT_DEFAULT)
 
 
 # ---- prompts that fit the context ---------------------------------------------------------------------------------

@@ -159,6 +159,19 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
+def speaks_chatml(jinja: str | None) -> bool:
+    """Whether a model's Jinja chat template writes ChatML (`<|im_start|>` ... `<|im_end|>`)."""
+    return bool(jinja) and "<|im_start|>" in jinja and "<|im_end|>" in jinja
+
+
+def with_system(conversation: Sequence[Message], system: str | None) -> Conversation:
+    """`conversation` with `system` as its first message when it has no system message of its own (and `system` is
+    not empty): how a model's default system prompt joins a conversation, in training and in chat alike."""
+    if not system or any(m.role == "system" for m in conversation):
+        return list(conversation)
+    return [Message("system", system), *conversation]
+
+
 def encode_prompt(conversation: Sequence[Message], template: Template, tokenizer: Tokenizer) -> list[int]:
     """Token ids of the prompt, encoded piece by piece exactly as in training (begin-of-sequence included by
     `Tokenizer.starting_sequence`): what `generate --instruction`, `chat` and the server's chat feed the model."""

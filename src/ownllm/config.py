@@ -31,14 +31,15 @@ SCALE_GROUP = "several processes (docs/scaling.md)"
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: str | None = None,
            group: str | None = None, section: str | None = None, fields_of: type | None = None,
-           **argparse_settings: Any) -> Any:
+           at_least: float | None = None, above: float | None = None, **argparse_settings: Any) -> Any:
     """A dataclass field that is also a flag: `help`, `flag` (default --name-with-dashes), `group` (its help
     group) and argparse's `choices`, `nargs`, `metavar`, ... (the type comes from the annotation). `fields_of`: a
     dict field of values for that dataclass's fields, one flag each (the train settings). `section`: the run's
     config.json keeps the option (resolved) as that top-level section, which loading reads, instead of among the
-    stage's options ("lora.rank": the key of a section)."""
+    stage's options ("lora.rank": the key of a section). `at_least` / `above`: the range of a number, checked for
+    every stage (`ownllm.options.check_ranges`)."""
     metadata = {"help": help, "flag": flag, "group": group, "section": section, "fields_of": fields_of,
-                "argparse": argparse_settings}
+                "at_least": at_least, "above": above, "argparse": argparse_settings}
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -201,31 +202,32 @@ def train_config_for(preset: str, **overrides: Any) -> "TrainConfig":
 class TrainConfig:
     """Settings of the one training loop. Defaults suit the `mini` preset on a CPU."""
 
-    batch_size: int = option(16, "sequences per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-3, "peak learning rate")
-    min_lr: float | None = option(None, "learning rate at the end of the cosine decay (default lr/10)")
-    warmup_steps: int = option(100, "linear warmup steps")
-    max_steps: int = option(2000, "optimizer steps of the whole schedule")
-    weight_decay: float = option(0.1, "AdamW weight decay on weight matrices")
+    batch_size: int = option(16, "sequences per micro-batch", at_least=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
+    lr: float = option(1e-3, "peak learning rate", above=0)
+    min_lr: float | None = option(None, "learning rate at the end of the cosine decay (default lr/10)",
+                                  at_least=0)
+    warmup_steps: int = option(100, "linear warmup steps", at_least=0)
+    max_steps: int = option(2000, "optimizer steps of the whole schedule", at_least=1)
+    weight_decay: float = option(0.1, "AdamW weight decay on weight matrices", at_least=0)
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)")
-    eval_interval: int = option(200, "evaluate on validation data every N steps (0 = never)")
-    eval_steps: int = option(20, "validation batches per evaluation")
-    log_interval: int = option(10, "write a metrics.jsonl row every N steps")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)", at_least=0)
+    eval_interval: int = option(200, "evaluate on validation data every N steps (0 = never)", at_least=0)
+    eval_steps: int = option(20, "validation batches per evaluation", at_least=0)
+    log_interval: int = option(10, "write a metrics.jsonl row every N steps", at_least=1)
     checkpoint_interval: int = option(0, "also checkpoint every N steps (checkpoints are written at each "
-                                         "evaluation)")
+                                         "evaluation)", at_least=0)
     stop_at: int | None = option(None, "end this invocation after step K with a checkpoint; the schedule still "
-                                       "follows --max-steps")
-    max_minutes: float | None = option(None, "stop with a checkpoint after this many minutes")
+                                       "follows --max-steps", at_least=1)
+    max_minutes: float | None = option(None, "stop with a checkpoint after this many minutes", above=0)
     precision: str = option("auto", "bf16 autocast or fp32; auto: the faster on this machine, measured "
                                     "(ownllm.probe)", choices=["auto", "bf16", "fp32"])
     compile: bool | str = option(False, "torch.compile the model; auto: when a measurement says it pays over the "
                                         "run", nargs="?", const="on", choices=["on", "off", "auto"])
     optimizer: str = option("adamw", "AdamW, or Muon on the hidden matrices with AdamW on embeddings, head, gains "
                                      "and biases (ownllm.optim)", choices=["adamw", "muon"])
-    muon_lr: float = option(0.02, "with --optimizer muon: Muon's peak learning rate (AdamW keeps --lr)")
+    muon_lr: float = option(0.02, "with --optimizer muon: Muon's peak learning rate (AdamW keeps --lr)", above=0)
     muon_momentum: float = option(0.95, "with --optimizer muon: Muon's momentum")
     seed: int = option(1337, "random seed (model init, batches, dropout)")
     strategy: str = option("auto", "under torchrun: DDP (auto) or FSDP; --batch-size stays the global batch",
@@ -233,7 +235,7 @@ class TrainConfig:
     # pretraining only (ownllm.options.PretrainOptions shows these two flags)
     eval_tasks: str = option("", "benchmarks scored at each evaluation, e.g. hellaswag,arc_easy "
                                  "(accuracy into metrics.jsonl and loss.png; docs/evaluation.md)")
-    eval_limit: int = option(200, "items per benchmark at each evaluation (default 200)")
+    eval_limit: int = option(200, "items per benchmark at each evaluation (default 200)", at_least=1)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):

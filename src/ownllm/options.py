@@ -16,7 +16,7 @@ an option is written once, here, with its default.
 A run's config.json keeps the options once (`ownllm.checkpoint.RunConfig`): under "options", or, for those that
 loading reads (the base model, LoRA, the classifier's pooling, the prompt template, ...), as the top-level section
 their `section` names, resolved; a resume reads both back into the same dataclass. What holds for one invocation
-(`out`, `resume`, `force`, `device`, `show_progress`) is never stored; the train settings are stored resolved, as
+(`out`, `resume`, `force`, `device`, `show_progress`, `final_eval`) is never stored; the train settings are stored resolved, as
 the run's TrainConfig.
 """
 
@@ -32,7 +32,8 @@ from ownllm.config import PRESETS, TRAIN_GROUP, ModelConfig, TrainConfig, option
 from ownllm.errors import OwnLLMError
 from ownllm.lora import TARGETS
 
-PER_INVOCATION = ("out", "resume", "force", "device", "show_progress", "train")  # not among the stored options
+PER_INVOCATION = ("out", "resume", "force", "device", "show_progress", "train",  # not among the stored options
+                  "final_eval")
 TEMPLATES = ("alpaca", "chatml")  # ownllm.data.instructions.TEMPLATES
 BALANCES = ("none", "undersample", "weight")
 Options = TypeVar("Options", bound="StageOptions")
@@ -62,6 +63,8 @@ class StageOptions:
         unknown = sorted(set(self.train) - train_fields)
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown train setting(s) {', '.join(unknown)}")
+        check_ranges(dataclasses.fields(self), lambda name: getattr(self, name))
+        check_ranges(dataclasses.fields(TrainConfig), self.train.get)
 
     @classmethod
     def given(cls: type[Options], options: Options | None, keywords: dict[str, Any]) -> Options:
@@ -130,6 +133,20 @@ class StageOptions:
                               "drop them, or start a new run with another --out")
 
 
+def check_ranges(fields: Sequence[dataclasses.Field], value_of: Any) -> None:
+    """Refuse a number outside its field's range (`at_least` / `above` in `ownllm.config.option`), naming the flag:
+    `--stop-at 0` is not silently ignored."""
+    for field in fields:
+        value = value_of(field.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        at_least, above = field.metadata.get("at_least"), field.metadata.get("above")
+        if at_least is not None and value < at_least:
+            raise OwnLLMError(f"{flag_of(field)} must be at least {at_least:g}, not {value:g}")
+        if above is not None and value <= above:
+            raise OwnLLMError(f"{flag_of(field)} must be more than {above:g}, not {value:g}")
+
+
 def _as_json(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -159,8 +176,8 @@ class PretrainOptions(StageOptions):
                                 section="preset")
     tokenizer: str | None = option(None, "for raw text: bpe (default), char, or a tokenizer path",
                                    section="tokenizer")
-    vocab_size: int | None = option(None, "BPE vocabulary size for raw text (default 8000)")
-    val_fraction: float | None = option(None, "held-out share of raw text (default 0.05)")
+    vocab_size: int | None = option(None, "BPE vocabulary size for raw text (default 8000)", at_least=1)
+    val_fraction: float | None = option(None, "held-out share of raw text (default 0.05)", at_least=0)
     model_overrides: dict[str, Any] = option(default_factory=dict, fields_of=ModelConfig, section="model")
 
     KEPT_ON_RESUME = ("data", "preset", "tokenizer", "vocab_size", "val_fraction", "model_overrides")
@@ -177,20 +194,26 @@ class FinetuneOptions(StageOptions):
     data: str | Path | None = option(None, "training data file")
     val_file: str | Path | None = option(None, "validation data (default: a --val-fraction of --data)")
     test_file: str | Path | None = option(None, "test data (default: a --test-fraction of --data)")
-    val_fraction: float = option(0.05)
-    test_fraction: float = option(0.1)
+    val_fraction: float | None = option(None, "held-out share of --data for validation (default 0.05; none for a "
+                                              "file of fewer than 200 records, which validates on a copy of the "
+                                              "training set)", at_least=0)
+    test_fraction: float | None = option(None, "held-out share of --data for the final test (default 0.1; none for a "
+                                               "file of fewer than 200 records)", at_least=0)
     split_seed: int = option(123, "seed of the val/test split")
     train_layers: str = option("all", "all | last:N | head (classification only)")
-    lora_rank: int = option(0, "train LoRA adapters of this rank (0 = off)", section="lora.rank")
-    lora_alpha: float | None = option(None, "LoRA alpha (default 2 * rank)", section="lora.alpha")
-    lora_dropout: float = option(0.0, section="lora.dropout")
+    lora_rank: int = option(0, "train LoRA adapters of this rank (0 = off)", section="lora.rank", at_least=0)
+    lora_alpha: float | None = option(None, "LoRA alpha (default 2 * rank)", section="lora.alpha", above=0)
+    lora_dropout: float = option(0.0, section="lora.dropout", at_least=0)
     lora_targets: Sequence[str] = option(TARGETS, f"modules that get adapters (default: all of {' '.join(TARGETS)})",
                                          nargs="+", choices=TARGETS, metavar="MODULE", section="lora.targets")
-    epochs: float = option(1, "passes over the training data (unless --max-steps)")
-    dropout: float | None = option(None, "dropout while fine-tuning (default: the base's)")
+    epochs: float = option(1, "passes over the training data (unless --max-steps)", above=0)
+    dropout: float | None = option(None, "dropout while fine-tuning (default: the base's)", at_least=0)
+    final_eval: bool = option(True, "evaluate on the held-out data at the end (skipped after Ctrl-C, and when "
+                                    "--max-minutes, which bounds the whole command, runs out)")
 
     KEPT_ON_RESUME = ("model", "data", "val_file", "test_file")
     KEPT_WHAT = "base model and data"
+    HELD_OUT: ClassVar[tuple[float, float]] = (0.05, 0.1)  # the val and test fractions not given (large data)
     PATHS: ClassVar[tuple[str, ...]] = KEPT_ON_RESUME
 
     def paths(self) -> list[str | Path | None]:
@@ -206,15 +229,16 @@ def stage_default(options: type, name: str, default: Any) -> Any:
     """The option `name` of `options` again, with a stage's own default (the same flag and help)."""
     (field,) = [f for f in dataclasses.fields(options) if f.name == name]
     return option(default, field.metadata["help"], flag=field.metadata["flag"], group=field.metadata["group"],
-                  section=field.metadata["section"], **field.metadata["argparse"])
+                  section=field.metadata["section"], at_least=field.metadata["at_least"],
+                  above=field.metadata["above"], **field.metadata["argparse"])
 
 
 @dataclass(kw_only=True)
 class ClassifyOptions(FinetuneOptions):
     """`finetune classify`: labelled texts -> a classifier."""
 
-    val_fraction: float = stage_default(FinetuneOptions, "val_fraction", 0.1)
-    test_fraction: float = stage_default(FinetuneOptions, "test_fraction", 0.2)
+    val_fraction: float = option(0.1, "held-out share of --data for validation", at_least=0)
+    test_fraction: float = option(0.2, "held-out share of --data for the final test", at_least=0)
     epochs: float = stage_default(FinetuneOptions, "epochs", 5)
     text_column: str | None = option(None, "text column name (or number, 1 = first, in a file without a header)")
     label_column: str | None = option(None, "label column name (or number)")
@@ -222,7 +246,8 @@ class ClassifyOptions(FinetuneOptions):
                                   "frequency", choices=BALANCES)
     pooling: str = option("last", "read the last real token (default) or the mean over the real tokens",
                           choices=["last", "mean"], section="pooling")
-    max_length: int | None = option(None, "tokens kept per text (default: the context)", section="max_length")
+    max_length: int | None = option(None, "tokens kept per text (default: the context)", section="max_length",
+                                    at_least=1)
 
 
 @dataclass(kw_only=True)
@@ -230,18 +255,24 @@ class InstructOptions(FinetuneOptions):
     """`finetune instruct`: conversations in a prompt template -> an assistant."""
 
     epochs: float = stage_default(FinetuneOptions, "epochs", 2)
-    template: str = option("alpaca", choices=TEMPLATES, section="template")
+    template: str | None = option(None, "prompt template (default: the model's own, from its instruct run or chat "
+                                        "template; alpaca for a model with none)", choices=TEMPLATES,
+                                  section="template")
+    system: str | None = option(None, "system prompt of the conversations that have none, kept as the run's chat "
+                                      "default (default: the model's own)", section="chat.system")
     mask_prompt: bool = option(True, "learn only the responses (default) or the whole text")
-    max_new_tokens: int = option(256, "length of the held-out responses")
+    max_new_tokens: int = option(256, "length of the held-out responses", at_least=1)
 
 
 @dataclass(kw_only=True)
 class PreferOptions(FinetuneOptions):
     """`finetune prefer`: pairs of a chosen and a rejected answer -> a model that prefers the chosen (DPO)."""
 
-    test_fraction: float = stage_default(FinetuneOptions, "test_fraction", 0.0)
-    template: str | None = option(None, "prompt template (default: the model's own, from its instruct run or chat "
-                                        "template)", choices=TEMPLATES, section="template")
+    test_fraction: float | None = option(None, "held-out share of --data for the final test (default 0)",
+                                         at_least=0)
+    HELD_OUT = (0.05, 0.0)
+    template: str | None = stage_default(InstructOptions, "template", None)
+    system: str | None = stage_default(InstructOptions, "system", None)
     beta: float = option(0.1, "DPO beta: how far the model may move from where it started")
     loss: str = option("sigmoid", "DPO (sigmoid) or IPO loss", choices=["sigmoid", "ipo"])
     sft_weight: float = option(0.0, "add this much of the chosen answers' mean NLL per token to the loss (RPO; "

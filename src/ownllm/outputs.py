@@ -174,14 +174,14 @@ def start_run_dir(out: str | Path, *, force: bool = False, inputs: Iterable[str 
     from ownllm.checkpoint import CONFIG_FILE, checkpoint_dir
 
     run_dir = Path(out)
-    if (run_dir / CONFIG_FILE).is_file() and not force:
-        if checkpoint_dir(run_dir) is not None:
-            raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, --force to start "
-                              "over, or choose another --out")
+    stale = (run_dir / CONFIG_FILE).is_file() and not force
+    if stale and checkpoint_dir(run_dir) is not None:
+        raise OwnLLMError(f"{run_dir} already holds a run: pass --resume to continue it, --force to start "
+                          "over, or choose another --out")
+    check_output(run_dir, "dir", inputs=inputs, force=force or stale)  # every refusal before any warning
+    if stale:
         warn(f"{run_dir} holds a run that never saved a checkpoint: starting it over")
-        force = True
-    check_output(run_dir, "dir", inputs=inputs, force=force)
-    if run_dir.exists() and force:
+    if run_dir.exists() and (force or stale):
         shutil.rmtree(run_dir)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)

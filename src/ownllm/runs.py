@@ -35,7 +35,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.interop.readers.gguf import is_gguf_path, read_gguf
 from ownllm.interop.readers.hf import is_hf_model_dir, read_hf
 from ownllm.interop.readers.hub import local_model_path
-from ownllm.lora import LoRAConfig, apply_lora, load_peft_adapter
+from ownllm.lora import LoRAConfig, apply_lora, load_peft_adapter, merge_lora
 from ownllm.model import GPT, GPTClassifier, rope_tables
 from ownllm.quantize import quantize_model
 from ownllm.tokenizer import Tokenizer, load_tokenizer
@@ -69,7 +69,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", quantize: str
 
 def load_base(path: str | Path | None) -> LoadedRun:
     """The language model a fine-tuning stage starts from, on the CPU, in train-ready float32: an ownllm run or a
-    foreign model; a classifier or a LoRA run is refused (never loaded through `load_run`, so no recursion)."""
+    foreign model; a LoRA run is its base with the adapters merged in (so any stage chains on a LoRA run, with no
+    `merge-lora` copy on disk); a classifier is refused. Never loaded through `load_run`."""
     if path is None:
         raise OwnLLMError("--model is required for a new run (the run directory of a pretrained model)")
     foreign = _read_foreign(path)
@@ -80,7 +81,10 @@ def load_base(path: str | Path | None) -> LoadedRun:
     if run_config.get("task") == "classify":
         raise OwnLLMError(f"{path}: is a classifier run; fine-tune from a language model")
     if run_config.get("lora"):
-        raise OwnLLMError(f"{path}: is a LoRA run; merge it first (`ownllm merge-lora {path} --out DIR`)")
+        run = _read_lora(run_dir, run_config)
+        merge_lora(run.model)
+        run.run_config = {key: value for key, value in run_config.items() if key != "lora"}
+        return run
     return _read_full_weights(run_dir, run_config)
 
 

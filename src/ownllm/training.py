@@ -70,6 +70,7 @@ class TrainResult:
     stopped_early: bool  # by --stop-at, --max-minutes or Ctrl-C, before max_steps
     tokens_per_sec: float
     peak_memory_mb: float = 0.0  # the process's peak resident memory (CPU) or peak allocated memory (CUDA)
+    interrupted: bool = False  # stopped by Ctrl-C
 
 
 class _GracefulStop:
@@ -124,6 +125,14 @@ class TrainJob:
     # metrics measured at each evaluation besides (or instead of) the val loss of eval_batches, e.g. a preference
     # accuracy; every process calls it, rank 0 adds the returned fields to the metrics row ("val_loss" counts as one)
     eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None
+    # time.monotonic() by which training stops (a stage's whole command under --max-minutes); None: max_minutes
+    # from the start of `train`
+    deadline: float | None = None
+
+
+def deadline_of(max_minutes: float | None) -> float | None:
+    """The time.monotonic() by which a command given --max-minutes must end (None without it)."""
+    return time.monotonic() + 60 * max_minutes if max_minutes else None
 
 
 def counted_targets(batch: Batch) -> float:
@@ -250,7 +259,7 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
     use_compile = job.compile_model if job.compile_model is not None else cfg.compile is True
     forward_model = torch.compile(run.net) if use_compile else run.net
     last_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
-    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
+    deadline = job.deadline if job.deadline is not None else deadline_of(cfg.max_minutes)
     stopped_early = False
     bar = tqdm(total=last_step, initial=run.step, disable=not (show_progress and run.main), unit="step",
                dynamic_ncols=True, desc=Path(job.run_dir).name)
@@ -292,7 +301,7 @@ def train(job: TrainJob, resume: bool = False, show_progress: bool = True) -> Tr
     distributed.barrier()  # the checkpoint is on disk before any process moves on
     return TrainResult(step=run.step, train_loss=run.train_loss, val_loss=run.val_loss,
                        stopped_early=stopped_early or run.step < cfg.max_steps, tokens_per_sec=run.tokens_per_sec,
-                       peak_memory_mb=peak_memory_mb(run.device))
+                       peak_memory_mb=peak_memory_mb(run.device), interrupted=stop.requested)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -389,8 +398,9 @@ def _log_step(job: TrainJob, run: _Progress, forward_model: nn.Module, lr: float
     peak = distributed.world_size() * matmul_peak_flops(run.device.type, job.precision) \
         if job.flops_per_token and run.main else 0.0
     postfix = {"loss": f"{run.train_loss:.3f}", "tok/s": f"{run.tokens_per_sec:,.0f}"}
-    if peak:
-        postfix["mfu"] = f"{100 * run.tokens_per_sec * job.flops_per_token / peak:.0f}%"
+    mfu = run.tokens_per_sec * job.flops_per_token / peak if peak else 0.0
+    if 0 < mfu <= 1:  # above 1 the peak was measured on a busy machine: no figure rather than a wrong one
+        postfix["mfu"] = f"{100 * mfu:.0f}%"
     if run.val_loss is not None:
         postfix["val"] = f"{run.val_loss:.3f}"
     bar.set_postfix(postfix, refresh=False)

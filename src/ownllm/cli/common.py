@@ -40,20 +40,35 @@ def add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str) -> No
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=quantize_help)
 
 
+SAMPLING_DEFAULTS = {"max_tokens": 200, "temperature": 0.8}  # unless a flag, or a run's chat default, says otherwise
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    chat = "; in chat, generate --instruction and ask: the run's chat default when it has one"
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=f"(default 200{chat})")
+    parser.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default 0.8{chat})")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
 
 
-def sampling_options(args: argparse.Namespace) -> Any:
-    """The `SamplingOptions` of the flags `add_sampling_flags` added (at least one new token)."""
+def sampling_options(args: argparse.Namespace, chat_defaults: dict[str, Any] | None = None) -> Any:
+    """The `SamplingOptions` of the flags `add_sampling_flags` added (at least one new token); a flag not given
+    takes the run's chat default (`ownllm.chat.chat_settings`) where there is one, else SAMPLING_DEFAULTS."""
     from ownllm.decoding import SamplingOptions
 
-    if args.max_new_tokens < 1:
-        raise OwnLLMError(f"--max-new-tokens {args.max_new_tokens}: generates nothing; give at least 1")
-    return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, stop=args.stop)
+    settings = {**SAMPLING_DEFAULTS, **(chat_defaults or {})}
+    given = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p}
+    chosen = {name: settings.get(name) if value is None else value for name, value in given.items()}
+    if chosen["max_tokens"] < 1:
+        raise OwnLLMError(f"--max-new-tokens {chosen['max_tokens']}: generates nothing; give at least 1")
+    if chosen["temperature"] < 0:
+        raise OwnLLMError(f"--temperature must be 0 (greedy) or more, not {chosen['temperature']:g}")
+    if chosen["top_k"] is not None and chosen["top_k"] < 1:
+        raise OwnLLMError(f"--top-k must be at least 1, not {chosen['top_k']}")
+    if chosen["top_p"] is not None and not 0 < chosen["top_p"] <= 1:
+        raise OwnLLMError(f"--top-p must be in (0, 1], not {chosen['top_p']:g}")
+    return SamplingOptions(max_new_tokens=chosen["max_tokens"], temperature=chosen["temperature"],
+                           top_k=chosen["top_k"], top_p=chosen["top_p"], seed=args.seed, stop=args.stop)

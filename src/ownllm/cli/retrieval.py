@@ -104,10 +104,12 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
+    from ownllm.chat import chat_settings
     from ownllm.runs import load_run
     from ownllm.device import pick_device
     from ownllm.retrieval import answer, open_index, search
 
+    sampling_options(args)  # the flags given are checked before anything loads
     index = open_index(args.index)  # a bad index file fails before any model loads
     device = pick_device(args.device)
     run = load_run(args.model, device=device)
@@ -115,7 +117,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
     if args.sources_only:
         hits = search(index, embedder, args.question, k=args.chunks, mode=args.mode)
     else:
-        _, hits = answer(run, index, args.question, k=args.chunks, mode=args.mode, options=sampling_options(args),
+        options = sampling_options(args, chat_settings(run.run_config))
+        _, hits = answer(run, index, args.question, k=args.chunks, mode=args.mode, options=options,
                          embedder=embedder, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         sys.stdout.write("\n\n")
     print("sources:")

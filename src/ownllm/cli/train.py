@@ -42,32 +42,40 @@ class Stage:
     report: Callable[[Any, argparse.Namespace], None]
 
 
+def _held_out(parts: list[str], result: Any, nothing: str) -> str:
+    """The held-out figures of a stage's result, and what became of its final evaluation when it did not run whole."""
+    if result.final_eval != "done":
+        parts = [*parts, f"final evaluation {result.final_eval}"]
+    return "; ".join(parts) or nothing
+
+
 def _report_classify(result: Any, args: argparse.Namespace) -> None:
     from ownllm.evaluation import format_classification_table
 
     for name, metrics in (("val", result.val), ("test", result.test)):
         if metrics:
-            print(format_classification_table(metrics, name))
-    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
+            print(format_classification_table(metrics, name))  # the table names its size
+    skipped = f" (final evaluation {result.final_eval})" if result.final_eval != "done" else ""
+    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}{skipped}; "
           f"classifier saved in {args.out} (metrics in {args.out}/metrics.json)")
 
 
 def _report_instruct(result: Any, args: argparse.Namespace) -> None:
-    parts = [f"{name} loss {value:.4f}" for name, value in (("val", result.val_loss), ("test", result.test_loss))
-             if value is not None]
+    parts = [f"{result.names.get(name, name)} loss {value:.4f}"
+             for name, value in (("val", result.val_loss), ("test", result.test_loss)) if value is not None]
     if result.rouge_l_f1 is not None:
         parts.append(f"ROUGE-L F1 {result.rouge_l_f1:.3f}, exact match {100 * result.exact_match:.1f}% "
                      f"(responses in {args.out}/responses.json)")
     print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}: "
-          f"{'; '.join(parts) or 'no held-out data'}; run saved in {args.out}")
+          f"{_held_out(parts, result, 'no held-out data')}; run saved in {args.out}")
 
 
 def _report_prefer(result: Any, args: argparse.Namespace) -> None:
     held_out = (("val", result.val), ("test", result.test))
-    parts = [f"{name}: preference accuracy {100 * m['preference_accuracy']:.1f}%, reward margin "
-             f"{m['reward_margin']:.3f}, loss {m['loss']:.4f}" for name, m in held_out if m]
+    parts = [f"{result.names.get(name, name)}: preference accuracy {100 * m['preference_accuracy']:.1f}%, "
+             f"reward margin {m['reward_margin']:.3f}, loss {m['loss']:.4f}" for name, m in held_out if m]
     print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
-          f"{'; '.join(parts) or 'no held-out pairs'}; run saved in {args.out}")
+          f"{_held_out(parts, result, 'no held-out pairs')}; run saved in {args.out}")
 
 
 STAGES: dict[str, Stage] = {

@@ -9,6 +9,7 @@ the API.
     ownllm classify runs/spam --text "WINNER!! Claim your prize now"
     ownllm classify runs/spam --input messages.txt --output labels.jsonl
     ownllm chat runs/assistant
+    ownllm chat-defaults runs/assistant --system "You answer in one sentence." --temperature 0.3
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from ownllm.chat import CHAT_SETTINGS
 from ownllm.cli.common import (MODEL_HELP, add_device_flag, add_force_flag, add_json_flag, add_loading_flags,
                                add_sampling_flags, sampling_options)
 from ownllm.errors import OwnLLMError
@@ -54,9 +56,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     chat = sub.add_parser("chat", help="multi-turn chat with a language model in its chat format, as `ownllm serve` "
                           "renders it (reads stdin, streams answers)")
     chat.add_argument("model", help="run directory, Hugging Face model directory or GGUF file")
-    chat.add_argument("--system", help="system message")
+    chat.add_argument("--system", help="system message (default: the run's own, else the one its chat template adds)")
     add_sampling_flags(chat)
     add_device_flag(chat)
+
+    defaults = sub.add_parser("chat-defaults", help="show or set a run's own chat defaults (system prompt, sampling), "
+                              "which chat, generate --instruction, ask and serve use unless told otherwise")
+    defaults.add_argument("model", help="ownllm run directory")
+    defaults.add_argument("--system", help="system prompt of conversations that have none (\"\" for none)")
+    defaults.add_argument("--temperature", type=float)
+    defaults.add_argument("--top-p", type=float)
+    defaults.add_argument("--top-k", type=int)
+    defaults.add_argument("--max-tokens", type=int, help="answer length")
+    defaults.add_argument("--unset", nargs="+", default=[], metavar="NAME", choices=CHAT_SETTINGS,
+                          help="drop these defaults (the model's own, or the built-in ones, apply again)")
 
 
 def _add_benchmark_flags(parser: argparse.ArgumentParser) -> None:
@@ -214,25 +227,40 @@ def _classify_lines(run: Any, texts: Iterator[str], batch_size: int, out: Any) -
             batch = []
 
 
+def cmd_chat_defaults(args: argparse.Namespace) -> None:
+    from ownllm.chat import set_chat_defaults
+
+    given = {name: getattr(args, name) for name in CHAT_SETTINGS if getattr(args, name) is not None}
+    chat = set_chat_defaults(args.model, given, args.unset)
+    shown = ", ".join(f"{name} {value!r}" for name, value in chat.items()) or "none (the model's own apply)"
+    print(f"{args.model}: chat defaults: {shown}")
+
+
 def _chat_run(path: str, device: str):
     """The run and its chat format (ownllm.chat: the same rule as the server's), for any language model."""
-    from ownllm.chat import chat_format_for
+    from ownllm.chat import PROJECT_DEFAULT, chat_format_for
     from ownllm.runs import load_run
 
     run = load_run(path, device=device)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{path}: is a classifier run, which labels texts: use `ownllm classify`")
-    return run, chat_format_for(run.run_config, run.tokenizer)
+    chat_format = chat_format_for(run.run_config, run.tokenizer)
+    if chat_format.origin == PROJECT_DEFAULT:
+        print(f"note: {path} has no chat template of its own: chatting in {chat_format.name}, the project's default",
+              file=sys.stderr)
+    return run, chat_format
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from ownllm.chat import chat_loop
+    from ownllm.chat import chat_loop, chat_settings
 
-    options = sampling_options(args)
+    sampling_options(args)  # the flags given are checked before anything loads or is said
     run, chat_format = _chat_run(args.model, args.device)
+    options = sampling_options(args, chat_settings(run.run_config))
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.model} ({chat_format.name} template); /reset starts over, /exit or Ctrl-D ends")
+        print(f"chatting with {args.model} ({chat_format.name} template, {chat_format.origin}); /reset starts over, "
+              "/exit or Ctrl-D ends")
 
     def read_line() -> str | None:
         line = sys.stdin.readline()
@@ -248,16 +276,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def generate_instruction(args: argparse.Namespace) -> None:
     """`ownllm generate RUN --instruction ... [--input ...]`: the response, streamed."""
-    from ownllm.chat import chat_reply
+    from ownllm.chat import chat_reply, chat_settings
     from ownllm.chat_templates import Message
 
     if args.prompt:
         raise OwnLLMError("give either --prompt or --instruction, not both")
-    options = sampling_options(args)
+    sampling_options(args)  # the flags given are checked before anything loads or is said
     run, chat_format = _chat_run(args.model, args.device)
+    options = sampling_options(args, chat_settings(run.run_config))
     chat_reply(run.model, chat_format, [Message("user", args.instruction, args.input or "")],
                options, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     sys.stdout.write("\n")
 
 
-COMMANDS = {"generate": cmd_generate, "evaluate": cmd_evaluate, "classify": cmd_classify, "chat": cmd_chat}
+COMMANDS = {"generate": cmd_generate, "evaluate": cmd_evaluate, "classify": cmd_classify, "chat": cmd_chat,
+            "chat-defaults": cmd_chat_defaults}

@@ -19,7 +19,7 @@ RUN/metrics.json.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from ownllm.data.labelled import (ClassificationBatches, Example, check_labels, 
                                   read_labelled, split_examples, undersample)
 from ownllm.errors import OwnLLMError
 from ownllm.evaluation import classification_metrics
-from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
+from ownllm.finetune.common import RESULTS_FILE, FinalEvaluation, FinetuneStage, Splits, StageTraining, run_stage
 from ownllm.lora import LoRAConfig
 from ownllm.model import GPTClassifier
 from ownllm.options import BALANCES, ClassifyOptions
@@ -49,6 +49,8 @@ class ClassifyResult:
     labels: list[str]
     val: dict[str, Any] | None
     test: dict[str, Any] | None
+    final_eval: str = "done"  # or "skipped (...)", "cut ..." (ownllm.finetune.common.FinalEvaluation)
+    names: dict[str, str] = field(default_factory=dict)  # the splits with their sizes (Splits.name)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -119,6 +121,7 @@ class ClassifyStage(FinetuneStage):
             o.data, val_file=o.val_file, test_file=o.test_file, text_column=o.text_column,
             label_column=o.label_column, val_fraction=o.val_fraction, test_fraction=o.test_fraction,
             split_seed=o.split_seed, balance=o.balance)
+        self.split = Splits(self.train_set, self.val_set, self.test_set)
 
     def default_lr(self, lora: LoRAConfig | None) -> float:
         return 1e-3 if (lora or self.options.train_layers == "head") else 1e-4
@@ -147,19 +150,28 @@ class ClassifyStage(FinetuneStage):
         fixed = ClassificationBatches(self.val_set, tokenizer, self.labels, max_length, batch_size).eval_batches() \
             if self.val_set else None
         return StageTraining(micro_batch=batches.batch, batches_per_epoch=batches.plan.batches_per_epoch,
+                             tokens_per_epoch=sum(batches.plan.lengths),
                              loss_fn=loss_fn, eval_batches=(lambda: fixed) if fixed else None,
                              tokens_in=lambda b: int(b[1].sum()),
                              loss_weight=(lambda b: float(host_weights[b[2]].sum())) if host_weights is not None
                              else None)
 
     def finish(self, model: GPTClassifier, tokenizer: Tokenizer, run_dir: Path, result: TrainResult,
-               device: torch.device, precision: str) -> ClassifyResult:
+               device: torch.device, precision: str, final: FinalEvaluation) -> ClassifyResult:
         if not distributed.is_main():  # rank 0 evaluates and writes the results
             return ClassifyResult(run_dir=run_dir, train=result, labels=self.labels, val=None, test=None)
         model.eval()
         max_length = self.max_length(model.config)
-        val_metrics = evaluate_examples(model, self.val_set, tokenizer, self.labels, max_length)
-        test_metrics = evaluate_examples(model, self.test_set, tokenizer, self.labels, max_length)
+        metrics: dict[str, Any] = {}
+        if not final.skipped():
+            for name, items in (("val", self.val_set), ("test", self.test_set)):
+                if final.out_of_time():
+                    final.note(f"cut at --max-minutes (no {name} metrics)")
+                    break
+                metrics[name] = evaluate_examples(model, items, tokenizer, self.labels, max_length)
+        val_metrics, test_metrics = metrics.get("val"), metrics.get("test")
         write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "labels": self.labels, "val": val_metrics,
-                                                   "test": test_metrics, "train_examples": len(self.train_set)})
-        return ClassifyResult(run_dir=run_dir, train=result, labels=self.labels, val=val_metrics, test=test_metrics)
+                                                   "test": test_metrics, "train_examples": len(self.train_set),
+                                                   "final_eval": final.outcome})
+        return ClassifyResult(run_dir=run_dir, train=result, labels=self.labels, val=val_metrics, test=test_metrics,
+                              final_eval=final.outcome, names=self.split.names())

@@ -9,8 +9,9 @@ CLI: `ownllm finetune prefer --model RUN --data prefs.json --out runs/polite --b
 that much of the chosen answers' mean per-token NLL to the loss (RPO), against DPO's drift to lower likelihoods.
 
 Data: the book's {instruction, input, chosen, rejected} or trl's {prompt, chosen, rejected} (strings or chat
-messages), see `ownllm.data.preferences`. The prompt is rendered in the model's template (an instruct run's own;
-else `--template`), each answer ends with the template's end marker, and only answer tokens count.
+messages), see `ownllm.data.preferences`. The prompt is rendered in the model's own template and default system
+prompt (an instruct run's, or its chat template's; `--template` / `--system` otherwise;
+`ownllm.finetune.common.StageChat`), each answer ends with the template's end marker, and only answer tokens count.
 
 The reference model is the starting model. Its log-probabilities of every pair are computed once before training,
 with LoRA adapters disabled, and kept in RUN/reference_logps.safetensors (for --resume), so there is never a second
@@ -23,6 +24,7 @@ val and test.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,12 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ownllm import distributed
-from ownllm.chat_templates import TEMPLATES, Template, get_template
+from ownllm.chat_templates import get_template, with_system
 from ownllm.checkpoint import write_json_atomic
 from ownllm.config import ModelConfig
-from ownllm.data.labelled import split_examples
-from ownllm.data.preferences import PreferenceBatches, PreferencePair, pair_tokens, read_preferences
-from ownllm.finetune.common import RESULTS_FILE, FinetuneStage, StageTraining, run_stage
+from ownllm.data.preferences import PreferenceBatches, pair_tokens, read_preferences
+from ownllm.finetune.common import (RESULTS_FILE, FinalEvaluation, FinetuneStage, StageChat, StageTraining,
+                                    run_stage, split_records)
 from ownllm.finetune.dpo import (answer_tokens, check_loss_kind, dpo_losses, evaluate_pairs, pair_logps,
                                  reference_logps)
 from ownllm.lora import LoRAConfig
@@ -59,27 +61,8 @@ class PreferResult:
     train: TrainResult
     val: dict[str, float] | None  # ownllm.finetune.dpo.METRICS on the validation pairs
     test: dict[str, float] | None
-
-
-def split_pairs(data: str | Path, val_file: str | Path | None, test_file: str | Path | None, val_fraction: float,
-                test_fraction: float, split_seed: int) -> tuple[list[PreferencePair], ...]:
-    """Train / val / test pairs: from their files, or cut (seeded shuffle) from the data file."""
-    train_set, val, test = split_examples(read_preferences(data), 0.0 if val_file else val_fraction,
-                                          0.0 if test_file else test_fraction, split_seed)
-    return (train_set, read_preferences(val_file) if val_file else val,
-            read_preferences(test_file) if test_file else test)
-
-
-def template_for(base: LoadedRun, name: str | None) -> Template:
-    """The prompt template: the one asked for, else the base run's own (an instruct run), else ChatML for a
-    tokenizer whose chat template speaks it, else Alpaca."""
-    if name:
-        return get_template(name)
-    own = base.run_config.get("template")
-    if own in TEMPLATES:
-        return get_template(own)
-    chat_template = getattr(base.tokenizer, "chat_template", None) or ""
-    return get_template("chatml" if "<|im_start|>" in chat_template else "alpaca")
+    final_eval: str = "done"  # or "skipped (...)", "cut ..." (ownllm.finetune.common.FinalEvaluation)
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # the splits with their sizes (Splits.name)
 
 
 def finetune_prefer(options: PreferOptions | None = None, /, **keywords: Any) -> PreferResult:
@@ -113,11 +96,16 @@ class PreferStage(FinetuneStage):
     options: PreferOptions
 
     def read_data(self) -> None:
-        o = self.options
-        self.splits = split_pairs(o.data, o.val_file, o.test_file, o.val_fraction, o.test_fraction, o.split_seed)
+        self.split = split_records(read_preferences(self.options.data), read_preferences, self.options)
+        self.splits = (self.split.train, self.split.val, self.split.test)
 
     def use_base(self, base: LoadedRun) -> None:
-        self.template = template_for(base, self.options.template)
+        """The model's own template and default system prompt (unless --template / --system), said first."""
+        self.chat = StageChat.of(base, self.options.template, self.options.system)
+        self.chat.announce(self.options.show_progress)
+        self.template = self.chat.template
+        self.splits = tuple([dataclasses.replace(pair, prompt=with_system(pair.prompt, self.chat.system))
+                             for pair in split] for split in self.splits)
 
     def default_lr(self, lora: LoRAConfig | None) -> float:
         return 5e-5 if lora else 5e-6
@@ -128,7 +116,7 @@ class PreferStage(FinetuneStage):
         return dict(beta=self.options.beta, kind=self.options.loss, sft_weight=self.options.sft_weight)
 
     def config_sections(self, model_config: ModelConfig) -> dict[str, Any]:
-        return dict(template=self.template.name)
+        return self.chat.sections()
 
     def training(self, tokenizer: Tokenizer, model_config: ModelConfig, batch_size: int, seed: int,
                  device: torch.device) -> StageTraining:
@@ -145,6 +133,7 @@ class PreferStage(FinetuneStage):
         self.references: list[Tensor | None] = [None, None, None]
         train = self.batches[0]
         return StageTraining(micro_batch=train.batch, batches_per_epoch=train.plan.batches_per_epoch,
+                             tokens_per_epoch=sum(train.plan.lengths),
                              loss_fn=dpo_loss_fn(self.references, **self.loss_options), tokens_in=pair_tokens,
                              eval_metrics=self.val_metrics if self.batches[1] is not None else None)
 
@@ -161,14 +150,23 @@ class PreferStage(FinetuneStage):
         return {f"val_{k}": v for k, v in stats.items()}
 
     def finish(self, model: GPT, tokenizer: Tokenizer, run_dir: Path, result: TrainResult, device: torch.device,
-               precision: str) -> PreferResult:
+               precision: str, final: FinalEvaluation) -> PreferResult:
         if not distributed.is_main():  # rank 0 evaluates and writes the results
             return PreferResult(run_dir=run_dir, train=result, val=None, test=None)
-        val, test = (evaluate_pairs(model, self.fixed[i], self.references[i], device=device, precision=precision,
-                                    **self.loss_options) if self.batches[i] is not None else None for i in (1, 2))
+        metrics: list[dict[str, float] | None] = [None, None, None]
+        if not final.skipped():
+            for i in (1, 2):
+                if final.out_of_time():
+                    final.note(f"cut at --max-minutes (no {SPLITS[i]} metrics)")
+                    break
+                if self.batches[i] is not None:
+                    metrics[i] = evaluate_pairs(model, self.fixed[i], self.references[i], device=device,
+                                                precision=precision, **self.loss_options)
+        val, test = metrics[1], metrics[2]
         write_json_atomic(run_dir / RESULTS_FILE, {"step": result.step, "val": val, "test": test,
-                                                   "train_pairs": len(self.batches[0])})
-        return PreferResult(run_dir=run_dir, train=result, val=val, test=test)
+                                                   "train_pairs": len(self.batches[0]), "final_eval": final.outcome})
+        return PreferResult(run_dir=run_dir, train=result, val=val, test=test, final_eval=final.outcome,
+                            names=self.split.names())
 
 
 def reference_for(run_dir: Path, resume: bool, model: nn.Module, batches: Sequence[PreferenceBatches | None],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ownllm.chat_templates import speaks_chatml
 from ownllm.tokenizer import Tokenizer
 
 # ---- Hugging Face -------------------------------------------------------------------------------------------------
@@ -73,8 +74,7 @@ def deinterleave_rope_rows(weight: Tensor, n_heads: int) -> Tensor:
 def template_section(tokenizer: Tokenizer) -> dict[str, str]:
     """{"template": "chatml"} when the model's own chat template is ChatML (so `ownllm chat` renders prompts the way
     the model was trained to read them), else nothing."""
-    chat = tokenizer.chat_template or ""
-    return {"template": "chatml"} if "<|im_start|>" in chat and "<|im_end|>" in chat else {}
+    return {"template": "chatml"} if speaks_chatml(tokenizer.chat_template) else {}
 
 
 __all__ = ["HF_LM_HEAD", "GENERATION_CONFIG_FILE", "TOKENIZER_CONFIG_FILE", "HF_GPT2_PREFIX", "HF_GPT2_GLOBAL",

@@ -37,7 +37,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ownllm.chat import ChatFormat, ChatTemplateError, chat_format_for
+from ownllm.chat import ChatFormat, ChatTemplateError, chat_format_for, chat_settings
 from ownllm.classification import classify_texts
 from ownllm.decoding import SamplingOptions
 from ownllm.embeddings import default_pooling, embed_token_rows
@@ -317,11 +317,23 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     return JSONResponse({**base, "choices": choices, "usage": _usage(call.prompt_tokens, completion_tokens)})
 
 
+def with_chat_defaults(body: ChatRequest, run_config: dict[str, Any]) -> ChatRequest:
+    """The request with the sampling fields it leaves unset taken from the run's chat defaults (config.json "chat",
+    ownllm.chat.chat_settings), as `ownllm chat` takes them."""
+    defaults = chat_settings(run_config)
+    update = {name: defaults[name] for name in ("temperature", "top_p", "top_k", "max_tokens")
+              if name in defaults and getattr(body, name) is None}
+    if body.max_completion_tokens is not None:
+        update.pop("max_tokens", None)
+    return body.model_copy(update=update) if update else body
+
+
 async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
     state = _state(request)
     state.check_model(body.model)
     engine, chat_format = state.language_model()
     check_chat_request(body)
+    body = with_chat_defaults(body, state.run.run_config)
     try:
         prompt = chat_format.encode(parse_messages(body.messages))
     except ChatTemplateError as error:
