@@ -22,16 +22,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """With -v: every parity comparison's largest difference against its tolerance, closest to its limit first."""
     if config.option.verbose <= 0:
         return
-    rows = [(report.nodeid, *value) for status in ("passed", "failed") for report in terminalreporter.stats.get(status, [])
-            if report.when == "call" for key, value in report.user_properties if key == "parity"]
+    reports = [r for status in ("passed", "failed") for r in terminalreporter.stats.get(status, []) if r.when == "call"]
+    rows = [(r.nodeid, *value) for r in reports for key, value in r.user_properties if key == "parity"]
     if not rows:
         return
     terminalreporter.section("parity margins (largest difference / tolerance, closest first)")
     for nodeid, what, difference, atol in sorted(rows, key=lambda r: -r[2] / r[3] if r[3] else 0)[:40]:
         ratio = difference / atol if atol else 0.0
         terminalreporter.write_line(f"{ratio:7.3f}  {difference:.2e} / {atol:.2e}  {nodeid} {what}")
-    terminalreporter.write_line(f"{len(rows)} comparisons; the closest uses {max(r[2] / r[3] for r in rows if r[3]):.1%}"
-                                " of its tolerance")
+    closest = max(r[2] / r[3] for r in rows if r[3])
+    terminalreporter.write_line(f"{len(rows)} comparisons; the closest uses {closest:.1%} of its tolerance")
 
 
 @pytest.fixture

@@ -93,7 +93,8 @@ def test_embed_cli_writes_one_line_per_text_in_order(tiny, loaded, tmp_path, cap
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 2, 3, 4, 5]
     expected = embed_texts(loaded, TEXTS, pooling="last").vectors
-    assert_parity([r["embedding"] for r in rows], expected, layers=loaded.config.n_layer, what="embed CLI vs embed_texts")
+    assert_parity([r["embedding"] for r in rows], expected,
+                  layers=loaded.config.n_layer, what="embed CLI vs embed_texts")
 
 
 def test_embed_cli_skips_blank_lines_saying_which_and_refuses_a_file_of_only_those(tiny, loaded, tmp_path,
@@ -111,7 +112,8 @@ def test_embed_cli_skips_blank_lines_saying_which_and_refuses_a_file_of_only_tho
         f"2 vectors of 32 dimensions (mean pooling) written to {out}"]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 4]  # each vector keeps its text's line number
-    assert np.allclose([r["embedding"] for r in rows], embed_texts(loaded, ["first", "fourth"]).vectors, atol=1e-6)
+    assert_parity([r["embedding"] for r in rows], embed_texts(loaded, ["first", "fourth"]).vectors,
+                  layers=loaded.config.n_layer, what="embed CLI, blank lines skipped")
 
     source.write_text("\n \n", encoding="utf-8")
     code = main(["embed", str(tiny), "--input", str(source), "--output", str(out), "--force"])
@@ -134,7 +136,8 @@ def client(server):
     return OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def test_openai_embeddings_equal_ownllm_embed_and_do_not_depend_on_the_batch(client, tiny, loaded, tmp_path):  # noqa: F811
+def test_openai_embeddings_equal_ownllm_embed_and_do_not_depend_on_the_batch(client, tiny, loaded,  # noqa: F811
+                                                                         tmp_path):
     from ownllm.cli import main
 
     source = tmp_path / "texts.txt"
@@ -144,12 +147,15 @@ def test_openai_embeddings_equal_ownllm_embed_and_do_not_depend_on_the_batch(cli
     expected = np.array([json.loads(line)["embedding"] for line in out.read_text().splitlines()])
     batch = client.embeddings.create(model="tiny", input=TEXTS)  # the client asks for base64 and decodes it
     assert [d.index for d in batch.data] == list(range(len(TEXTS)))
-    assert_parity([d.embedding for d in batch.data], expected, layers=loaded.config.n_layer, dtype=torch.float32, what="server vs embed CLI")
+    assert_parity([d.embedding for d in batch.data], expected,
+                  layers=loaded.config.n_layer, dtype=torch.float32, what="server vs embed CLI")
     floats = client.embeddings.create(model="tiny", input=TEXTS[::-1], encoding_format="float")
-    assert_parity([d.embedding for d in floats.data][::-1], expected, layers=loaded.config.n_layer, dtype=torch.float32, what="reversed, as floats")
+    assert_parity([d.embedding for d in floats.data][::-1], expected,
+                  layers=loaded.config.n_layer, dtype=torch.float32, what="reversed, as floats")
     one = client.embeddings.create(model="tiny", input=TEXTS[2], dimensions=32)
     assert len(one.data) == 1
-    assert_parity(one.data[0].embedding, expected[2], layers=loaded.config.n_layer, dtype=torch.float32, what="one text")
+    assert_parity(one.data[0].embedding, expected[2],
+                  layers=loaded.config.n_layer, dtype=torch.float32, what="one text")
     assert batch.usage.prompt_tokens == batch.usage.total_tokens > len(TEXTS)
 
 
@@ -160,8 +166,10 @@ def test_openai_embeddings_of_token_ids(client, loaded):
     expected = embed_texts(loaded, TEXTS[:2], pooling="weighted-mean").vectors.numpy()
     lists = client.embeddings.create(model="tiny", input=rows, extra_body={"pooling": "weighted-mean"})
     single = client.embeddings.create(model="tiny", input=rows[0], extra_body={"pooling": "weighted-mean"})
-    assert_parity([d.embedding for d in lists.data], expected, layers=loaded.config.n_layer, dtype=torch.float32, what="token id lists")
-    assert_parity(single.data[0].embedding, expected[0], layers=loaded.config.n_layer, dtype=torch.float32, what="one token id list")
+    assert_parity([d.embedding for d in lists.data], expected,
+                  layers=loaded.config.n_layer, dtype=torch.float32, what="token id lists")
+    assert_parity(single.data[0].embedding, expected[0],
+                  layers=loaded.config.n_layer, dtype=torch.float32, what="one token id list")
     assert lists.usage.prompt_tokens == len(rows[0]) + len(rows[1])
 
 

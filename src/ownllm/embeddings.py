@@ -75,25 +75,28 @@ def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str]) -> list[l
 
 @torch.inference_mode()
 def encode_rows(model: GPT, rows: Sequence[Sequence[int]], head: Callable[[Tensor, Tensor], Tensor], width: int,
-                *, pad_id: int = 0, batch_size: int = 16, progress: Callable[[int], None] | None = None) -> Tensor:
+                *, pad_id: int = 0, batch_size: int = 16,
+                progress: Callable[[int, int], None] | None = None) -> Tensor:
     """`head(ids, lengths)` -> [batch, width] over token-id rows, in right-padded batches of similar length, as
     float32 [len(rows), width] on the CPU in input order: the one loop behind embeddings and classification.
-    `progress(n)` is called after each batch of n rows."""
+    `progress(done, total)` is called after each batch, counting rows."""
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
     out = torch.empty(len(rows), width, dtype=torch.float32)
+    done = 0
     for indices in fixed_batches([len(row) for row in rows], batch_size):
         ids, lengths = pad_right([rows[i] for i in indices], pad_id)
         out[indices] = head(ids.to(device), lengths.to(device)).float().cpu()
+        done += len(indices)
         if progress is not None:
-            progress(len(indices))
+            progress(done, len(rows))
     model.train(was_training)
     return out
 
 
 def embed_ids(model: GPT, rows: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 16,
-              progress: Callable[[int], None] | None = None) -> Tensor:
+              progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Pooled (not normalised) float32 vectors [len(rows), n_embd] of token-id rows that fit the context window,
     in input order."""
     check_pooling(pooling)
@@ -112,7 +115,7 @@ def normalize_rows(vectors: Tensor) -> Tensor:
 
 def embed_token_rows(model: GPT, rows: Sequence[Sequence[int]], *, pooling: str = "mean", normalize: bool = True,
                      long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
-                     progress: Callable[[int], None] | None = None) -> Embeddings:
+                     progress: Callable[[int, int], None] | None = None) -> Embeddings:
     """Embeddings of token-id rows, with rows longer than the context cut or chunked (see the module docstring)."""
     if long_texts not in LONG_TEXTS:
         raise OwnLLMError(f"long_texts must be one of {', '.join(LONG_TEXTS)}, not {long_texts!r}")
@@ -147,7 +150,7 @@ def embed_token_rows(model: GPT, rows: Sequence[Sequence[int]], *, pooling: str 
 
 def embed_texts(run: "LoadedRun", texts: Sequence[str], *, pooling: str | None = None, normalize: bool = True,
                 long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
-                progress: Callable[[int], None] | None = None) -> Embeddings:
+                progress: Callable[[int, int], None] | None = None) -> Embeddings:
     """Embeddings of texts with a loaded run (`ownllm.load(path)`), pooled as `pooling` or the run's own
     (`default_pooling`); see the module docstring."""
     rows = encode_for_embedding(run.tokenizer, texts)
@@ -181,7 +184,8 @@ def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str |
                batch_size: int = 16, device: str = "auto",
                progress: Callable[[int, int], None] | None = None) -> EmbedFileReport:
     """Embed the texts of `input` (one per line) into the JSON Lines file `output` ({"line": N, "embedding": [...]}
-    per text, in order). The output is checked before the model loads; `progress(done, total)` after each batch."""
+    per text, in order). The output is checked before the model loads; `progress(done, total)` after each batch
+    (rows embedded: a text split into pieces counts each piece)."""
     from ownllm.device import pick_device
     from ownllm.runs import LoadedRun, load_run
 
@@ -192,18 +196,10 @@ def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str |
     texts = read_texts(input)
     run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
     pooling = pooling or default_pooling(run)
-    done = 0
-
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, len(texts))
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         vectors = embed_texts(run, [text for _, text in texts], pooling=pooling, normalize=normalize,
-                              long_texts=long_texts, batch_size=batch_size, progress=step).vectors
+                              long_texts=long_texts, batch_size=batch_size, progress=progress).vectors
     for warning in caught:
         warn(str(warning.message))
     with atomic_file(output) as handle:

@@ -340,16 +340,8 @@ def _update(connection: sqlite3.Connection, texts: dict[str, str], settings: dic
     hashes = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in texts.items()}
     changed = [name for name in texts if known.get(name) != hashes[name]]
     chunks = [c for name in changed for c in chunk_file(texts[name], name, chunk_size, overlap)]
-    done = 0
-
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, len(chunks))
-
     vectors = embed_texts(run, [c.text for c in chunks], pooling=settings["pooling"], batch_size=batch_size,
-                          progress=step).vectors.numpy().astype("<f4") if chunks else None
+                          progress=progress).vectors.numpy().astype("<f4") if chunks else None
     removed = _write_changes(connection, settings, same, changed, set(known) - set(texts), chunks, vectors, hashes)
     total = connection.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
     return IndexReport(files_embedded=len(changed), files_unchanged=len(texts) - len(changed), files_removed=removed,
