@@ -21,9 +21,10 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from ownllm.errors import OwnLLMError
+from ownllm.rope import scaling_problem
 
 
-MLP_KINDS = ("gelu", "swiglu", "relu2")  # relu2: relu(x)^2 (Primer, modded-nanogpt)
+MLP_KINDS = ("gelu", "swiglu", "geglu", "relu2")  # relu2: relu(x)^2 (Primer, modded-nanogpt); geglu: Gemma
 RECIPE_GROUP = "model recipe (defaults: the --model preset's; docs/guide.md)"
 TRAIN_GROUP = "training (defaults suit the --model preset)"
 SCALE_GROUP = "several processes (docs/scaling.md)"
@@ -74,8 +75,21 @@ class ModelConfig:
                                   group=RECIPE_GROUP)
     logit_softcap: float | None = option(None, "cap logits smoothly to (-C, C) with C*tanh(logits/C)",  # Gemma 2
                                          group=RECIPE_GROUP)
+    # the open models' options (docs/open-models.md); each off by default
+    qk_norm_gain: bool = False  # with qk_norm: the q/k RMSNorms have a learned gain per dimension (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): Gemma's (1 + weight)
+    sandwich_norm: bool = False  # norms on the attention and MLP outputs too, before the residual add (Gemma 2/3)
+    scale_embeddings: bool = False  # token embeddings times sqrt(n_embd) (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by this ** -0.5; None = head_size
+    rope_scaling: dict[str, Any] | None = None  # Hugging Face's rope_scaling keys: rope_type linear/llama3/yarn
+    nope_layers: tuple[int, ...] = ()  # layers without positional encoding (SmolLM3: every fourth)
+    sliding_window: int | None = None  # the local layers' attention sees the last `sliding_window` positions
+    local_layers: tuple[int, ...] = ()  # which layers are local (sliding window; Gemma 3: five of every six)
+    local_rope_theta: float | None = None  # the local layers' own RoPE base, unscaled (Gemma 3); None = rope_theta
 
     def __post_init__(self) -> None:
+        self.nope_layers = tuple(self.nope_layers)  # a JSON list when read back from config.json
+        self.local_layers = tuple(self.local_layers)
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------------------------
@@ -117,6 +131,16 @@ class ModelConfig:
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), not {self.dropout}"),
             (self.position != "rope" or self.head_size % 2 == 0, "RoPE needs an even head size"),
             (self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be positive (or None)"),
+            (not self.qk_norm_gain or self.qk_norm, "qk_norm_gain needs qk_norm"),
+            (self.norm_offset == 0 or self.norm == "rmsnorm", "norm_offset applies to rmsnorm only"),
+            (self.query_pre_attn_scalar is None or self.query_pre_attn_scalar > 0,
+             "query_pre_attn_scalar must be positive (or None)"),
+            (all(0 <= i < self.n_layer for i in (*self.nope_layers, *self.local_layers)),
+             f"nope_layers and local_layers must be layer numbers 0..{self.n_layer - 1}"),
+            (not self.local_layers or (self.sliding_window or 0) > 0, "local_layers need a positive sliding_window"),
+            (self.position == "rope" or not (self.nope_layers or self.rope_scaling or self.local_rope_theta),
+             "nope_layers, rope_scaling and local_rope_theta need position='rope'"),
+            (scaling_problem(self.rope_scaling) is None, scaling_problem(self.rope_scaling)),
         ]
         for ok, message in checks:
             if not ok:

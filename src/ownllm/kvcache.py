@@ -33,7 +33,7 @@ class Cache(Protocol):
 
     def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
-    def attention_mask(self, time: int, device: torch.device) -> Tensor | None: ...
+    def attention_mask(self, time: int, device: torch.device, window: int | None = None) -> Tensor | None: ...
 
     def advance(self, time: int) -> None: ...
 
@@ -72,15 +72,19 @@ class KVCache:
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def attention_mask(self, time: int, device: torch.device) -> Tensor | None:
-        """Boolean [batch, 1, time, keys] mask for `time` new queries, or None where SDPA's causal path applies."""
+    def attention_mask(self, time: int, device: torch.device, window: int | None = None) -> Tensor | None:
+        """Boolean [batch, 1, time, keys] mask for `time` new queries, or None where SDPA's causal path applies;
+        with `window`, a query sees only the keys less than `window` places before it (the window counts padding,
+        as transformers' does)."""
         start = self.length
         key_valid = self.key_valid[:, : start + time]
-        if (time == 1 or start == 0) and bool(key_valid.all()):
+        if (time == 1 or start == 0) and window is None and bool(key_valid.all()):
             return None  # SDPA's causal path (prefill) or one new token that sees every cached key
         query_pos = torch.arange(start, start + time, device=device).view(time, 1)
         key_pos = torch.arange(start + time, device=device).view(1, start + time)
         causal = key_pos <= query_pos
+        if window is not None:
+            causal = causal & (key_pos > query_pos - window)
         # A query always sees itself, so rows that are pure padding stay finite.
         allowed = (causal & key_valid[:, None, :]) | (key_pos == query_pos)
         return allowed.unsqueeze(1)
@@ -157,13 +161,16 @@ class DecodeView:
             values[self._rows, :, self.positions] = v[:, :, 0]
         return keys[: self.active, :, : self.end], values[: self.active, :, : self.end]
 
-    def attention_mask(self, time: int, device: torch.device) -> Tensor | None:
+    def attention_mask(self, time: int, device: torch.device, window: int | None = None) -> Tensor | None:
         if time != 1:
             raise ValueError("a decode step appends exactly one token per row")
-        if self.aligned:
+        if self.aligned and window is None:
             return None  # every row sees every key: no mask needed
-        key_pos = torch.arange(self.end, device=device)
-        return (key_pos[None, :] <= self.positions[:, None]).view(self.active, 1, 1, self.end)
+        key_pos = torch.arange(self.end, device=device)[None, :]
+        seen = key_pos <= self.positions[:, None]
+        if window is not None:
+            seen = seen & (key_pos > self.positions[:, None] - window)
+        return seen.view(self.active, 1, 1, self.end)
 
     def advance(self, time: int) -> None:
         for row in range(self.active):

@@ -21,39 +21,33 @@ from torch import Tensor, nn
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.kvcache import Cache, KVCache
+from ownllm.rope import apply_rope, rope_tables
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Llama): x / rms(x) * weight, computed in float32."""
+    """Root-mean-square norm (Llama): x / rms(x) * (offset + weight), computed in float32. Gemma's offset is 1 (its
+    weights are stored as the gain minus one); the weight starts where the gain is 1."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        gain = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), gain, self.eps).to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim or config.n_embd, config.norm_eps, config.norm_offset)
+    return nn.LayerNorm(dim or config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_tables(head_size: int, max_positions: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [max_positions, head_size] in the rotate-half layout used by Hugging Face Llama."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size))
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate q or k [batch, heads, time, head_size] by position; cos/sin are [batch, 1, time, head_size]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def causal_mask(time: int, window: int, device: torch.device) -> Tensor:
+    """Boolean [1, 1, time, time]: query i sees keys i - window < j <= i (a sliding window, no cache)."""
+    pos = torch.arange(time, device=device)
+    return ((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)).view(1, 1, time, time)
 
 
 class Attention(nn.Module):
@@ -64,8 +58,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.use_qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.use_rope = config.position == "rope"
         self.qk_norm = config.qk_norm
+        if config.qk_norm_gain:  # a learned gain per dimension, shared by the heads (Qwen3, Gemma 3)
+            self.q_norm = make_norm(config, self.head_size)
+            self.k_norm = make_norm(config, self.head_size)
+        scalar = config.query_pre_attn_scalar  # None: SDPA's own 1/sqrt(head_size)
+        self.scale = scalar ** -0.5 if scalar else None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
                 cache: Cache | None, layer: int) -> Tensor:
@@ -75,14 +73,16 @@ class Attention(nn.Module):
         q = q.view(batch, time, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(batch, time, self.n_kv_head, self.head_size).transpose(1, 2)
         v = v.view(batch, time, self.n_kv_head, self.head_size).transpose(1, 2)
-        if self.qk_norm:  # unit RMS per head: attention logits stay bounded whatever the weights grow to
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm:  # unit RMS per head: attention logits stay bounded whatever the weights grow to
             q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.store(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and time > 1,
+            q, k, v, attn_mask=mask, is_causal=mask is None and time > 1, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(batch, time, self.n_head * self.head_size))
 
@@ -90,18 +90,21 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        self.relu2 = config.mlp == "relu2"
+        self.kind = config.mlp
         hidden = config.mlp_size
-        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.use_mlp_bias)
+        gated = self.kind in ("swiglu", "geglu")
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if gated else hidden, bias=config.use_mlp_bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.use_mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             return self.proj(F.silu(gate) * up)
-        if self.relu2:
+        if self.kind == "geglu":  # Gemma: the gate through GELU (tanh approximation)
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.gelu(gate, approximate="tanh") * up)
+        if self.kind == "relu2":
             return self.proj(F.relu(h).square())
         return self.proj(F.gelu(h, approximate="tanh"))
 
@@ -119,6 +122,9 @@ class SoftCappedLinear(nn.Linear):
 
 
 class Block(nn.Module):
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); with `sandwich_norm` (Gemma) the attention and
+    MLP outputs pass through their own norms (`post_attn_norm`, `post_mlp_norm`) before they are added."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.norm1 = make_norm(config)
@@ -126,11 +132,16 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
+        if config.sandwich_norm:
+            self.post_attn_norm = make_norm(config)
+            self.post_mlp_norm = make_norm(config)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
                 cache: Cache | None, layer: int) -> Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), rope, mask, cache, layer))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        h = self.attn(self.norm1(x), rope, mask, cache, layer)
+        x = x + self.dropout(self.post_attn_norm(h) if hasattr(self, "post_attn_norm") else h)
+        h = self.mlp(self.norm2(x))
+        return x + self.dropout(self.post_mlp_norm(h) if hasattr(self, "post_mlp_norm") else h)
 
 
 class GPT(nn.Module):
@@ -150,10 +161,7 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if config.position == "rope":
-            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.make_rope_tables()
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale the residual projections
         for block in self.blocks:
@@ -162,6 +170,20 @@ class GPT(nn.Module):
                     nn.init.zeros_(proj.weight)
                 else:
                     nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
+
+    def make_rope_tables(self) -> None:
+        """(Re)compute the RoPE tables, buffers rather than weights (a model built on the meta device needs them
+        made): `rope_cos` / `rope_sin` with the config's scaling, and `local_rope_cos` / `local_rope_sin` for the
+        local layers where they have their own base (Gemma 3)."""
+        config = self.config
+        if config.position != "rope":
+            return
+        tables = {"rope": rope_tables(config.head_size, config.block_size, config.rope_theta, config.rope_scaling)}
+        if config.local_rope_theta is not None:
+            tables["local_rope"] = rope_tables(config.head_size, config.block_size, config.local_rope_theta)
+        for name, (cos, sin) in tables.items():
+            self.register_buffer(f"{name}_cos", cos, persistent=False)
+            self.register_buffer(f"{name}_sin", sin, persistent=False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -191,18 +213,38 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + time, device=ids.device).expand(batch, time)
         x = self.tok_emb(ids)
+        if self.config.scale_embeddings:  # Gemma: sqrt(n_embd), rounded to the weights' dtype as transformers does
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.dropout(x)
-        rope = None
-        if self.config.position == "rope":
-            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
-        mask = cache.attention_mask(time, ids.device) if cache is not None else None
+        ropes, masks = self._layer_inputs(positions, time, cache, ids.device)
+        local_layers, nope_layers = set(self.config.local_layers), set(self.config.nope_layers)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, layer)
+            local = layer in local_layers
+            rope = None if layer in nope_layers else ropes[local]
+            x = block(x, rope, masks[local], cache, layer)
         if cache is not None:
             cache.advance(time)
         return self.norm(x)
+
+    def _layer_inputs(self, positions: Tensor, time: int, cache: Cache | None,
+                      device: torch.device) -> tuple[dict[bool, tuple[Tensor, Tensor] | None], dict[bool, Tensor | None]]:
+        """The RoPE cos/sin and the attention mask of global (False) and local (True) layers: local layers see only
+        the last `sliding_window` positions and turn by `local_rope_theta` where the config sets one."""
+        config = self.config
+        ropes: dict[bool, tuple[Tensor, Tensor] | None] = {False: None, True: None}
+        if config.position == "rope":
+            ropes[False] = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+            ropes[True] = ropes[False]
+            if config.local_rope_theta is not None:
+                ropes[True] = (self.local_rope_cos[positions].unsqueeze(1), self.local_rope_sin[positions].unsqueeze(1))
+        masks = {False: cache.attention_mask(time, device) if cache is not None else None, True: None}
+        if config.local_layers:
+            window = config.sliding_window
+            masks[True] = (cache.attention_mask(time, device, window=window) if cache is not None
+                           else causal_mask(time, window, device))
+        return ropes, masks
 
     def forward(self, ids: Tensor, *, cache: Cache | None = None, positions: Tensor | None = None,
                 last_only: bool = False, last_index: Tensor | None = None) -> Tensor:

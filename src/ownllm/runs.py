@@ -36,7 +36,7 @@ from ownllm.interop.readers.gguf import is_gguf_path, read_gguf
 from ownllm.interop.readers.hf import is_hf_model_dir, read_hf
 from ownllm.interop.readers.hub import local_model_path
 from ownllm.lora import LoRAConfig, apply_lora, load_peft_adapter, merge_lora
-from ownllm.model import GPT, GPTClassifier, rope_tables
+from ownllm.model import GPT, GPTClassifier
 from ownllm.quantize import quantize_model
 from ownllm.tokenizer import Tokenizer, load_tokenizer
 
@@ -118,7 +118,7 @@ def _model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], sourc
     if config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     if config.position == "rope":
-        model.rope_cos, model.rope_sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+        model.make_rope_tables()
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise OwnLLMError(f"{source}: no tensor for {left[0]}")

@@ -40,6 +40,15 @@ HF_LLAMA_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # o
 HF_LLAMA_ATTN_OUT = "self_attn.o_proj"  # ownllm's attn.proj
 HF_LLAMA_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")  # ownllm's mlp.fc
 HF_LLAMA_DOWN = "mlp.down_proj"  # ownllm's mlp.proj
+HF_QK_NORMS = {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}  # Qwen3, Gemma 3: weight
+# Gemma 3 names its four norms differently: its post_attention_layernorm is the norm on the attention's output.
+HF_GEMMA_NORMS = {"input_layernorm": "norm1", "post_attention_layernorm": "post_attn_norm",
+                  "pre_feedforward_layernorm": "norm2", "post_feedforward_layernorm": "post_mlp_norm"}
+# A Gemma 3 image-text checkpoint (model_type gemma3) keeps the language model under one of these prefixes
+# (transformers v5, v4) beside the vision tower, which ownllm leaves out.
+HF_GEMMA3_TEXT_PREFIXES = ("model.language_model.", "language_model.model.")
+HF_GEMMA3_VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
+                             "multi_modal_projector.")
 
 # ---- GGUF (llama.cpp) ---------------------------------------------------------------------------------------------
 
@@ -50,6 +59,10 @@ GGUF_GPT2_LAYER = {"attn_norm": "norm1", "attn_qkv": "attn.qkv", "attn_output": 
                    "ffn_up": "mlp.fc", "ffn_down": "mlp.proj"}
 GGUF_LLAMA_LAYER = {"attn_norm": "norm1", "ffn_norm": "norm2", "attn_output": "attn.proj", "ffn_down": "mlp.proj"}
 GGUF_LLAMA_FUSED = {"attn.qkv": ["attn_q", "attn_k", "attn_v"], "mlp.fc": ["ffn_gate", "ffn_up"]}
+GGUF_QK_NORMS = {"attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm"}  # qwen3, gemma3
+GGUF_GEMMA_NORMS = {"attn_norm": "norm1", "post_attention_norm": "post_attn_norm", "ffn_norm": "norm2",
+                    "post_ffw_norm": "post_mlp_norm"}  # gemma3: llama.cpp stores these gains whole (1 + weight)
+GGUF_ROPE_FREQS = "rope_freqs.weight"  # llama 3.x: each RoPE pair's frequency divisor (llama3 scaling)
 
 POOLING_TYPES = {"mean": "MEAN", "last": "LAST"}  # ownllm pooling -> gguf.PoolingType member ({arch}.pooling_type)
 
@@ -79,6 +92,8 @@ def template_section(tokenizer: Tokenizer) -> dict[str, str]:
 
 __all__ = ["HF_LM_HEAD", "GENERATION_CONFIG_FILE", "TOKENIZER_CONFIG_FILE", "HF_GPT2_PREFIX", "HF_GPT2_GLOBAL",
            "HF_GPT2_NORMS", "HF_GPT2_CONV1D", "HF_LLAMA_PREFIX", "HF_LLAMA_GLOBAL", "HF_LLAMA_NORMS", "HF_LLAMA_QKV",
-           "HF_LLAMA_ATTN_OUT", "HF_LLAMA_GATE_UP", "HF_LLAMA_DOWN", "GGUF_GLOBAL", "GGUF_GPT2_LAYER",
+           "HF_LLAMA_ATTN_OUT", "HF_LLAMA_GATE_UP", "HF_LLAMA_DOWN", "HF_QK_NORMS", "HF_GEMMA_NORMS",
+           "HF_GEMMA3_TEXT_PREFIXES", "HF_GEMMA3_VISION_PREFIXES", "GGUF_QK_NORMS", "GGUF_GEMMA_NORMS",
+           "GGUF_ROPE_FREQS", "GGUF_GLOBAL", "GGUF_GPT2_LAYER",
            "GGUF_LLAMA_LAYER", "GGUF_LLAMA_FUSED", "POOLING_TYPES", "interleave_rope_rows", "deinterleave_rope_rows",
            "template_section"]

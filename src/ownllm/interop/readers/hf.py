@@ -1,4 +1,5 @@
-"""Hugging Face model directories in: GPT-2, Llama and Qwen2 weights, config.json and the tokenizer.
+"""Hugging Face model directories in: GPT-2, Llama (3.x with RoPE scaling), Qwen2, Qwen3, SmolLM3 and Gemma 3
+weights, config.json and the tokenizer.
 
     model = read_hf(Path("path/to/hf-model"))   # a ForeignModel; ownllm.runs.load_run builds the model from it
     import_hf("path/to/hf-model", "runs/base")   # ownllm import: the same, saved as an ownllm run directory
@@ -11,7 +12,10 @@ How the layouts map onto `GPT` (ownllm's one model class; the names are ownllm.i
 - GPT-2 stores its attention and MLP weights as Conv1D, input-major: they are transposed. `attn.bias` and
   `attn.masked_bias` are causal-mask buffers, not weights, and are skipped.
 - Llama and Qwen2 keep q/k/v and gate/up in separate matrices; ownllm fuses them as [q | k | v] and [gate | up].
-  HF's q/k use the rotate-half RoPE layout, which is ownllm's own, so no permutation is needed.
+  HF's q/k use the rotate-half RoPE layout, which is ownllm's own, so no permutation is needed. Qwen3 and Gemma 3
+  add `q_norm` / `k_norm`; Gemma 3 has four norms per block (ownllm.interop.names.HF_GEMMA_NORMS), and an image-text
+  Gemma 3 checkpoint keeps its language model under a prefix beside the vision tower, which is left out.
+- config.json is mapped by ownllm.interop.readers.hf_config.
 Anything the model cannot represent (another model_type, a rope scaling kind, a missing tensor or one of the
 wrong shape, a tensor nobody asked for) is an OwnLLMError naming the file and key: never a silent partial load.
 """
@@ -35,6 +39,9 @@ from ownllm.interop.names import (
     HF_GPT2_CONV1D,
     HF_GPT2_GLOBAL,
     HF_GPT2_NORMS,
+    HF_GEMMA3_TEXT_PREFIXES,
+    HF_GEMMA3_VISION_PREFIXES,
+    HF_GEMMA_NORMS,
     HF_GPT2_PREFIX,
     HF_LLAMA_ATTN_OUT,
     HF_LLAMA_DOWN,
@@ -44,34 +51,20 @@ from ownllm.interop.names import (
     HF_LLAMA_PREFIX,
     HF_LLAMA_QKV,
     HF_LM_HEAD,
+    HF_QK_NORMS,
     TOKENIZER_CONFIG_FILE,
     template_section,
 )
 from ownllm.interop.readers.foreign import ForeignModel, save_as_run
+from ownllm.interop.readers.hf_config import SUPPORTED_MODEL_TYPES, model_config_from_hf, text_config
 from ownllm.model import GPT
 from ownllm.outputs import check_output
 from ownllm.tokenizer import Tokenizer, load_tokenizer, with_specials_from
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 INDEX_FILE = "model.safetensors.index.json"
 
-# transformers writes only the values that differ from its config class defaults, so a missing key means these.
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
-                 activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True,
-                 scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False),
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=None, hidden_act="silu", max_position_embeddings=2048,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False,
-                  mlp_bias=False, head_dim=None),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=32768,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, use_sliding_window=False,
-                  head_dim=None),
-}
-_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the same function, written three ways
 _BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # state-dict entries that are not weights
 
 
@@ -97,71 +90,6 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raise OwnLLMError(f"{path}: model_type {model_type!r} is not supported "
                           f"(ownllm reads {', '.join(SUPPORTED_MODEL_TYPES)})")
     return data
-
-
-def model_config_from_hf(hf: dict[str, Any], source: Path | str = CONFIG_FILE) -> ModelConfig:
-    """The ModelConfig equal to an HF config.json (a dict); unsupported settings are an OwnLLMError naming the key."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise OwnLLMError(f"{source}: model_type {model_type!r} is not supported "
-                          f"(ownllm reads {', '.join(SUPPORTED_MODEL_TYPES)})")
-    values = {**_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k == "n_inner"}}
-
-    def unsupported(key: str, why: str) -> OwnLLMError:
-        return OwnLLMError(f"{source}: {key}={values.get(key)!r} is not supported ({why})")
-
-    if model_type == "gpt2":
-        if values["activation_function"] not in _GELU_TANH:
-            raise unsupported("activation_function", f"ownllm's GPT-2 MLP uses {_GELU_TANH[0]}")
-        if values["scale_attn_by_inverse_layer_idx"] or not values["scale_attn_weights"]:
-            key = "scale_attn_weights" if not values["scale_attn_weights"] else "scale_attn_by_inverse_layer_idx"
-            raise unsupported(key, "attention is always scaled by 1/sqrt(head size)")
-        if values["add_cross_attention"]:
-            raise unsupported("add_cross_attention", "ownllm models are decoder-only")
-        return ModelConfig(vocab_size=values["vocab_size"], block_size=values["n_positions"],
-                           n_layer=values["n_layer"], n_head=values["n_head"], n_embd=values["n_embd"],
-                           mlp_hidden=values["n_inner"], bias=True, norm="layernorm",
-                           norm_eps=values["layer_norm_epsilon"], mlp="gelu", position="learned",
-                           tie_embeddings=bool(values["tie_word_embeddings"]))
-
-    if values["hidden_act"] != "silu":
-        raise unsupported("hidden_act", "the Llama MLP is SwiGLU with silu")
-    rope_theta = _rope_theta(values, source)
-    if model_type == "qwen2":  # sliding windows apply from layer max_window_layers on, or as layer_types says
-        layer_types = values.get("layer_types")
-        if layer_types and any(kind != "full_attention" for kind in layer_types):
-            raise unsupported("layer_types", "sliding-window attention is not implemented")
-        windowed = values["use_sliding_window"] and values["num_hidden_layers"] > values.get("max_window_layers", 28)
-        if not layer_types and windowed:
-            raise unsupported("use_sliding_window", "sliding-window attention is not implemented")
-        bias, qkv_bias, mlp_bias = False, True, False
-    else:
-        attention_bias = bool(values["attention_bias"])
-        bias, qkv_bias, mlp_bias = attention_bias, attention_bias, bool(values["mlp_bias"])
-    return ModelConfig(vocab_size=values["vocab_size"], block_size=values["max_position_embeddings"],
-                       n_layer=values["num_hidden_layers"], n_head=values["num_attention_heads"],
-                       n_embd=values["hidden_size"], n_kv_head=values["num_key_value_heads"],
-                       head_dim=values["head_dim"], mlp_hidden=values["intermediate_size"], bias=bias,
-                       qkv_bias=qkv_bias, mlp_bias=mlp_bias, norm="rmsnorm", norm_eps=values["rms_norm_eps"],
-                       mlp="swiglu", position="rope", rope_theta=rope_theta,
-                       tie_embeddings=bool(values["tie_word_embeddings"]))
-
-
-def _rope_theta(values: dict[str, Any], source: Path | str) -> float:
-    """rope_theta from the top level (transformers v4) or `rope_parameters` (v5); only plain RoPE is implemented."""
-    theta = values.get("rope_theta", 10000.0)
-    for key in ("rope_parameters", "rope_scaling"):
-        params = values.get(key)
-        if not params:
-            continue
-        if not isinstance(params, dict):
-            raise OwnLLMError(f"{source}: {key} must be a JSON object")
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise OwnLLMError(f"{source}: {key}.rope_type={kind!r} is not supported "
-                              "(ownllm implements plain RoPE, rope_type 'default')")
-        theta = params.get("rope_theta", theta)
-    return float(theta)
 
 
 def read_hf_weights(directory: Path) -> dict[str, Tensor]:
@@ -254,6 +182,8 @@ def state_dict_from_hf(tensors: dict[str, Tensor], hf: dict[str, Any], config: M
         src = _Tensors(tensors, HF_GPT2_PREFIX, source)
         state = _from_gpt2(src, config, _Mapped(src))
     else:
+        if hf["model_type"] == "gemma3":
+            tensors = _gemma3_text_tensors(tensors)
         src = _Tensors(tensors, HF_LLAMA_PREFIX, source)
         state = _from_llama(src, config, _Mapped(src))
     with torch.device("meta"):
@@ -268,6 +198,19 @@ def state_dict_from_hf(tensors: dict[str, Tensor], hf: dict[str, Any], config: M
     if missing:
         raise OwnLLMError(f"{source}: no tensor for {missing[0]}")
     return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def _gemma3_text_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A Gemma 3 image-text checkpoint's language model under the text model's names; the vision tower dropped."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.startswith(HF_GEMMA3_VISION_PREFIXES):
+            continue
+        prefix = next((p for p in HF_GEMMA3_TEXT_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            name = HF_LLAMA_PREFIX + name.removeprefix(prefix)
+        out[name.replace("language_model.lm_head.", "lm_head.")] = tensor
+    return out
 
 
 def _shape_of(src: _Tensors, name: str) -> str:
@@ -302,9 +245,11 @@ def _from_gpt2(src: _Tensors, config: ModelConfig, out: _Mapped) -> _Mapped:
 def _from_llama(src: _Tensors, config: ModelConfig, out: _Mapped) -> _Mapped:
     for hf_name, ours in HF_LLAMA_GLOBAL.items():
         out[ours] = src.take(hf_name)
+    norms = {**(HF_GEMMA_NORMS if config.sandwich_norm else HF_LLAMA_NORMS),
+             **(HF_QK_NORMS if config.qk_norm_gain else {})}
     for i in range(config.n_layer):
         hf, ours = f"layers.{i}.", f"blocks.{i}."
-        for hf_norm, our_norm in HF_LLAMA_NORMS.items():
+        for hf_norm, our_norm in norms.items():
             out[f"{ours}{our_norm}.weight"] = src.take(f"{hf}{hf_norm}.weight")
         qkv = [f"{hf}{name}" for name in HF_LLAMA_QKV]
         out[f"{ours}attn.qkv.weight"] = src.join([f"{name}.weight" for name in qkv])

@@ -1,5 +1,5 @@
-"""Hugging Face model directories out: a loaded run as GPT-2, Llama or Qwen2 weights, config.json and tokenizer
-files that transformers loads without custom code.
+"""Hugging Face model directories out: a loaded run as GPT-2, Llama, Qwen2, Qwen3, SmolLM3 or Gemma 3 weights,
+config.json (ownllm.interop.writers.hf_config) and tokenizer files that transformers loads without custom code.
 
     export_hf(load_run("runs/mine"), "exported/hf")   # ownllm export --to hf: loads with AutoModelForCausalLM
 
@@ -26,6 +26,7 @@ from ownllm.interop.names import (
     HF_GPT2_CONV1D,
     HF_GPT2_GLOBAL,
     HF_GPT2_NORMS,
+    HF_GEMMA_NORMS,
     HF_GPT2_PREFIX,
     HF_LLAMA_ATTN_OUT,
     HF_LLAMA_DOWN,
@@ -35,57 +36,15 @@ from ownllm.interop.names import (
     HF_LLAMA_PREFIX,
     HF_LLAMA_QKV,
     HF_LM_HEAD,
+    HF_QK_NORMS,
     TOKENIZER_CONFIG_FILE,
 )
+from ownllm.interop.writers.hf_config import hf_config_dict, hf_model_type
 from ownllm.outputs import check_output, replaced_dir, save_safetensors
 from ownllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from ownllm.runs import LoadedRun
-
-
-def hf_model_type(config: ModelConfig) -> str:
-    """The transformers architecture that computes the same function as `config`, or an OwnLLMError saying why none."""
-    recipe = [name for name, used in (("--mlp relu2", config.mlp == "relu2"), ("--qk-norm", config.qk_norm),
-                                      ("--logit-softcap", config.logit_softcap is not None)) if used]
-    if recipe:
-        raise OwnLLMError(f"cannot export: this model uses {', '.join(recipe)}, which Hugging Face GPT-2/Llama and "
-                          f"llama.cpp's gpt2/llama cannot express (train without it to export)")
-    gpt2 = (config.position == "learned", config.norm == "layernorm", config.mlp == "gelu")
-    llama = (config.position == "rope", config.norm == "rmsnorm", config.mlp == "swiglu")
-    if all(gpt2) and config.kv_heads == config.n_head and config.head_size * config.n_head == config.n_embd:
-        return "gpt2"
-    if all(llama):
-        qwen2_biases = config.use_qkv_bias and not config.bias and not config.use_mlp_bias
-        return "qwen2" if qwen2_biases else "llama"
-    raise OwnLLMError(f"no Hugging Face architecture matches this model (position={config.position}, "
-                      f"norm={config.norm}, mlp={config.mlp}): export needs the GPT-2 or the Llama flavour")
-
-
-def hf_config_dict(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
-    """config.json for transformers (no custom code)."""
-    model_type = hf_model_type(config)
-    eos = tokenizer.eot_id if tokenizer is not None else None
-    bos = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else eos
-    common = dict(model_type=model_type, vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings,
-                  bos_token_id=bos, eos_token_id=eos, dtype="float32", torch_dtype="float32", use_cache=True)
-    if model_type == "gpt2":
-        return dict(common, architectures=["GPT2LMHeadModel"], n_positions=config.block_size, n_ctx=config.block_size,
-                    n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head, n_inner=config.mlp_size,
-                    activation_function="gelu_new", layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout,
-                    embd_pdrop=config.dropout, attn_pdrop=config.dropout)
-    values = dict(common, hidden_size=config.n_embd, intermediate_size=config.mlp_size,
-                  num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                  num_key_value_heads=config.kv_heads, head_dim=config.head_size, hidden_act="silu",
-                  max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
-                  rope_theta=config.rope_theta,  # transformers v4 reads this, v5 rope_parameters
-                  rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-                  attention_dropout=config.dropout)
-    if model_type == "qwen2":
-        return dict(values, architectures=["Qwen2ForCausalLM"], use_sliding_window=False,
-                    max_window_layers=config.n_layer, layer_types=["full_attention"] * config.n_layer)
-    return dict(values, architectures=["LlamaForCausalLM"], attention_bias=config.use_qkv_bias or config.bias,
-                mlp_bias=config.use_mlp_bias)
 
 
 def export_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -134,9 +93,11 @@ def _to_llama(state: dict[str, Tensor], config: ModelConfig, model_type: str) ->
     out = {HF_LLAMA_PREFIX + hf_name: state[ours] for hf_name, ours in HF_LLAMA_GLOBAL.items()}
     q_size, kv_size = config.n_head * config.head_size, config.kv_heads * config.head_size
     attention_bias = model_type == "qwen2" or config.use_qkv_bias or config.bias
+    norms = {**(HF_GEMMA_NORMS if config.sandwich_norm else HF_LLAMA_NORMS),
+             **(HF_QK_NORMS if config.qk_norm_gain else {})}
     for i in range(config.n_layer):
         ours, hf = f"blocks.{i}.", f"{HF_LLAMA_PREFIX}layers.{i}."
-        for hf_norm, our_norm in HF_LLAMA_NORMS.items():
+        for hf_norm, our_norm in norms.items():
             out[f"{hf}{hf_norm}.weight"] = state[f"{ours}{our_norm}.weight"]
         qkv = state[f"{ours}attn.qkv.weight"].split([q_size, kv_size, kv_size])
         qkv_bias = bias_or_zeros(state, f"{ours}attn.qkv.bias", q_size + 2 * kv_size).split([q_size, kv_size, kv_size])
@@ -145,7 +106,7 @@ def _to_llama(state: dict[str, Tensor], config: ModelConfig, model_type: str) ->
             if attention_bias:
                 out[f"{hf}{name}.bias"] = bias
         out[f"{hf}{HF_LLAMA_ATTN_OUT}.weight"] = state[f"{ours}attn.proj.weight"]
-        if attention_bias and model_type == "llama":
+        if attention_bias and model_type != "qwen2":
             out[f"{hf}{HF_LLAMA_ATTN_OUT}.bias"] = bias_or_zeros(state, f"{ours}attn.proj.bias", config.n_embd)
         for kind in ("weight", "bias") if config.use_mlp_bias else ("weight",):
             gate_up = state[f"{ours}mlp.fc.{kind}"].chunk(2)
