@@ -7,6 +7,7 @@ back, and takes a LoRA fine-tuning step. Options the one model class cannot comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,6 +34,8 @@ SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
              head_dim=16, max_position_embeddings=128)
 
 
+# The smallest shapes llama.cpp computes the same way: it fixes Gemma 3's local/global pattern (5:1) and SmolLM3's
+# NoPE step (4) in its code, so those two have 6 and 4 layers; the others 2.
 def family_model(family: str, vocab_size: int, eos: int) -> torch.nn.Module:
     """A tiny random transformers model of `family`, its distinctive options switched on."""
     common = dict(SMALL, vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=None)
@@ -40,23 +43,31 @@ def family_model(family: str, vocab_size: int, eos: int) -> torch.nn.Module:
         config = transformers.Qwen3Config(**common, tie_word_embeddings=False, rope_parameters={
             "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32})
         return randomize(transformers.Qwen3ForCausalLM(config), seed=3)
-    if family == "gemma3":  # layer 0 local (window 4, RoPE base 100), layer 1 global (linear scaling), soft caps
+    if family == "gemma3":  # llama.cpp's Gemma 3: five local layers (window 4, RoPE base 10000), then a global one
+        config = transformers.Gemma3TextConfig(**dict(common, num_hidden_layers=6), sliding_window=WINDOW,
+                                               query_pre_attn_scalar=16, rope_parameters={
+                                                   "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                      "rope_theta": 1e6},
+                                                   "sliding_attention": {"rope_type": "default",
+                                                                         "rope_theta": 10000.0}})
+        return randomize(transformers.Gemma3ForCausalLM(config), seed=4)
+    if family == "gemma3-options":  # 2 layers with the options llama.cpp's gemma3 fixes otherwise: HF only
         config = transformers.Gemma3TextConfig(
             **common, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=24, final_logit_softcapping=30.0, attn_logit_softcapping=20.0,
-            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
         # (transformers' Gemma 3 leaves attn_logit_softcapping unused, as ownllm does)
-        return randomize(transformers.Gemma3ForCausalLM(config), seed=4)
+        return randomize(transformers.Gemma3ForCausalLM(config), seed=7)
     if family == "llama3.2":  # Llama 3.2's llama3 frequency scaling (a short original context so every band shows)
         config = transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters={
             "rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
         return randomize(transformers.LlamaForCausalLM(config), seed=5)
-    assert family == "smollm3"  # layer 1 has no positional encoding (NoPE)
-    config = transformers.SmolLM3Config(**{k: v for k, v in common.items() if k != "head_dim"},
-                                        no_rope_layers=[1, 0], rope_parameters={"rope_type": "default",
-                                                                                "rope_theta": 2e6})
+    assert family == "smollm3"  # every fourth layer without positional encoding (NoPE), as in SmolLM3-3B
+    small = {k: v for k, v in common.items() if k != "head_dim"}
+    config = transformers.SmolLM3Config(**dict(small, num_hidden_layers=4), no_rope_layer_interval=4,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 2e6})
     return randomize(transformers.SmolLM3ForCausalLM(config), seed=6)
 
 
@@ -99,12 +110,12 @@ def test_the_config_has_the_family_options(family_dir):
     expected = {"qwen3": dict(qk_norm_gain=True, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                                "original_max_position_embeddings": 32}),
                 "gemma3": dict(mlp="geglu", sandwich_norm=True, norm_offset=1.0, scale_embeddings=True,
-                               local_layers=(0,), sliding_window=WINDOW, local_rope_theta=100.0,
-                               query_pre_attn_scalar=24.0, logit_softcap=30.0),
+                               local_layers=(0, 1, 2, 3, 4), sliding_window=WINDOW, local_rope_theta=10000.0,
+                               rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 2.0}),
                 "llama3.2": dict(tie_embeddings=True, rope_scaling={
                     "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 64}),
-                "smollm3": dict(nope_layers=(1,), rope_theta=2e6)}[family]
+                "smollm3": dict(nope_layers=(3,), rope_theta=2e6)}[family]
     assert {key: getattr(config, key) for key in expected} == expected
 
 
@@ -145,7 +156,8 @@ def test_gguf_write_and_read_back_equal(family_dir, tokenizer, tmp_path):
     run = ownllm.load(directory)
     path = export_gguf(run, tmp_path / "m.gguf", quant="f32")
     back = read_gguf(path)
-    assert back.config == run.config
+    assert back.config.norm_eps == pytest.approx(run.config.norm_eps, rel=1e-6)  # GGUF keeps a float32
+    assert dataclasses.replace(back.config, norm_eps=run.config.norm_eps) == run.config
     ours = run.model.state_dict()
     for name, tensor in back.state.items():
         assert_parity(tensor, ours[name], layers=0, what=name)
@@ -162,13 +174,32 @@ def test_a_lora_fine_tuning_step_runs(family_dir, tmp_path):
     data = write_json(tmp_path / "ins.json", instruction_records(16))
     result = finetune_instruct(model=base, data=data, out=tmp_path / "lora", lora_rank=4, max_steps=2, batch_size=4,
                                lr=1e-2, eval_interval=0, log_interval=1, test_fraction=0.0, show_progress=False,
-                               precision="fp32", no_final_eval=True)
+                               precision="fp32", final_eval=False)
     assert result.train.step == 2
     adapted = ownllm.load(tmp_path / "lora")
     base_state = ownllm.load(base).model.state_dict()
     changed = [name for name, tensor in adapted.model.state_dict().items()
                if name in base_state and not torch.equal(tensor, base_state[name])]
     assert changed == [] and any("lora_B" in name for name in adapted.model.state_dict())
+
+
+def test_gemma3_options_llama_cpp_fixes_otherwise_load_equal_and_refuse_gguf(tokenizer, tmp_path):
+    """A 2-layer Gemma 3 with a global layer after one local one, a local RoPE base of 100, query_pre_attn_scalar
+    24 and a final logit soft-cap: transformers' logits; GGUF export refused in one line (llama.cpp would compute
+    another function), HF export equal."""
+    model = family_model("gemma3-options", tokenizer.vocab_size, tokenizer.eot_id)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save(tmp_path / "m")
+    run = ownllm.load(tmp_path / "m")
+    assert (run.config.local_layers, run.config.local_rope_theta, run.config.query_pre_attn_scalar,
+            run.config.logit_softcap) == ((0,), 100.0, 24.0, 30.0)
+    rows = prompt_rows(tokenizer)
+    assert_same_logits(padded_logits(run.model, rows), hf_padded_logits(model, rows), rows, run.config.n_layer)
+    with pytest.raises(OwnLLMError, match="llama.cpp's gemma3 fixes five local layers of every six"):
+        export_gguf(run, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+    export_hf(run, tmp_path / "hf")
+    assert ownllm.load(tmp_path / "hf").config == run.config
 
 
 REFUSALS = {

@@ -6,8 +6,9 @@
 
 What is read (the `gguf` package parses the file; it is memory-mapped and dequantized one tensor at a time, so
 a 135M model needs its float32 weights plus one tensor's scratch space, not a copy of the file):
-- architectures `llama` (SmolLM, TinyLlama, Llama 2/3 layouts), `qwen2` and `gpt2`, with the hyperparameters
-  under `{arch}.*`. llama.cpp rotates adjacent pairs of q/k dimensions for `llama` (its converter reorders the q/k
+- architectures `llama` (SmolLM, TinyLlama, Llama 2/3 layouts, Llama 3.x RoPE scaling), `qwen2`, `qwen3`, `smollm3`,
+  `gemma3` and `gpt2`, with the hyperparameters under `{arch}.*` (what llama.cpp fixes per architecture rather than
+  writes, and RoPE scaling: ownllm.interop.readers.gguf_config). llama.cpp rotates adjacent pairs of q/k dimensions for `llama` (its converter reorders the q/k
   rows of every head); ownllm and Hugging Face rotate the two halves of each head, so those rows are put back.
   `qwen2` is stored in the rotate-half layout already, `gpt2` has no RoPE.
 - every tensor type `gguf.quants.dequantize` knows (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the K-quants, the
@@ -37,15 +38,19 @@ from torch import Tensor
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.interop.names import (
+    GGUF_GEMMA_NORMS,
     GGUF_GLOBAL,
     GGUF_GPT2_LAYER,
     GGUF_LLAMA_FUSED,
     GGUF_LLAMA_LAYER,
+    GGUF_QK_NORMS,
+    GGUF_ROPE_FREQS,
     POOLING_TYPES,
     deinterleave_rope_rows,
     template_section,
 )
 from ownllm.interop.readers.foreign import ForeignModel, save_as_run
+from ownllm.interop.readers.gguf_config import family_fields, rope_scaling_from_gguf
 from ownllm.interop.readers.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
 from ownllm.outputs import check_output
 from ownllm.tokenizer import Tokenizer
@@ -55,7 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "gpt2", "qwen3", "smollm3", "gemma3")
+PERMUTED = ("llama", "smollm3")  # llama.cpp interleaves the q/k rows of these (its converter permutes them)
 GGUF_MAGIC = b"GGUF"
 
 
@@ -142,15 +148,17 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def model_config_from_gguf(keys: _Keys, tensor_names: set[str], vocab_rows: int) -> tuple[str, ModelConfig]:
-    """(architecture, ModelConfig) from the header; settings ownllm cannot compute are refused by key."""
+def model_config_from_gguf(keys: _Keys, tensor_names: set[str], vocab_rows: int,
+                           rope_freqs: Tensor | None = None) -> tuple[str, ModelConfig]:
+    """(architecture, ModelConfig) from the header (and llama.cpp's `rope_freqs` tensor, where the file has one);
+    settings ownllm cannot compute are refused by key."""
     arch = keys.require("general.architecture")
     if arch not in ARCHITECTURES:
         raise keys.refuse("general.architecture", f"ownllm reads {', '.join(ARCHITECTURES)}")
     n_embd, n_head = keys.integer(f"{arch}.embedding_length"), keys.integer(f"{arch}.attention.head_count")
-    common = dict(vocab_size=vocab_rows, block_size=keys.integer(f"{arch}.context_length"),
-                  n_layer=keys.integer(f"{arch}.block_count"), n_head=n_head, n_embd=n_embd,
-                  mlp_hidden=keys.integer(f"{arch}.feed_forward_length"),
+    n_layer = keys.integer(f"{arch}.block_count")
+    common = dict(vocab_size=vocab_rows, block_size=keys.integer(f"{arch}.context_length"), n_layer=n_layer,
+                  n_head=n_head, n_embd=n_embd, mlp_hidden=keys.integer(f"{arch}.feed_forward_length"),
                   tie_embeddings="output.weight" not in tensor_names)
     if keys.get(f"{arch}.expert_count", 0):
         raise keys.refuse(f"{arch}.expert_count", "mixture-of-experts models are not implemented")
@@ -164,20 +172,16 @@ def model_config_from_gguf(keys: _Keys, tensor_names: set[str], vocab_rows: int)
     if rope_dims != head_dim:
         raise keys.refuse(f"{arch}.rope.dimension_count", f"RoPE on part of the {head_dim}-wide heads is not "
                                                           "implemented")
-    scaling = keys.get(f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
-        key = f"{arch}.rope.scaling.type" if scaling not in ("none", None) else "rope_freqs.weight"
-        raise OwnLLMError(f"{keys.path}: {key} is not supported (ownllm implements plain RoPE, no scaling)")
-    if keys.get(f"{arch}.attention.sliding_window"):
-        raise keys.refuse(f"{arch}.attention.sliding_window", "sliding-window attention is not implemented")
-    qkv_bias = "blk.0.attn_q.bias" in tensor_names
+    theta = float(keys.get(f"{arch}.rope.freq_base", 10000.0))
+    fields = {"mlp": "swiglu", **family_fields(arch, keys, n_layer, n_embd, n_head, head_dim)}
     return arch, ModelConfig(**common, n_kv_head=keys.integer(f"{arch}.attention.head_count_kv", n_head),
                              head_dim=head_dim if head_dim * n_head != n_embd else None,
-                             bias="blk.0.attn_output.bias" in tensor_names, qkv_bias=qkv_bias,
+                             bias="blk.0.attn_output.bias" in tensor_names,
+                             qkv_bias="blk.0.attn_q.bias" in tensor_names,
                              mlp_bias="blk.0.ffn_down.bias" in tensor_names, norm="rmsnorm",
                              norm_eps=float(keys.require(f"{arch}.attention.layer_norm_rms_epsilon")),
-                             mlp="swiglu", position="rope",
-                             rope_theta=float(keys.get(f"{arch}.rope.freq_base", 10000.0)))
+                             position="rope", rope_theta=theta,
+                             rope_scaling=rope_scaling_from_gguf(keys, arch, head_dim, theta, rope_freqs), **fields)
 
 
 def embedding_pooling_from_gguf(keys: _Keys, arch: str) -> str | None:
@@ -207,13 +211,13 @@ def tensor_plan(arch: str, config: ModelConfig, names: set[str], path: Path) -> 
                 plan.update({f"{block}{ours}.{kind}": [f"{blk}{theirs}.{kind}"]
                              for theirs, ours in GGUF_GPT2_LAYER.items()})
                 continue
-            for theirs, ours in GGUF_LLAMA_LAYER.items():
+            for theirs, ours in _layer_names(config).items():
                 if f"{blk}{theirs}.{kind}" in names or kind == "weight":
                     plan[f"{block}{ours}.{kind}"] = [f"{blk}{theirs}.{kind}"]
             for ours, parts in GGUF_LLAMA_FUSED.items():
                 if f"{blk}{parts[0]}.{kind}" in names or kind == "weight":
                     plan[f"{block}{ours}.{kind}"] = [f"{blk}{part}.{kind}" for part in parts]
-    wanted = {name for parts in plan.values() for name in parts}
+    wanted = {name for parts in plan.values() for name in parts} | ({GGUF_ROPE_FREQS} & names)
     missing = sorted(wanted - names, key=_natural)
     if missing:
         raise OwnLLMError(f"{path}: tensor {missing[0]} is missing ({arch} with {config.n_layer} layers needs it)")
@@ -222,6 +226,13 @@ def tensor_plan(arch: str, config: ModelConfig, names: set[str], path: Path) -> 
         raise OwnLLMError(f"{path}: tensor {unused[0]} is not part of a {arch} model ownllm can build "
                           f"({len(unused)} unused tensor(s))")
     return plan
+
+
+def _layer_names(config: ModelConfig) -> dict[str, str]:
+    """GGUF's per-layer tensor -> ownllm's module, besides the fused q|k|v and gate|up."""
+    norms = GGUF_GEMMA_NORMS if config.sandwich_norm else {"attn_norm": "norm1", "ffn_norm": "norm2"}
+    layer = {**GGUF_LLAMA_LAYER, **norms}
+    return {**layer, **GGUF_QK_NORMS} if config.qk_norm_gain else layer
 
 
 def _natural(name: str) -> tuple:
@@ -272,7 +283,9 @@ def read_state(reader: gguf.GGUFReader, arch: str, config: ModelConfig, path: Pa
         for name in parts:
             piece = dequantized(tensors[name])
             kind = name.split(".")[-2]
-            if arch == "llama" and kind in ("attn_q", "attn_k"):
+            if config.norm_offset and kind.endswith("norm"):
+                piece = piece - config.norm_offset  # llama.cpp stores Gemma's gains whole: 1 + weight
+            if arch in PERMUTED and kind in ("attn_q", "attn_k"):
                 heads = config.n_head if kind == "attn_q" else config.kv_heads
                 piece = _unpermuted(piece, heads, name, path)
             pieces.append(piece)
@@ -350,7 +363,8 @@ def read_gguf(path: str | Path, progress: bool = False) -> ForeignModel:
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
         raise OwnLLMError(f"{path}: tensor token_embd.weight is missing")
-    arch, config = model_config_from_gguf(keys, names, vocab_rows=int(embedding.shape[-1]))
+    rope_freqs = next((dequantized(t) for t in reader.tensors if t.name == GGUF_ROPE_FREQS), None)
+    arch, config = model_config_from_gguf(keys, names, vocab_rows=int(embedding.shape[-1]), rope_freqs=rope_freqs)
     tokenizer, pad_id = tokenizer_from_gguf(keys)
     if tokenizer.vocab_size > config.vocab_size:
         raise OwnLLMError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens but token_embd.weight "

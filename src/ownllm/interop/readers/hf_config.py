@@ -124,10 +124,13 @@ def _llama_like(model_type: str, values: dict[str, Any], source: Path | str) -> 
         raise unsupported(source, key, activation, "the MLP is SwiGLU with silu (GeGLU with gelu-tanh for Gemma)")
     theta, scaling = rope_settings(values, source, "full_attention")
     attention_bias = bool(values["attention_bias"])
+    head_dim = values["head_dim"]
+    if head_dim is not None and head_dim * values["num_attention_heads"] == values["hidden_size"]:
+        head_dim = None  # the default, spelt out
     fields: dict[str, Any] = dict(
         vocab_size=values["vocab_size"], block_size=values["max_position_embeddings"],
         n_layer=values["num_hidden_layers"], n_head=values["num_attention_heads"], n_embd=values["hidden_size"],
-        n_kv_head=values["num_key_value_heads"], head_dim=values["head_dim"], mlp_hidden=values["intermediate_size"],
+        n_kv_head=values["num_key_value_heads"], head_dim=head_dim, mlp_hidden=values["intermediate_size"],
         bias=attention_bias, qkv_bias=attention_bias, mlp_bias=bool(values["mlp_bias"]), norm="rmsnorm",
         norm_eps=values["rms_norm_eps"], mlp="geglu" if gemma else "swiglu", position="rope", rope_theta=theta,
         rope_scaling=scaling, tie_embeddings=bool(values["tie_word_embeddings"]))

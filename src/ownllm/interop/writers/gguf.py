@@ -3,9 +3,11 @@
     export_gguf(load_run("runs/mine"), "exported/mine.gguf", quant="q8_0")   # ownllm export --to gguf --quant q8_0
 
 Needs the `gguf` package (`pip install 'ownllm[gguf]'`). What is written:
-- architecture `gpt2` for the GPT-2 flavour, `llama` for the Llama flavour (Qwen2-style qkv biases included), with
-  the hyperparameters under `{arch}.*` (context_length, embedding_length, block_count, feed_forward_length,
-  attention.head_count(_kv), norm eps, rope.freq_base, rope.dimension_count);
+- architecture `gpt2` for the GPT-2 flavour, `llama` for the Llama flavour (Qwen2-style qkv biases included; Llama
+  3.x scaling as the `rope_freqs` tensor), `qwen3`, `smollm3` and `gemma3` (`gguf_architecture`; what llama.cpp fixes
+  in its code for these, a model must follow: ownllm.interop.readers.gguf_config), with the hyperparameters under
+  `{arch}.*` (context_length, embedding_length, block_count, feed_forward_length, attention.head_count(_kv), norm
+  eps, rope.freq_base, rope.dimension_count, rope.scaling.*, attention.sliding_window);
 - every weight under llama.cpp's tensor names (`token_embd`, `blk.N.attn_qkv` or `blk.N.attn_q/k/v`, ...). llama.cpp
   rotates pairs of adjacent q/k dimensions (interleaved RoPE) for `llama`, where ownllm and Hugging Face rotate the
   two halves of each head, so the q/k rows of every head are reordered here: [x0..x(h/2-1), y0..] -> [x0, y0, x1, y1..];
@@ -30,12 +32,23 @@ from torch import Tensor
 from ownllm.config import ModelConfig
 from ownllm.errors import OwnLLMError
 from ownllm.interop.names import (
+    GGUF_GEMMA_NORMS,
     GGUF_GLOBAL,
     GGUF_GPT2_LAYER,
     GGUF_LLAMA_FUSED,
     GGUF_LLAMA_LAYER,
+    GGUF_QK_NORMS,
+    GGUF_ROPE_FREQS,
     POOLING_TYPES,
     interleave_rope_rows,
+)
+from ownllm.interop.readers.gguf_config import (
+    GEMMA3_LOCAL_THETA,
+    OWNLLM_ROPE_SCALING,
+    gemma3_local_layers,
+    gemma3_query_scalar,
+    llama3_divisors,
+    smollm3_nope_layers,
 )
 from ownllm.interop.writers.hf import bias_or_zeros, export_state_dict, hf_model_type
 from ownllm.outputs import check_output, temporary_path
@@ -78,10 +91,10 @@ def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool
         raise OwnLLMError(f"{run.path}: is a classifier run; GGUF (llama.cpp) has no classification head, so its "
                           "head and labels would be lost: export it with --to hf")
     config, tokenizer = run.config, run.tokenizer
-    arch = "gpt2" if hf_model_type(config) == "gpt2" else "llama"
+    arch = gguf_architecture(config)  # refuses what llama.cpp would compute otherwise
     vocab = _vocabulary(tokenizer, config, gguf)  # checks the tokenizer before anything is written
     state = export_state_dict(run.model)
-    tensors = _gpt2_tensors(state, config) if arch == "gpt2" else _llama_tensors(state, config)
+    tensors = _gpt2_tensors(state, config) if arch == "gpt2" else _llama_tensors(state, config, arch)
 
     tmp = temporary_path(out)
     try:
@@ -103,6 +116,29 @@ def export_gguf(run: LoadedRun, out: str | Path, quant: str = "f16", force: bool
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def gguf_architecture(config: ModelConfig) -> str:
+    """llama.cpp's architecture for the model (`gpt2`, `llama`, `qwen3`, `smollm3`, `gemma3`); an OwnLLMError where
+    llama.cpp fixes in its code a setting this model has otherwise (ownllm.interop.readers.gguf_config)."""
+    family = hf_model_type(config)
+    arch = {"gpt2": "gpt2", "gemma3_text": "gemma3", "qwen3": "qwen3", "smollm3": "smollm3"}.get(family, "llama")
+    fixed: list[tuple[str, bool]] = []
+    if arch == "smollm3":
+        fixed = [("no RoPE in every fourth layer", config.nope_layers == smollm3_nope_layers(config.n_layer))]
+    if arch == "gemma3":
+        scalar = gemma3_query_scalar(config.n_layer, config.n_embd, config.n_head, config.head_size)
+        fixed = [("five local layers of every six", config.local_layers == gemma3_local_layers(config.n_layer)),
+                 (f"local RoPE base {GEMMA3_LOCAL_THETA:g}", config.local_rope_theta == GEMMA3_LOCAL_THETA),
+                 (f"query_pre_attn_scalar {scalar:g}", (config.query_pre_attn_scalar or scalar) == scalar),
+                 ("no final logit soft-cap", config.logit_softcap is None)]
+    if config.rope_scaling and config.rope_scaling["rope_type"] == "llama3" and arch != "llama":
+        fixed.append(("llama3 RoPE scaling on llama files only", False))
+    broken = [rule for rule, kept in fixed if not kept]
+    if broken:
+        raise OwnLLMError(f"cannot export to GGUF: llama.cpp's {arch} fixes {broken[0]}, which this model does not "
+                          "follow (export it with --to hf)")
+    return arch
 
 
 def check_gguf_pooling(pooling: str | None) -> None:
@@ -139,9 +175,30 @@ def _write_metadata(writer: gguf.GGUFWriter, gguf: Any, arch: str, config: Model
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_rope_dimension_count(config.head_size)
-    if config.head_size * config.n_head != config.n_embd:
+    if config.head_size * config.n_head != config.n_embd or arch == "gemma3":
         writer.add_key_length(config.head_size)
         writer.add_value_length(config.head_size)
+    if config.sliding_window and config.local_layers:
+        writer.add_sliding_window(config.sliding_window)
+    _write_rope_scaling(writer, gguf, config.rope_scaling)
+
+
+def _write_rope_scaling(writer: gguf.GGUFWriter, gguf: Any, scaling: dict[str, Any] | None) -> None:
+    """linear / yarn as llama.cpp's keys (llama3 is the `rope_freqs` tensor); the exact parameters as
+    `ownllm.rope_scaling`, which ownllm reads back."""
+    if scaling is None:
+        return
+    writer.add_string(OWNLLM_ROPE_SCALING, json.dumps(scaling))
+    kind = scaling["rope_type"]
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(getattr(gguf.RopeScalingType, kind.upper()))
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    if kind == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        for ours, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                          ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if scaling.get(ours) is not None:
+                add(float(scaling[ours]))
 
 
 def _vocabulary(tokenizer: Tokenizer, config: ModelConfig, gguf: Any) -> dict[str, Any]:
@@ -235,28 +292,37 @@ def _gpt2_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Te
     return out
 
 
-def _llama_tensors(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """llama.cpp's llama graph: q/k/v and gate/up apart, the q/k rows of every head in its interleaved order."""
+def _llama_tensors(state: dict[str, Tensor], config: ModelConfig, arch: str) -> dict[str, Tensor]:
+    """llama.cpp's llama-like graphs: q/k/v and gate/up apart, the q/k rows of every head in its interleaved order
+    for `llama` and `smollm3`; Gemma's norm gains whole (1 + weight); Llama 3's scaling as `rope_freqs`."""
     out = _global_tensors(state, config, zero_biases=False)
+    layer = {**GGUF_LLAMA_LAYER, **(GGUF_GEMMA_NORMS if config.sandwich_norm else {}),
+             **(GGUF_QK_NORMS if config.qk_norm_gain else {})}
     for i in range(config.n_layer):
         ours, blk = f"blocks.{i}.", f"blk.{i}."
         for kind in ("weight", "bias"):
             out.update({f"{blk}{theirs}.{kind}": state[f"{ours}{mine}.{kind}"]
-                        for theirs, mine in GGUF_LLAMA_LAYER.items() if f"{ours}{mine}.{kind}" in state})
+                        for theirs, mine in layer.items() if f"{ours}{mine}.{kind}" in state})
             for mine, parts in GGUF_LLAMA_FUSED.items():
                 fused = state.get(f"{ours}{mine}.{kind}")
                 if fused is not None:
-                    pieces = _unfused(mine, fused, config)
+                    pieces = _unfused(mine, fused, config, permute=arch in ("llama", "smollm3"))
                     out.update({f"{blk}{part}.{kind}": piece for part, piece in zip(parts, pieces)})
+    if config.norm_offset:
+        out = {name: t + config.norm_offset if name.endswith("norm.weight") else t for name, t in out.items()}
+    if config.rope_scaling and config.rope_scaling["rope_type"] == "llama3":
+        out[GGUF_ROPE_FREQS] = llama3_divisors(config.head_size, config.rope_theta, config.rope_scaling)
     return out
 
 
-def _unfused(name: str, fused: Tensor, config: ModelConfig) -> tuple[Tensor, ...]:
-    """ownllm's fused q|k|v (q and k rows interleaved for llama.cpp's RoPE) or gate|up, split into its parts."""
+def _unfused(name: str, fused: Tensor, config: ModelConfig, permute: bool) -> tuple[Tensor, ...]:
+    """ownllm's fused q|k|v (q and k rows interleaved for llama.cpp's RoPE where `permute`) or gate|up, split."""
     if name == "mlp.fc":
         return fused.chunk(2)
     q_size, kv_size = config.n_head * config.head_size, config.kv_heads * config.head_size
     q, k, v = fused.split([q_size, kv_size, kv_size])
+    if not permute:
+        return q, k, v
     return interleave_rope_rows(q, config.n_head), interleave_rope_rows(k, config.kv_heads), v
 
 
@@ -279,4 +345,4 @@ def _add_tensor(writer: gguf.GGUFWriter, gguf: Any, name: str, tensor: Tensor, q
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-__all__ = ["export_gguf", "check_gguf_pooling", "tensor_type", "QUANTS"]
+__all__ = ["export_gguf", "check_gguf_pooling", "gguf_architecture", "tensor_type", "QUANTS"]

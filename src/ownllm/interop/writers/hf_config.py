@@ -72,8 +72,8 @@ def hf_config_dict(config: ModelConfig, tokenizer: Tokenizer | None = None) -> d
     eos = tokenizer.eot_id if tokenizer is not None else None
     bos = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else eos
     common = dict(model_type=model_type, architectures=[ARCHITECTURES[model_type]], vocab_size=config.vocab_size,
-                  tie_word_embeddings=config.tie_embeddings, bos_token_id=bos, eos_token_id=eos, dtype="float32",
-                  torch_dtype="float32", use_cache=True)
+                  tie_word_embeddings=config.tie_embeddings, bos_token_id=bos, eos_token_id=eos, pad_token_id=None,
+                  dtype="float32", torch_dtype="float32", use_cache=True)
     if model_type == "gpt2":
         return dict(common, n_positions=config.block_size, n_ctx=config.block_size, n_embd=config.n_embd,
                     n_layer=config.n_layer, n_head=config.n_head, n_inner=config.mlp_size,
@@ -100,6 +100,11 @@ def hf_config_dict(config: ModelConfig, tokenizer: Tokenizer | None = None) -> d
     return dict(values, mlp_bias=config.use_mlp_bias)
 
 
+def _whole(value: float) -> float | int:
+    """An int where the value is whole (transformers' strict config classes type query_pre_attn_scalar int)."""
+    return int(value) if float(value).is_integer() else value
+
+
 def _gemma3_config(config: ModelConfig, values: dict[str, Any]) -> dict[str, Any]:
     local_theta = config.local_rope_theta if config.local_rope_theta is not None else config.rope_theta
     layer_types = ["sliding_attention" if i in config.local_layers else "full_attention"
@@ -107,7 +112,7 @@ def _gemma3_config(config: ModelConfig, values: dict[str, Any]) -> dict[str, Any
     values = {k: v for k, v in values.items() if k != "hidden_act"}
     return dict(values, hidden_activation="gelu_pytorch_tanh", layer_types=layer_types,
                 sliding_window=config.sliding_window or config.block_size,
-                query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_size,
+                query_pre_attn_scalar=_whole(config.query_pre_attn_scalar or config.head_size),
                 final_logit_softcapping=config.logit_softcap, attn_logit_softcapping=None,
                 rope_local_base_freq=local_theta,
                 rope_parameters={"full_attention": _rope_parameters(config),
