@@ -176,7 +176,7 @@ def hf_layout(model_config: Any) -> str:
     """'gpt2', 'llama' or 'ownllm': whose module names the adapter files use (see the module docstring)."""
     if model_config.position == "learned" and model_config.norm == "layernorm" and model_config.mlp == "gelu":
         return "gpt2"
-    if model_config.position == "rope" and model_config.norm == "rmsnorm" and model_config.mlp == "swiglu":
+    if model_config.position == "rope" and model_config.norm == "rmsnorm" and model_config.mlp in ("swiglu", "geglu"):
         return "llama"
     return "ownllm"
 
