@@ -225,3 +225,44 @@ def test_options_the_model_cannot_compute_are_one_line_and_exit_2(refusal, token
     err = capsys.readouterr().err
     assert err.startswith("ownllm: error: ") and fragment in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_qwen3_embedding_pools_the_last_token_after_its_query_instruction(tokenizer, tmp_path, capsys):
+    """A Qwen3-Embedding-style directory (a bare Qwen3Model, Sentence Transformers files: last-token pooling, an
+    instruction before queries, the end-of-text token appended by the tokenizer): ownllm's vectors are
+    transformers' hidden state at that last token, for queries (with the instruction) and documents (without)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from ownllm.embeddings import embed_texts
+
+    config = transformers.Qwen3Config(**dict(SMALL, vocab_size=tokenizer.vocab_size), tie_word_embeddings=True)
+    model = randomize(transformers.Qwen3Model(config), seed=8)
+    model.save_pretrained(tmp_path / "emb")
+    hf_tok = tokenizer.hf.__class__.from_str(tokenizer.hf.to_str())
+    eot = tokenizer.token(tokenizer.eot_id)
+    hf_tok.post_processor = TemplateProcessing(single=f"$A {eot}", special_tokens=[(eot, tokenizer.eot_id)])
+    hf_tok.save(str(tmp_path / "emb" / "tokenizer.json"))
+    instruction = "Instruct: Given a question, retrieve passages that answer it\nQuery:"
+    write_json(tmp_path / "emb" / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+    (tmp_path / "emb" / "1_Pooling").mkdir()
+    write_json(tmp_path / "emb" / "1_Pooling" / "config.json", {"pooling_mode_lasttoken": True})
+    write_json(tmp_path / "emb" / "config_sentence_transformers.json",
+               {"prompts": {"query": instruction, "document": ""}})
+    run = ownllm.load(tmp_path / "emb")
+    texts = PROMPTS
+    for role, prefix in (("query", instruction), ("document", "")):
+        ours = embed_texts(run, texts, role=role).vectors
+        rows = [hf_tok.encode(prefix + text).ids for text in texts]
+        assert all(row[-1] == tokenizer.eot_id for row in rows)
+        with torch.no_grad():
+            theirs = torch.stack([model(torch.tensor([row])).last_hidden_state[0, -1] for row in rows])
+        assert_parity(ours, torch.nn.functional.normalize(theirs, dim=-1), layers=2, what=f"{role} vectors")
+    lines = [text.replace("\n", " ") for text in texts]
+    (tmp_path / "q.txt").write_text("\n".join(lines), encoding="utf-8")
+    assert cli_main(["embed", str(tmp_path / "emb"), "--input", str(tmp_path / "q.txt"), "--output",
+                     str(tmp_path / "q.jsonl"), "--role", "query", "--device", "cpu"]) == 0
+    written = [json.loads(line)["embedding"] for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert_parity(torch.tensor(written), embed_texts(run, lines, role="query").vectors, layers=0, what="CLI")
+    assert "last pooling" in capsys.readouterr().err

@@ -7,8 +7,10 @@
 Poolings (`ownllm.model.pool`, which the classification head uses too): `mean` (average over the text's tokens),
 `last` (the hidden state of the last real token), `weighted-mean` (SGPT's position weighting). Vectors are
 L2-normalised unless `normalize=False` (then cosine similarity is a dot product). Without a pooling, a run's own is
-used (`default_pooling`: its run config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on
-import), else `mean`.
+used (`default_pooling`: its run config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` or a Sentence
+Transformers directory's Pooling module sets on import), else `mean`. An embedding model may want a prompt before
+queries (Qwen3-Embedding: "Instruct: ...\nQuery:") and a token after every text: `role="query"` / `"document"`
+adds them (`embedding_prompt`; `ownllm embed --role`, and `ownllm index` / `ask` do it themselves).
 
 `embed_file` reads one text per line (a blank line is skipped and counted, `ownllm.data.records`; the output keeps
 each text's line number) and writes `{"line": N, "embedding": [...]}` lines by the rules of `ownllm.outputs`: never
@@ -65,12 +67,27 @@ def default_pooling(run: "LoadedRun") -> str:
     return pooling
 
 
-def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str]) -> list[list[int]]:
+ROLES = ("query", "document")
+
+
+def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str], prompt: str = "",
+                         suffix: Sequence[int] = ()) -> list[list[int]]:
     """Token ids of each text as the model reads a document: a begin-of-sequence token first where the model
-    uses one; an empty text becomes the end-of-text token (a vector still comes out)."""
-    rows = [tokenizer.starting_sequence(ids) for ids in tokenizer.encode_batch(list(texts))]
+    uses one, `prompt` before the text and `suffix` ids after it (an embedding model's own, `embedding_prompt`);
+    an empty text becomes the end-of-text token (a vector still comes out)."""
+    rows = [tokenizer.starting_sequence(ids) for ids in tokenizer.encode_batch([prompt + text for text in texts])]
     fallback = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
-    return [ids or list(fallback) for ids in rows]
+    return [(ids or list(fallback)) + list(suffix) for ids in rows]
+
+
+def embedding_prompt(run: "LoadedRun", role: str | None) -> tuple[str, list[int]]:
+    """(the text put before a `role` text, the ids put after every text) of an embedding model that has them
+    (Qwen3-Embedding: an instruction before queries, its end-of-text token after each text, read from its Sentence
+    Transformers files on import), else nothing."""
+    if role is not None and role not in ROLES:
+        raise OwnLLMError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    prompts = run.run_config.get("embedding_prompts") or {}
+    return (prompts.get(role, "") if role else ""), list(run.run_config.get("embedding_suffix") or [])
 
 
 @torch.inference_mode()
@@ -150,10 +167,12 @@ def embed_token_rows(model: GPT, rows: Sequence[Sequence[int]], *, pooling: str 
 
 def embed_texts(run: "LoadedRun", texts: Sequence[str], *, pooling: str | None = None, normalize: bool = True,
                 long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
-                progress: Callable[[int, int], None] | None = None) -> Embeddings:
+                progress: Callable[[int, int], None] | None = None, role: str | None = None) -> Embeddings:
     """Embeddings of texts with a loaded run (`ownllm.load(path)`), pooled as `pooling` or the run's own
-    (`default_pooling`); see the module docstring."""
-    rows = encode_for_embedding(run.tokenizer, texts)
+    (`default_pooling`); `role` ("query" or "document") adds the model's own prompt for such texts
+    (`embedding_prompt`); see the module docstring."""
+    prompt, suffix = embedding_prompt(run, role)
+    rows = encode_for_embedding(run.tokenizer, texts, prompt, suffix)
     return embed_token_rows(run.model, rows, pooling=pooling or default_pooling(run), normalize=normalize,
                             long_texts=long_texts, batch_size=batch_size, warn=warn, progress=progress)
 
@@ -182,10 +201,10 @@ def read_texts(path: str | Path) -> list[tuple[int, str]]:
 def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str | Path, *, force: bool = False,
                pooling: str | None = None, normalize: bool = True, long_texts: str = "truncate",
                batch_size: int = 16, device: str = "auto",
-               progress: Callable[[int, int], None] | None = None) -> EmbedFileReport:
+               progress: Callable[[int, int], None] | None = None, role: str | None = None) -> EmbedFileReport:
     """Embed the texts of `input` (one per line) into the JSON Lines file `output` ({"line": N, "embedding": [...]}
-    per text, in order). The output is checked before the model loads; `progress(done, total)` after each batch
-    (rows embedded: a text split into pieces counts each piece)."""
+    per text, in order), as `role` texts (`embedding_prompt`). The output is checked before the model loads;
+    `progress(done, total)` after each batch (rows embedded: a text split into pieces counts each piece)."""
     from ownllm.device import pick_device
     from ownllm.runs import LoadedRun, load_run
 
@@ -193,13 +212,15 @@ def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str |
     check_output(output, "file", inputs=[input, model_path], force=force, flag="--output")
     if pooling is not None:
         check_pooling(pooling)
+    if role is not None and role not in ROLES:
+        raise OwnLLMError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
     texts = read_texts(input)
     run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
     pooling = pooling or default_pooling(run)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         vectors = embed_texts(run, [text for _, text in texts], pooling=pooling, normalize=normalize,
-                              long_texts=long_texts, batch_size=batch_size, progress=progress).vectors
+                              long_texts=long_texts, batch_size=batch_size, progress=progress, role=role).vectors
     for warning in caught:
         warn(str(warning.message))
     with atomic_file(output) as handle:

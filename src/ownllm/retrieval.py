@@ -271,7 +271,7 @@ def open_index(path: str | Path) -> Index:
 
 
 def _settings(run: "LoadedRun", pooling: str, chunk_size: int, overlap: int) -> dict[str, Any]:
-    probe = embed_texts(run, [PROBE_TEXT], pooling=pooling).vectors[0]
+    probe = embed_texts(run, [PROBE_TEXT], pooling=pooling, role="document").vectors[0]
     return {"model": str(Path(run.path).resolve()), "pooling": pooling, "chunk_size": chunk_size,
             "overlap": overlap, "dim": int(probe.shape[0]), "probe": [round(float(x), 6) for x in probe]}
 
@@ -341,7 +341,7 @@ def _update(connection: sqlite3.Connection, texts: dict[str, str], settings: dic
     changed = [name for name in texts if known.get(name) != hashes[name]]
     chunks = [c for name in changed for c in chunk_file(texts[name], name, chunk_size, overlap)]
     vectors = embed_texts(run, [c.text for c in chunks], pooling=settings["pooling"], batch_size=batch_size,
-                          progress=progress).vectors.numpy().astype("<f4") if chunks else None
+                          progress=progress, role="document").vectors.numpy().astype("<f4") if chunks else None
     removed = _write_changes(connection, settings, same, changed, set(known) - set(texts), chunks, vectors, hashes)
     total = connection.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
     return IndexReport(files_embedded=len(changed), files_unchanged=len(texts) - len(changed), files_removed=removed,
@@ -382,7 +382,7 @@ def query_vector(index: Index, run: "LoadedRun") -> Callable[[str], np.ndarray]:
     if not _same_embedder(index.meta, settings):
         raise OwnLLMError(f"{index.path}: was embedded with {index.meta.get('model')} ({index.meta.get('pooling')} "
                           f"pooling), not with {run.path}: pass that model, or re-index with this one")
-    return lambda text: embed_texts(run, [text], pooling=index.meta["pooling"]).vectors[0].numpy()
+    return lambda text: embed_texts(run, [text], pooling=index.meta["pooling"], role="query").vectors[0].numpy()
 
 
 def rank(index: Index, query: str, vector: np.ndarray | None, mode: str = "hybrid") -> np.ndarray:

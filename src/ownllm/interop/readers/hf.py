@@ -22,6 +22,7 @@ wrong shape, a tensor nobody asked for) is an OwnLLMError naming the file and ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -62,6 +63,10 @@ from ownllm.outputs import check_output
 from ownllm.tokenizer import Tokenizer, load_tokenizer, with_specials_from
 
 log = logging.getLogger(__name__)
+
+ST_MODULES_FILE = "modules.json"  # Sentence Transformers: the modules after the transformer (pooling, ...)
+ST_CONFIG_FILE = "config_sentence_transformers.json"  # ... and the prompts for queries and documents
+ST_POOLINGS = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -310,14 +315,46 @@ def _read_optional_json(path: Path) -> dict[str, Any]:
 
 
 def read_hf(directory: Path) -> ForeignModel:
-    """Read an HF model directory (GPT-2, Llama, Qwen2) in ownllm's terms: config, float32 weights, tokenizer and
+    """Read an HF model directory (GPT-2, Llama, Qwen2/3, SmolLM3, Gemma 3) in ownllm's terms: config, float32 weights, tokenizer and
     the source record (ownllm.runs.load_run builds the model from them)."""
     hf = read_hf_config(directory)
     config = model_config_from_hf(hf, directory / CONFIG_FILE)
-    state = state_dict_from_hf(read_hf_weights(directory), hf, config, source=directory)
+    tensors = read_hf_weights(directory)
+    bare = all("For" not in name for name in hf.get("architectures") or ["ForCausalLM"])
+    if bare and not config.tie_embeddings and not any(name.endswith(HF_LM_HEAD) for name in tensors):
+        log.warning("%s: a model without a language-model head (%s, an embedding model); the token embeddings "
+                    "stand in for it", directory, ", ".join(hf["architectures"]))
+        config = dataclasses.replace(config, tie_embeddings=True)
+    state = state_dict_from_hf(tensors, hf, config, source=directory)
     tokenizer = load_hf_tokenizer(directory, hf)
     return ForeignModel(config=config, state=state, tokenizer=tokenizer, format="hf",
-                        sections={"source": _source_record(directory, hf), **template_section(tokenizer)})
+                        sections={"source": _source_record(directory, hf), **template_section(tokenizer),
+                                  **embedding_sections(directory, tokenizer)})
+
+
+def embedding_sections(directory: Path, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a Sentence Transformers model directory (Qwen3-Embedding) says about embedding texts, as run config
+    sections: `embedding_pooling` (its Pooling module: mean or last token), `embedding_prompts` (the text put before
+    a query or a document, `config_sentence_transformers.json`'s prompts) and `embedding_suffix` (the token ids the
+    tokenizer's post-processor ends every text with, Qwen3-Embedding's end-of-text, which last-token pooling reads)."""
+    sections: dict[str, Any] = {}
+    modules = read_json(directory / ST_MODULES_FILE) if (directory / ST_MODULES_FILE).is_file() else []
+    for module in modules if isinstance(modules, list) else []:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith("Pooling"):
+            pooling = _read_optional_json(directory / str(module.get("path", "")) / CONFIG_FILE)
+            modes = [ours for key, ours in ST_POOLINGS.items() if pooling.get(key)]
+            if modes:
+                sections["embedding_pooling"] = modes[0]
+    prompts = _read_optional_json(directory / ST_CONFIG_FILE).get("prompts")
+    if isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values()) and any(prompts.values()):
+        sections["embedding_prompts"] = {k: v for k, v in prompts.items() if k in ("query", "document")}
+    if sections and tokenizer.hf is not None:
+        plain = tokenizer.hf.encode("x", add_special_tokens=False).ids
+        full = tokenizer.hf.encode("x", add_special_tokens=True).ids
+        suffix = full[full.index(plain[-1]) + 1:] if plain and plain[-1] in full else []
+        if suffix:
+            sections["embedding_suffix"] = suffix
+    return sections
 
 
 def _source_record(directory: Path, hf: dict[str, Any]) -> dict[str, Any]:
@@ -332,5 +369,5 @@ def import_hf(path: str | Path, out: str | Path, force: bool = False) -> Path:
     return save_as_run(read_hf(Path(path)), out)
 
 
-__all__ = ["is_hf_model_dir", "read_hf", "import_hf", "model_config_from_hf", "read_hf_config", "read_hf_weights",
+__all__ = ["is_hf_model_dir", "read_hf", "embedding_sections", "import_hf", "model_config_from_hf", "read_hf_config", "read_hf_weights",
            "state_dict_from_hf", "load_hf_tokenizer"]
