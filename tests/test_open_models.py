@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -266,3 +267,27 @@ def test_qwen3_embedding_pools_the_last_token_after_its_query_instruction(tokeni
     written = [json.loads(line)["embedding"] for line in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert_parity(torch.tensor(written), embed_texts(run, lines, role="query").vectors, layers=0, what="CLI")
     assert "last pooling" in capsys.readouterr().err
+
+
+def test_the_server_engine_decodes_each_family_as_generate_does(family_dir, tokenizer):
+    """Continuous batching (rows of different lengths in one slot pool, each under its own sliding-window mask)
+    gives every request the tokens it gets decoded alone."""
+    from ownllm.serve.engine import Engine
+
+    _, directory, _ = family_dir
+    run = ownllm.load(directory)
+    rows = prompt_rows(tokenizer)
+    budgets = [NEW_TOKENS, 5, 9]
+    engine = Engine(run.model, run.tokenizer, max_batch=3, max_queue=3).start()
+    try:
+        requests = [engine.submit(row, SamplingOptions(max_new_tokens=budget, temperature=0), lambda event: None)
+                    for row, budget in zip(rows, budgets)]
+        deadline = time.monotonic() + 60
+        while not all(request.finished for request in requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        outputs = [request.output for request in requests]
+    finally:
+        engine.close()
+    for row, budget, output in zip(rows, budgets, outputs):
+        assert output == generate_ids(run.model, [row], SamplingOptions(max_new_tokens=budget, temperature=0),
+                                      eot_id=tokenizer.eot_id)[0]
