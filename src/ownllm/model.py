@@ -6,8 +6,14 @@
     logits = model(prompt_ids, cache=cache)    # prefill; then feed one token at a time with the same cache
 
 Which flavour a model is comes from `ModelConfig` fields (`norm`, `mlp`, `position`, `n_kv_head`, ...), never from
-a subclass; so do the speedrun options (`mlp="relu2"`, `qk_norm`, `zero_init_proj`, `logit_softcap`). Attention goes through `F.scaled_dot_product_attention`. Batches of prompts with different lengths are
-left-padded by the caller, who passes `key_valid` (False at padding) and per-row `positions`.
+a subclass; so do the speedrun options (`mlp="relu2"`, `qk_norm`, `zero_init_proj`, `logit_softcap`) and the open
+models' (docs/open-models.md): Qwen3's q/k norms with a gain (`qk_norm_gain`), RoPE scaling (`rope_scaling`,
+ownllm.rope), SmolLM3's layers without RoPE (`nope_layers`), and Gemma 3's GeGLU (`mlp="geglu"`), norms on the
+attention and MLP outputs (`sandwich_norm`), (1 + weight) gains (`norm_offset`), embeddings times sqrt(d)
+(`scale_embeddings`), `query_pre_attn_scalar`, and local layers (`local_layers`) that see the last `sliding_window`
+positions and turn by their own RoPE base (`local_rope_theta`). Attention goes through
+`F.scaled_dot_product_attention`. Batches of prompts with different lengths are left-padded by the caller, who
+passes `key_valid` (False at padding) and per-row `positions`.
 """
 
 from __future__ import annotations
