@@ -32,7 +32,8 @@ from ownllm.outputs import check_output, replaced_dir
 HF_PREFIX = "hf:"
 MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "vocab.json", "merges.txt", "chat_template.jinja"]
+               "vocab.json", "merges.txt", "chat_template.jinja",
+               "modules.json", "config_sentence_transformers.json", "1_Pooling/config.json"]  # Sentence Transformers
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 SOURCE_FILE = Path(".cache") / "huggingface" / "ownllm-source.json"  # in `out`: the model downloaded there
 OFFLINE = ("without a network, pass a local model instead: a Hugging Face model directory, a .gguf file or a run "
