@@ -291,3 +291,22 @@ def test_the_server_engine_decodes_each_family_as_generate_does(family_dir, toke
     for row, budget, output in zip(rows, budgets, outputs):
         assert output == generate_ids(run.model, [row], SamplingOptions(max_new_tokens=budget, temperature=0),
                                       eot_id=tokenizer.eot_id)[0]
+
+
+def test_a_gemma3_image_text_checkpoint_loads_its_language_model(tokenizer, tmp_path, caplog):
+    """model_type gemma3 (Gemma3ForConditionalGeneration: a SigLIP vision tower, a projector and the language model
+    under a prefix): ownllm reads the language model, with a warning, and gives transformers' text-only logits."""
+    text = transformers.Gemma3TextConfig(**dict(SMALL, vocab_size=tokenizer.vocab_size), sliding_window=WINDOW)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    top = tokenizer.vocab_size - 1
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=top, boi_token_index=top - 2, eoi_token_index=top - 1)
+    model = randomize(transformers.Gemma3ForConditionalGeneration(config), seed=9)
+    model.save_pretrained(tmp_path / "mm")
+    tokenizer.save(tmp_path / "mm")
+    run = ownllm.load(tmp_path / "mm")
+    assert "vision tower out" in caplog.text
+    ids = torch.tensor([tokenizer.encode(PROMPTS[2])])
+    with torch.no_grad():
+        assert_parity(run.model(ids), model(input_ids=ids).logits, layers=2, what="language model logits")
