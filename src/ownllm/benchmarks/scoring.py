@@ -132,10 +132,12 @@ def score_choices_greedy(model: GPT, pairs: Sequence[TokenPair], precision: str 
             prefix = model.new_cache(1, max_len=shared)
             model.hidden_states(torch.tensor([inputs[0][:shared]], device=device), cache=prefix)
             cache = _fork_cache(model, prefix, len(pairs), shared + longest)
-        logits = model(batch, cache=cache)
-    scores = []
-    for row, (context, continuation) in enumerate(pairs):
-        first = len(context) - 1 - shared  # the position (within the batch row) that predicts continuation[0]
-        targets = torch.tensor(continuation, device=device)
-        scores.append(_continuation_logprob(logits[row, first:first + len(continuation)], targets))
+        hidden = model.hidden_states(batch, cache=cache)
+        scores = []
+        for row, (context, continuation) in enumerate(pairs):
+            first = len(context) - 1 - shared  # the position (within the batch row) that predicts continuation[0]
+            targets = torch.tensor(continuation, device=device)
+            # the LM head on the continuation's positions only: with a 262k vocabulary (Gemma 3) it is most of the work
+            logits = model.lm_head(hidden[row, first:first + len(continuation)])
+            scores.append(_continuation_logprob(logits, targets))
     return scores
