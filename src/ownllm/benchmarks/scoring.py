@@ -133,11 +133,14 @@ def score_choices_greedy(model: GPT, pairs: Sequence[TokenPair], precision: str 
             model.hidden_states(torch.tensor([inputs[0][:shared]], device=device), cache=prefix)
             cache = _fork_cache(model, prefix, len(pairs), shared + longest)
         hidden = model.hidden_states(batch, cache=cache)
-        scores = []
-        for row, (context, continuation) in enumerate(pairs):
-            first = len(context) - 1 - shared  # the position (within the batch row) that predicts continuation[0]
-            targets = torch.tensor(continuation, device=device)
-            # the LM head on the continuation's positions only: with a 262k vocabulary (Gemma 3) it is most of the work
-            logits = model.lm_head(hidden[row, first:first + len(continuation)])
-            scores.append(_continuation_logprob(logits, targets))
+        # The LM head once, on the continuations' positions only: with a 262k vocabulary (Gemma 3) reading its
+        # weights is most of an item's time. first: the position (within a batch row) that predicts continuation[0].
+        firsts = [len(context) - 1 - shared for context, _ in pairs]
+        logits = model.lm_head(torch.cat([hidden[row, first:first + len(continuation)]
+                                          for row, (first, (_, continuation)) in enumerate(zip(firsts, pairs))]))
+    scores, start = [], 0
+    for _, continuation in pairs:
+        targets = torch.tensor(continuation, device=device)
+        scores.append(_continuation_logprob(logits[start:start + len(continuation)], targets))
+        start += len(continuation)
     return scores
