@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default=DEFAULT_TEXT, help="the page of text for teacher forcing")
     parser.add_argument("--tokens", type=int, default=512, help="tokens of the page")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    parser.add_argument("--prompts", type=int, default=None, help="greedy on the first N prompts only (default all)")
+    parser.add_argument("--skip-import", action="store_true", help="leave out the import's time and memory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 if key != "examples":
                     print(f"{key:>32}: {value}", flush=True)
 
-    report(measure_import(args.gguf))
+    if not args.skip_import:
+        report(measure_import(args.gguf))
     run = ownllm.load(args.gguf)
     folder, name = str(Path(args.gguf).parent), Path(args.gguf).name
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         logits = run.model(torch.tensor([ids]))[0]
         report(teacher_forced(logits, hf_model(input_ids=torch.tensor([ids])).logits[0]))
     rows, eos = prompts_for(run.tokenizer), run.tokenizer.eot_id
+    if args.prompts:  # evenly spaced over the questions and the openings
+        rows = rows[:: max(1, len(rows) // args.prompts)][: args.prompts]
     mine = ownllm_greedy(run.model, rows, eos, args.new_tokens)
     report(greedy(hf_model, run.tokenizer, rows, mine, args.new_tokens))
     try:
