@@ -296,3 +296,18 @@ def test_bad_checkpoint_is_one_clear_error_and_exit_code_2(breakage, tokenizer, 
     assert capsys.readouterr().err.startswith("ownllm: error: ")
     assert cli_main(["import", str(directory), "--out", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_exported_tokenizer_starts_texts_with_bos_in_transformers_too(tokenizer, tmp_path):
+    """A model whose prompts start with a begin-of-sequence token (Gemma, Llama): transformers' tokenizer of the
+    export adds it as the model reads it (lm-evaluation-harness relies on that), ownllm's reading is unchanged."""
+    from ownllm.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer.hf, eos_id=tokenizer.eot_id, bos_id=tokenizer.eot_id, add_bos=True)
+    model = GPT(model_config_from_preset("tiny-llama", vocab_size=tok.vocab_size))
+    export_hf(LoadedRun(path=tmp_path, model=model, tokenizer=tok, config=model.config, run_config={}),
+              tmp_path / "out")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in PROMPTS:
+        assert theirs(text)["input_ids"] == tok.starting_sequence(tok.encode(text))
+    assert ownllm.load(tmp_path / "out").tokenizer.encode(PROMPTS[0]) == tok.encode(PROMPTS[0])

@@ -115,6 +115,22 @@ def _to_llama(state: dict[str, Tensor], config: ModelConfig, model_type: str) ->
     return out
 
 
+def hf_tokenizer_json(tokenizer: Tokenizer) -> Any:
+    """The `tokenizers` tokenizer to write as tokenizer.json: where prompts start with a begin-of-sequence token
+    (Gemma, Llama), a post-processor that adds it, as the original tokenizer.json has, so transformers (and
+    lm-evaluation-harness) encode `add_special_tokens=True` text the way the model reads it. ownllm's own encoding
+    never applies it (it adds the token itself, `Tokenizer.starting_sequence`)."""
+    if not tokenizer.add_bos or tokenizer.bos_id is None:
+        return tokenizer.hf
+    from tokenizers.processors import TemplateProcessing
+
+    copy = tokenizer.hf.__class__.from_str(tokenizer.hf.to_str())
+    bos = tokenizer.token(tokenizer.bos_id)
+    copy.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                             special_tokens=[(bos, tokenizer.bos_id)])
+    return copy
+
+
 def hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
     """tokenizer_config.json that AutoTokenizer reads with the generic fast tokenizer class (no custom code)."""
     record: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
@@ -149,7 +165,7 @@ def export_hf(run: LoadedRun, out: str | Path, force: bool = False) -> Path:
         if not classifier:
             generation = {"bos_token_id": config_dict["bos_token_id"], "eos_token_id": config_dict["eos_token_id"]}
             write_json_atomic(staging / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})
-        Tokenizer(tokenizer.hf).save(staging)  # tokenizer.json alone; the specials go in tokenizer_config.json
+        Tokenizer(hf_tokenizer_json(tokenizer)).save(staging)  # the specials go in tokenizer_config.json
         write_json_atomic(staging / TOKENIZER_CONFIG_FILE, hf_tokenizer_config(tokenizer, run.config.block_size))
     return out
 
