@@ -49,8 +49,19 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
+class RetrievalOptions(BaseModel):
+    """The `retrieval` field of a chat request: answer from the server's document index (ownllm.serve.documents)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = 4
+    mode: str = "hybrid"
+    min_relevance: float | None = None  # None: the index's calibrated threshold
+
+
 class ChatRequest(SamplingFields):
     messages: list[dict[str, Any]]
+    retrieval: RetrievalOptions | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     tools: list[Any] | None = None
