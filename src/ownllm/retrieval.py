@@ -108,7 +108,8 @@ def find_documents(folder: str | Path, leave_out: Path | None = None) -> list[Pa
     return found
 
 
-def _read_document(path: Path) -> str:
+def read_document(path: Path) -> str:
+    """A document's text (UTF-8, a BOM dropped); unreadable or not UTF-8: an OwnLLMError naming it."""
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -260,7 +261,7 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
     chunk_text("", chunk_size, overlap)  # validates the sizes before the model loads
     docs, out = Path(docs), check_index_output(out)
     files = find_documents(docs, leave_out=out.resolve())
-    texts = {p.relative_to(docs).as_posix(): _read_document(p) for p in files}
+    texts = {p.relative_to(docs).as_posix(): read_document(p) for p in files}
     run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
     pooling = pooling or default_pooling(run)
     settings = _settings(run, pooling, chunk_size, overlap)
@@ -338,7 +339,7 @@ def _store_calibration(connection: sqlite3.Connection, embed_queries: Callable[[
 
 def query_embedder(run: "LoadedRun", pooling: str) -> Callable[[list[str]], np.ndarray]:
     """A function embedding questions (float32 [n, dim], normalised) with `run`, as the index's queries are."""
-    return lambda texts: embed_texts(run, texts, pooling=pooling, warn=False).vectors.numpy()
+    return lambda texts: embed_texts(run, texts, pooling=pooling, warn=False, role="query").vectors.numpy()
 
 
 # ---- search and answers --------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--long-texts", choices=LONG_TEXTS, default="truncate",
                      help="a text longer than the context: keep its start (truncate) or average its pieces (chunk)")
     emb.add_argument("--no-normalize", action="store_true", help="raw pooled vectors instead of unit length")
+    emb.add_argument("--as", dest="role", choices=["document", "query"], default="document",
+                     help="what the texts are, for an embedder trained with prefixes (`finetune embed`): its "
+                          "document or query prefix goes first (default document)")
     add_device_flag(emb)
     add_force_flag(emb, "replace an existing --output file")
 
@@ -127,7 +130,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     with _Progress("text") as bar:
         report = embed_file(args.model, args.input, args.output, force=args.force, pooling=args.pooling,
                             normalize=not args.no_normalize, long_texts=args.long_texts, batch_size=args.batch_size,
-                            device=args.device, progress=bar.update)
+                            device=args.device, progress=bar.update, role=args.role)
     print(f"{report.texts} vectors of {report.dim} dimensions ({report.pooling} pooling) written to {args.output}",
           file=sys.stderr)
 

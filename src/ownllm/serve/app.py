@@ -405,7 +405,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
     state.check_model(body.model)
     run = state.run
     pooling, encoding = embedding_options(body, default_pooling(run), run.config.n_embd)
-    rows = embedding_rows(body, run.tokenizer, run.config.block_size)
+    rows = embedding_rows(body, run.tokenizer, run.config.block_size, run.run_config)
 
     async with state.classify_lock:  # one batch at a time on the model (beside the engine's decoding)
         result = await model_call(state, embed_token_rows, run.model, rows, pooling=pooling, warn=False)
