@@ -155,3 +155,15 @@ def test_ask_questions_json_one_line_each_in_order_model_loaded_once(tiny, notes
     assert len(loads) == 2  # once per command, for every question
     questions.write_text('{"question": "fine"}\n{"query": "wrong field"}\n', encoding="utf-8")
     assert_one_line_error(main(base), capsys.readouterr().err, f"{questions}:2", '"question"')
+
+
+def test_ask_help_says_what_the_default_ranking_does_and_when_to_pick_another(capsys):
+    from ownllm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert "`hybrid` (default)" in shown and "calibrated on the index itself" in shown
+    assert "An untrained embedder gets weight 0" in shown and "Pick `bm25`" in shown
+    assert "--min-relevance" in shown and "The documents do not say." in shown

@@ -101,3 +101,28 @@ def test_chat_page_shows_the_sources_under_the_answer(tiny, notes_index, browser
                                timeout=60_000)
         assert page.locator(".sources").count() == 2  # no retrieval asked: no sources shown
         page.close()
+
+
+def test_embeddings_put_the_runs_prefix_for_the_input_type_first(tiny, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    from ownllm.embeddings import embed_texts
+    from ownllm.serve.app import create_app
+
+    run_dir = shutil.copytree(tiny, tmp_path / "embedder")  # a run as `finetune embed` leaves one: with prefixes
+    config = json.loads((run_dir / "config.json").read_text())
+    config["embedding_prefixes"] = {"query": "query: ", "document": "passage: "}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    run = ownllm.load(run_dir)
+    with serve_in_thread(create_app(run, model_name="embedder")) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        got = {role: client.embeddings.create(model="embedder", input=WIFI, encoding_format="float",
+                                              extra_body={"input_type": role} if role else None).data[0].embedding
+               for role in ("query", "document", None)}
+        with pytest.raises(BadRequestError, match="input_type must be one of"):
+            client.embeddings.create(model="embedder", input=WIFI, extra_body={"input_type": "passage"})
+    for role in ("query", "document"):
+        expected = embed_texts(run, [WIFI], role=role).vectors[0].tolist()
+        assert got[role] == pytest.approx(expected, abs=1e-5)
+    assert got[None] == got["document"] and got["query"] != pytest.approx(got["document"], abs=1e-3)
