@@ -10,11 +10,12 @@ the paragraph in its top 5 for 98.0% of questions, equal-weight fusion with a ba
 So the fusion weight of the embeddings is chosen on the index itself, with no labels: pseudo-queries are drawn from
 the chunks (a random window of a chunk's words, half of its content words kept, shuffled), each must find its
 chunk, and the weight among `WEIGHT_GRID` whose fused ranking finds them best (mean reciprocal rank) is kept. The
-grid holds 0 and 1, so on these queries the fusion is never worse than the better ranking alone; a random or
-untrained embedder gets weight 0 (the fusion is then BM25), a good one a share.
+grid holds 0 and 1, so on these queries the fusion is never worse than the better ranking alone (ties go to the
+share nearest 0.5); a random or untrained embedder gets weight 0 (the fusion is then BM25), as does one whose
+pseudo-queries are no nearer their own chunk than a random one; a good embedder gets a share.
 
 Relevance (0..1) of a chunk to a question: the IDF-weighted share of the question's content words that the chunk
-holds (BM25's IDF; a word the index never saw weighs most), blended with the embedding similarity rescaled on the
+holds (BM25's IDF; a word the index never saw weighs most; words compared by a light stem, `stem`), blended with the embedding similarity rescaled on the
 index (0 = what a pseudo-query scores against an unrelated chunk, 1 = against its own), in the fusion's weights.
 The threshold (`Calibration.min_relevance`) is half of what the pseudo-queries' own chunks score for 9 out of 10
 of them (their 10th percentile): a question whose best chunk scores below it is not answered from the documents.
@@ -46,6 +47,16 @@ def content_words(text: str) -> list[str]:
     return [w for w in words_of(text) if w not in STOPWORDS]
 
 
+def stem(word: str) -> str:
+    """A light English stem for the relevance score: "ends", "ended" and "end" match, as do "renewed" / "renew"
+    and "expires" / "expire" (BM25 itself matches whole words)."""
+    for suffix in ("ing", "ed", "es", "s", "ly"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[:-len(suffix)]
+            break
+    return word[:-1] if word.endswith("e") and len(word) > 3 else word
+
+
 class BM25:
     """Okapi BM25 over a fixed list of texts (k1 1.5, b 0.75): `scores(query)` -> one score per text."""
 
@@ -75,13 +86,18 @@ class BM25:
         return scores
 
     def coverage(self, query: str, items: Sequence[int]) -> np.ndarray:
-        """The IDF-weighted share (0..1) of the query's content words that each text of `items` holds."""
+        """The IDF-weighted share (0..1) of the query's content words that each text of `items` holds (compared by
+        `stem`; a word the index never saw weighs most)."""
         words = set(content_words(query)) or set(words_of(query))
         if not words:
             return np.zeros(len(items))
-        weights = {w: self.idf(w) for w in words}
+        weights = {stem(w): self.idf(w) for w in words}
         total = sum(weights.values())
-        return np.array([sum(weights[w] for w in words if w in self.counts[i]) / total for i in items])
+        shares = []
+        for item in items:
+            held = {stem(w) for w in self.counts[item]}
+            shares.append(sum(weight for root, weight in weights.items() if root in held) / total)
+        return np.array(shares)
 
 
 def ranks_of(scores: np.ndarray) -> np.ndarray:
@@ -173,6 +189,8 @@ def calibrate(bm25: BM25, vectors: np.ndarray, embed_queries: Callable[[list[str
     rng = np.random.default_rng(1)
     own = np.array([den[targets].max() for den, (_, targets) in zip(dense, queries)])
     other = np.array([den[int(rng.integers(len(den)))] for den in dense])
+    if np.median(own) <= np.median(other):  # the embeddings do not tell a chunk from a random one: no weight
+        weight = 0.0
     calibration = Calibration((1.0 - weight, weight), float(np.median(other)), float(np.median(own)), 0.0,
                               0.0, len(queries), {"bm25": mrr[0.0], "embeddings": mrr[1.0], "fused": mrr[weight]})
     own_relevance = [relevance(bm25, calibration, q, [targets[0]], den[[targets[0]]])[0]

@@ -37,6 +37,7 @@ from ownllm.chat import chat_format_for, prompt_room, reply_to_prompt
 from ownllm.chat_templates import Message
 from ownllm.decoding import SamplingOptions
 from ownllm.embeddings import default_pooling, embed_texts
+from ownllm.documents import DOC_SUFFIXES, find_documents, read_document, read_documents  # noqa: F401
 from ownllm.errors import OwnLLMError
 from ownllm.model import check_pooling
 from ownllm.outputs import check_output, temporary_path
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 INDEX_FORMAT = "ownllm-index"
 INDEX_VERSION = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
-DOC_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 PROBE_TEXT = "ownllm index probe: which model embedded these chunks?"
 MODES = ("hybrid", "bm25", "embeddings")
 
@@ -93,32 +93,6 @@ def chunk_file(text: str, path: str, size: int, overlap: int) -> list[Chunk]:
     return chunks
 
 
-def find_documents(folder: str | Path, leave_out: Path | None = None) -> list[Path]:
-    """The documents under `folder` (not hidden, not `leave_out`: the index itself); none is an OwnLLMError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise OwnLLMError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; give the folder of "
-                          f"documents to index ({', '.join(DOC_SUFFIXES)} files)")
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-                   and (leave_out is None or p.resolve() != leave_out))
-    if not found:
-        raise OwnLLMError(f"{folder}: no documents to index (no {', '.join(DOC_SUFFIXES)} files, searched "
-                          "recursively)")
-    return found
-
-
-def read_document(path: Path) -> str:
-    """A document's text (UTF-8, a BOM dropped); unreadable or not UTF-8: an OwnLLMError naming it."""
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise OwnLLMError(f"{path}: not UTF-8 text (byte {error.start}); convert it to UTF-8 or move it out of the "
-                          "folder") from None
-    except OSError as error:
-        raise OwnLLMError(f"{path}: cannot read ({error.strerror})") from None
-
-
 # ---- the index file ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -139,6 +113,7 @@ class IndexReport:
     chunks_embedded: int
     chunks_total: int
     files_empty: list[str] = field(default_factory=list)  # documents with no words: nothing to index
+    files_unreadable: list[str] = field(default_factory=list)  # "path (why)": skipped (ownllm.documents)
 
     def summary(self) -> str:
         """One line: what was embedded, kept, removed and skipped."""
@@ -146,9 +121,13 @@ class IndexReport:
         if self.files_empty:
             shown = ", ".join(self.files_empty[:5]) + (", ..." if len(self.files_empty) > 5 else "")
             empty = f"; skipped {len(self.files_empty)} empty file{'s' * (len(self.files_empty) > 1)} ({shown})"
+        unreadable = ""
+        if self.files_unreadable:
+            count = len(self.files_unreadable)
+            unreadable = f"; skipped {count} unreadable file{'s' * (count > 1)}: {'; '.join(self.files_unreadable)}"
         return (f"embedded {self.chunks_embedded} chunks of {self.files_embedded} new or changed files; "
                 f"{self.files_unchanged} unchanged, {self.files_removed} removed; {self.chunks_total} chunks in all"
-                f"{empty}")
+                f"{empty}{unreadable}")
 
 
 BUILD_HINT = " (build one with `ownllm index DOCS --model RUN --out FILE`)"
@@ -261,7 +240,7 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
     chunk_text("", chunk_size, overlap)  # validates the sizes before the model loads
     docs, out = Path(docs), check_index_output(out)
     files = find_documents(docs, leave_out=out.resolve())
-    texts = {p.relative_to(docs).as_posix(): read_document(p) for p in files}
+    texts, unreadable = read_documents(docs, files)
     run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
     pooling = pooling or default_pooling(run)
     settings = _settings(run, pooling, chunk_size, overlap)
@@ -274,6 +253,7 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
             connection = _create(staging)
         with contextlib.closing(connection):
             report = _update(connection, texts, settings, run, chunk_size, overlap, batch_size, progress)
+            report.files_unreadable = unreadable
             if report.chunks_embedded or report.files_removed or "calibration" not in _read_meta(connection):
                 _store_calibration(connection, query_embedder(run, pooling))
         os.replace(staging, out)

@@ -102,13 +102,15 @@ def sentences_of(text: str) -> list[str]:
 
 def pairs_from_documents(folder: str | Path, seed: int, chunk_size: int = 200) -> list[Pair]:
     """Inverse-cloze pairs from the documents under `folder` (see the module docstring), in a seeded order."""
-    from ownllm.retrieval import chunk_file, find_documents, read_document
+    from ownllm.documents import find_documents, read_documents
+    from ownllm.retrieval import chunk_file
 
     folder = Path(folder)
     generator = torch.Generator().manual_seed(seed)
     pairs = []
-    for path in find_documents(folder):
-        for chunk in chunk_file(read_document(path), path.relative_to(folder).as_posix(), chunk_size, 0):
+    texts, _ = read_documents(folder, find_documents(folder))  # an unreadable file gives no pairs
+    for name, text in texts.items():
+        for chunk in chunk_file(text, name, chunk_size, 0):
             sentences = sentences_of(chunk.text)
             if len(sentences) < 2:
                 continue
