@@ -15,8 +15,9 @@ share nearest 0.5); a random or untrained embedder gets weight 0 (the fusion is 
 pseudo-queries are no nearer their own chunk than a random one; a good embedder gets a share.
 
 Relevance (0..1) of a chunk to a question: the IDF-weighted share of the question's content words that the chunk
-holds (BM25's IDF; a word the index never saw weighs most; words compared by a light stem, `stem`), blended with the embedding similarity rescaled on the
-index (0 = what a pseudo-query scores against an unrelated chunk, 1 = against its own), in the fusion's weights.
+holds (BM25's IDF; a word the index never saw weighs most; words compared by a light stem, `stem`), blended with
+the embedding similarity rescaled on the index (0 = what a pseudo-query scores against an unrelated chunk, 1 =
+against its own), in the fusion's weights.
 The threshold (`Calibration.min_relevance`) is half of what the pseudo-queries' own chunks score for 9 out of 10
 of them (their 10th percentile): a question whose best chunk scores below it is not answered from the documents.
 """
@@ -58,31 +59,39 @@ def stem(word: str) -> str:
 
 
 class BM25:
-    """Okapi BM25 over a fixed list of texts (k1 1.5, b 0.75): `scores(query)` -> one score per text."""
+    """Okapi BM25 over a fixed list of texts (k1 1.5, b 0.75): `scores(query)` -> one score per text. Each word's
+    postings (texts holding it, and how often) become numpy arrays the first time a query asks for the word."""
 
     def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
         self.k1, self.b = k1, b
         self.counts = [Counter(words_of(t)) for t in texts]
         self.lengths = np.array([sum(c.values()) for c in self.counts], dtype=np.float64)
         self.average = float(self.lengths.mean()) if len(texts) else 0.0
+        self.norm = self.k1 * (1.0 - self.b + self.b * self.lengths / max(self.average, 1e-9))
         self.postings: dict[str, list[int]] = {}
         for index, counts in enumerate(self.counts):
             for word in counts:
                 self.postings.setdefault(word, []).append(index)
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def idf(self, word: str) -> float:
         n, df = len(self.counts), len(self.postings.get(word, ()))
         return math.log(1.0 + (n - df + 0.5) / (df + 0.5))
 
+    def _posting_arrays(self, word: str) -> tuple[np.ndarray, np.ndarray]:
+        if word not in self._arrays:
+            docs = self.postings[word]
+            self._arrays[word] = (np.array(docs, dtype=np.int64),
+                                  np.array([self.counts[d][word] for d in docs], dtype=np.float64))
+        return self._arrays[word]
+
     def scores(self, query: str) -> np.ndarray:
         scores = np.zeros(len(self.counts))
-        norm = self.k1 * (1.0 - self.b + self.b * self.lengths / max(self.average, 1e-9))
         for word in set(words_of(query)):
-            docs = self.postings.get(word)
-            if not docs:
+            if word not in self.postings:
                 continue
-            tf = np.array([self.counts[d][word] for d in docs], dtype=np.float64)
-            scores[docs] += self.idf(word) * tf * (self.k1 + 1.0) / (tf + norm[docs])
+            docs, tf = self._posting_arrays(word)
+            scores[docs] += self.idf(word) * tf * (self.k1 + 1.0) / (tf + self.norm[docs])
         return scores
 
     def coverage(self, query: str, items: Sequence[int]) -> np.ndarray:

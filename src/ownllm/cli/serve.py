@@ -22,7 +22,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="tokens per request kept in the KV cache (default: the model's context window, at most "
                           "4096; the cache holds --max-batch x --context positions)")
     srv.add_argument("--index", help="answer from these documents when a chat request asks (the chat page's "
-                                     "\"search my documents\", or a `retrieval` field): an index made by `ownllm index`")
+                                     "\"search my documents\", or a `retrieval` field): an index made by "
+                                     "`ownllm index`")
     srv.add_argument("--embed-model", help="the model that embedded the index (default: the served model)")
     add_loading_flags(srv, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -4,8 +4,9 @@ with LoRA.
     from ownllm.finetune import finetune_classify, finetune_embed, finetune_instruct, finetune_prefer, merge_lora_run
 
 `classify` (labelled texts -> a head on the last real token), `instruct` (prompt template, loss on the
-responses), `embed` (pairs -> pooled vectors, contrastive with in-batch negatives) and `prefer` (DPO on pairs of a preferred and a rejected answer; `dpo` holds its loss) each bring their
-batches, loss and metrics to the one training loop (`ownllm.training.train`); `common` holds what they share (which
+responses), `embed` (pairs -> pooled vectors, contrastive with in-batch negatives) and `prefer` (DPO on pairs of
+a preferred and a rejected answer; `dpo` holds its loss) each bring their batches, loss and metrics to the one
+training loop (`ownllm.training.train`); `common` holds what they share (which
 parameters train, LoRA runs, the run directory, merging); loading a fine-tuned run, or the base model a stage starts
 from, is ownllm.runs; the classifier model is ownllm.model's, classifying with it ownllm.classification.
 """
