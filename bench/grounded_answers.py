@@ -32,12 +32,12 @@ NOTES = {
     "recipes.md": "Grandma's bread: 500 g flour, 10 g salt, 7 g yeast, 350 ml water. Bake 40 minutes at 220 degrees.",
 }
 ANSWERABLE = [
-    ("When is the car's next inspection due?", "2027", "car.md"),
+    ("When is the car's next inspection due?", "9 May 2027", "car.md"),
     ("What is the guest wifi password?", "sunflower42", "wifi.txt"),
     ("Who serviced the boiler?", "Anna", "boiler.md"),
     ("Which vet vaccinates Biscuit the cat?", "Okafor", "cat.txt"),
     ("What is the home insurance policy number?", "HX-4471", "insurance.md"),
-    ("How long does grandma's bread bake?", "40", "recipes.md"),
+    ("How long does grandma's bread bake?", "40 minutes", "recipes.md"),
 ]
 UNANSWERABLE = [
     "What is the capital of Mongolia?",

@@ -101,13 +101,16 @@ def test_relevance_threshold_is_calibrated_and_drops_what_the_documents_do_not_c
 def test_answers_cite_and_unanswerable_questions_are_refused(tiny, notes_index, capsys):  # noqa: F811
     import ownllm
     from ownllm.cli import main
-    from ownllm.retrieval import NO_ANSWER, answer, build_question_prompt, open_index, search
+    from ownllm.retrieval import NO_ANSWER, answer, build_question_prompt, open_index, question_messages, search
 
     index, run = open_index(notes_index), ownllm.load(tiny)
     hits = search(index, run, "When does the parking permit expire?", k=2)
     prompt = build_question_prompt("When does the parking permit expire?", hits)
-    assert "Answer: 40 minutes, at 220 degrees [1]." in prompt  # the worked example shows how to cite
     assert "[1] (permit.md:1-1)\nThe parking permit" in prompt and NO_ANSWER in prompt
+    asked = question_messages("When does the parking permit expire?", hits)  # worked examples first: one cites,
+    assert [m.role for m in asked] == ["user", "assistant"] * 2 + ["user"]  # one says the documents do not say
+    assert asked[1].content == "40 minutes, at 220 degrees [1]." and asked[3].content == NO_ANSWER
+    assert asked[-1].content == prompt
     assert answer(run, index, "Who won the football championship in Brazil?") == (NO_ANSWER, [])
     code = main(["ask", str(tiny), "--index", str(notes_index), "Who won the football championship in Brazil?"])
     assert code == 0
@@ -167,3 +170,14 @@ def test_ask_help_says_what_the_default_ranking_does_and_when_to_pick_another(ca
     assert "`hybrid` (default)" in shown and "calibrated on the index itself" in shown
     assert "An untrained embedder gets weight 0" in shown and "Pick `bm25`" in shown
     assert "--min-relevance" in shown and "The documents do not say." in shown
+
+
+def test_worked_examples_go_in_only_when_they_cost_no_source():
+    from ownllm.retrieval import EXAMPLES, Chunk, Hit, fit_question
+
+    hits = [Hit(Chunk("a.txt", 1, 1, "x"), 1.0) for _ in range(3)]
+    encode = lambda messages: [0] * (20 * len(messages) + 30 * messages[-1].content.count("a.txt"))  # noqa: E731
+    prompt, kept = fit_question(encode, "q", hits, block_size=400, max_new_tokens=100)  # room 300: all + examples
+    assert len(kept) == 3 and len(prompt) == 20 * (len(EXAMPLES) + 1) + 90
+    prompt, kept = fit_question(encode, "q", hits, block_size=200, max_new_tokens=100)  # room 100: 2 sources, no
+    assert len(kept) == 2 and len(prompt) == 80  # examples (they would have cost a source)

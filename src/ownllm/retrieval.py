@@ -392,17 +392,42 @@ def search(index: Index, run: "LoadedRun", query: str, k: int = 4, mode: str = "
 
 
 NO_ANSWER = "The documents do not say."
-PROMPT = ("Answer the question from the numbered sources below, in one or two sentences, and cite the source of "
-          "each fact as [1], [2], ... If the sources do not answer it, reply exactly: " + NO_ANSWER + "\n\n"
-          "Example:\n[1] (recipes.md:3-4)\nBake the bread for 40 minutes at 220 degrees.\n"
-          "Question: How long does the bread bake?\nAnswer: 40 minutes, at 220 degrees [1].\n\n"
-          "Sources:\n{sources}\n\nQuestion: {question}")
+INSTRUCTION = ("Answer the question from the numbered sources, in one or two sentences, and cite the source of "
+               "each fact as [1], [2], ... If the sources do not answer it, reply exactly: " + NO_ANSWER)
 
 
 def build_question_prompt(question: str, hits: Sequence[Hit]) -> str:
-    """The user message of a question and its numbered sources (a worked example first, so the answer cites)."""
+    """The user message of a question and its numbered sources."""
     sources = "\n\n".join(f"[{i + 1}] ({hit.chunk.source})\n{hit.chunk.text}" for i, hit in enumerate(hits))
-    return PROMPT.format(sources=sources, question=question)
+    return f"{INSTRUCTION}\n\nSources:\n{sources}\n\nQuestion: {question}"
+
+
+def _worked_example(question: str, source: str, text: str, reply: str) -> list[Message]:
+    return [Message("user", build_question_prompt(question, [Hit(Chunk(source, 3, 4, text), 1.0)])),
+            Message("assistant", reply)]
+
+
+# Two worked exchanges before the real question: one answered with a citation, one the source does not answer.
+EXAMPLES = [*_worked_example("How long does the bread bake?", "recipes.md",
+                             "Bake the bread for 40 minutes at 220 degrees.", "40 minutes, at 220 degrees [1]."),
+            *_worked_example("Who painted the kitchen?", "house.md", "The kitchen walls are pale green.", NO_ANSWER)]
+
+
+def question_messages(question: str, hits: Sequence[Hit], examples: bool = True) -> list[Message]:
+    """The conversation that asks a question from its sources: the worked examples, then the question."""
+    return [*(EXAMPLES if examples else []), Message("user", build_question_prompt(question, hits))]
+
+
+def fit_question(encode: Callable[[list[Message]], list[int]], question: str, hits: Sequence[Hit],
+                 block_size: int, max_new_tokens: int) -> tuple[list[int], list[Hit]]:
+    """(prompt ids, hits) of a question: as many of the best sources as fit (`sources_that_fit`), and the worked
+    examples before them when they fit too (they never cost a source). `encode(messages)` renders the prompt."""
+    prompt, kept = sources_that_fit(lambda chosen: encode(question_messages(question, chosen, examples=False)),
+                                    hits, block_size, max_new_tokens)
+    with_examples = encode(question_messages(question, kept))
+    if len(with_examples) <= prompt_room(block_size, max_new_tokens):
+        return with_examples, kept
+    return prompt, kept
 
 
 def sources_that_fit(encode: Callable[[Sequence[Hit]], list[int]], hits: Sequence[Hit], block_size: int,
@@ -442,8 +467,7 @@ def answer(run: "LoadedRun", index: Index, question: str, *, k: int = 4, mode: s
         return NO_ANSWER, []
     options = options or SamplingOptions(max_new_tokens=256, temperature=0)
     chat_format = chat_format_for(run.run_config, run.tokenizer)
-    prompt, hits = sources_that_fit(lambda kept: chat_format.encode([Message("user", build_question_prompt(
-        question, kept))]), hits, run.config.block_size, options.max_new_tokens)
+    prompt, hits = fit_question(chat_format.encode, question, hits, run.config.block_size, options.max_new_tokens)
     return reply_to_prompt(run.model, chat_format, prompt, options, on_text), hits
 
 

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ownllm.chat import ChatFormat
 from ownllm.chat_templates import Message
-from ownllm.retrieval import MODES, NO_ANSWER, Hit, Index, build_question_prompt, hit_record, search, \
-    sources_that_fit
+from ownllm.retrieval import MODES, NO_ANSWER, Hit, Index, fit_question, hit_record, search
 from ownllm.serve.prompts import BadRequest
 from ownllm.serve.schemas import RetrievalOptions
 
@@ -67,15 +66,14 @@ def find_sources(documents: Documents, question: str, options: RetrievalOptions)
 
 def prompt_with_sources(chat_format: ChatFormat, conversation: list[Message], hits: list[Hit], block_size: int,
                         max_new_tokens: int) -> tuple[list[int], list[Hit]]:
-    """The prompt ids with the last user message replaced by it and its numbered sources, as many as fit."""
+    """The prompt ids with the last user message replaced by it and its numbered sources (as many as fit, and the
+    worked examples before it when they fit too: `ownllm.retrieval.fit_question`, as `ask`)."""
     last = max(i for i, m in enumerate(conversation) if m.role == "user")
-    question = conversation[last].content
 
-    def encode(kept: list[Hit]) -> list[int]:
-        asked = Message("user", build_question_prompt(question, kept))
-        return chat_format.encode([*conversation[:last], asked, *conversation[last + 1:]])
+    def encode(asked: list[Message]) -> list[int]:
+        return chat_format.encode([*conversation[:last], *asked, *conversation[last + 1:]])
 
-    return sources_that_fit(encode, hits, block_size, max_new_tokens)
+    return fit_question(encode, conversation[last].content, hits, block_size, max_new_tokens)
 
 
 def source_records(hits: list[Hit]) -> list[dict[str, Any]]:
