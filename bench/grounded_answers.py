@@ -29,7 +29,7 @@ NOTES = {
     "insurance.md": "The home insurance policy number is HX-4471. It renews automatically every 1 March.",
     "garden.txt": "The apple tree was planted in 2019. Prune it in late winter, before the buds open.",
     "passport.md": "Mia's passport expires in August 2029; renewing it takes about six weeks.",
-    "recipes.md": "Grandma's bread: 500 g flour, 10 g salt, 7 g yeast, 350 ml water. Bake 40 minutes at 220 degrees.",
+    "recipes.md": "Grandma's bread: 500 g flour, 10 g salt, 7 g yeast, 350 ml water. Bake 35 minutes at 200 degrees.",
 }
 ANSWERABLE = [
     ("When is the car's next inspection due?", "9 May 2027", "car.md"),
@@ -37,7 +37,7 @@ ANSWERABLE = [
     ("Who serviced the boiler?", "Anna", "boiler.md"),
     ("Which vet vaccinates Biscuit the cat?", "Okafor", "cat.txt"),
     ("What is the home insurance policy number?", "HX-4471", "insurance.md"),
-    ("How long does grandma's bread bake?", "40 minutes", "recipes.md"),
+    ("How long does grandma's bread bake?", "35 minutes", "recipes.md"),
 ]
 UNANSWERABLE = [
     "What is the capital of Mongolia?",

@@ -107,10 +107,9 @@ def test_answers_cite_and_unanswerable_questions_are_refused(tiny, notes_index, 
     hits = search(index, run, "When does the parking permit expire?", k=2)
     prompt = build_question_prompt("When does the parking permit expire?", hits)
     assert "[1] (permit.md:1-1)\nThe parking permit" in prompt and NO_ANSWER in prompt
-    asked = question_messages("When does the parking permit expire?", hits)  # worked examples first: one cites,
-    assert [m.role for m in asked] == ["user", "assistant"] * 2 + ["user"]  # one says the documents do not say
-    assert asked[1].content == "40 minutes, at 220 degrees [1]." and asked[3].content == NO_ANSWER
-    assert asked[-1].content == prompt
+    asked = question_messages("When does the parking permit expire?", hits)  # a worked example first: it cites
+    assert [m.role for m in asked] == ["user", "assistant", "user"]
+    assert asked[1].content == "40 minutes, at 220 degrees [1]." and asked[-1].content == prompt
     assert answer(run, index, "Who won the football championship in Brazil?") == (NO_ANSWER, [])
     code = main(["ask", str(tiny), "--index", str(notes_index), "Who won the football championship in Brazil?"])
     assert code == 0

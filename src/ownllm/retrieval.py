@@ -407,10 +407,11 @@ def _worked_example(question: str, source: str, text: str, reply: str) -> list[M
             Message("assistant", reply)]
 
 
-# Two worked exchanges before the real question: one answered with a citation, one the source does not answer.
-EXAMPLES = [*_worked_example("How long does the bread bake?", "recipes.md",
-                             "Bake the bread for 40 minutes at 220 degrees.", "40 minutes, at 220 degrees [1]."),
-            *_worked_example("Who painted the kitchen?", "house.md", "The kitchen walls are pale green.", NO_ANSWER)]
+# One worked exchange before the real question: an answer that cites. (A second one replying NO_ANSWER made
+# SmolLM2-135M reply NO_ANSWER to every question: bench/grounded_answers.py, docs/benchmarks.md; refusals come from
+# the relevance threshold instead.)
+EXAMPLES = _worked_example("How long does the bread bake?", "recipes.md",
+                           "Bake the bread for 40 minutes at 220 degrees.", "40 minutes, at 220 degrees [1].")
 
 
 def question_messages(question: str, hits: Sequence[Hit], examples: bool = True) -> list[Message]:
