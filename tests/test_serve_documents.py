@@ -126,3 +126,14 @@ def test_embeddings_put_the_runs_prefix_for_the_input_type_first(tiny, tmp_path)
         expected = embed_texts(run, [WIFI], role=role).vectors[0].tolist()
         assert got[role] == pytest.approx(expected, abs=1e-5)
     assert got[None] == got["document"] and got["query"] != pytest.approx(got["document"], abs=1e-3)
+
+
+def test_serve_refuses_a_lone_embed_model_and_another_models_index(tiny, notes_index, tmp_path, capsys):  # noqa: F811
+    from embedding_helpers import assert_one_line_error, tiny_run
+    from ownllm.cli import main
+
+    code = main(["serve", str(tiny), "--embed-model", str(tiny), "--port", "1"])
+    assert_one_line_error(code, capsys.readouterr().err, "--embed-model", "--index")
+    other = tiny_run(tmp_path, seed=1)  # same shape, other weights: not the model that embedded the index
+    code = main(["serve", str(tiny), "--index", str(notes_index), "--embed-model", str(other), "--port", "1"])
+    assert_one_line_error(code, capsys.readouterr().err, str(notes_index), "pass that model, or re-index")
