@@ -1,6 +1,6 @@
 """Every training verb (pretrain, finetune classify|instruct|prefer|embed) takes --force and --resume the same way:
-over an existing run, neither is refused in one line (exit 2, the run untouched), --resume continues the run (the step count
-goes on), --force starts it over (a fresh run); both together, or --resume of no run or of another verb's run, are
+over an existing run, neither is refused in one line (exit 2, the run untouched), --resume continues the run (the
+step count goes on), --force starts it over (a fresh run); both together, or --resume of no run or of another verb's run, are
 refused in one line; never a traceback. The options a run
 stores are read back by the resume: each once in config.json (the LoRA rank in its "lora" section only)."""
 

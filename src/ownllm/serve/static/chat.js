@@ -46,7 +46,9 @@ async function loadModel() {
   $("model-name").textContent = state.model;
   const documents = body.data[0].documents;  // the server was started with --index
   $("documents-switch").hidden = !documents;
-  if (documents) $("documents-info").textContent = "(" + documents.chunks + " passages of " + documents.files + " files)";
+  if (documents) {
+    $("documents-info").textContent = "(" + documents.chunks + " passages of " + documents.files + " files)";
+  }
   showError("");
   await loadLimits();
 }
