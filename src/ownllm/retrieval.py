@@ -1,5 +1,6 @@
 """Ask your own documents, privately: chunk a folder, embed the chunks, keep them in one local index file, and
-retrieve with hybrid ranking (BM25 + embeddings, fused by reciprocal rank).
+retrieve with hybrid ranking (BM25 + embeddings, fused by reciprocal rank in weights calibrated on the index,
+ownllm.ranking), keeping only sources relevant enough, and answer citing them.
 
     report = build_index("notes/", model="runs/smol", out="notes.index")   # again later: only changed files
     index = open_index("notes.index")
@@ -9,7 +10,8 @@ The index is one SQLite file (Python's own sqlite3: no extra dependency, one fil
 (format, version, model, pooling, chunking, a probe vector that identifies the embedding model), `files` (path,
 SHA-256 of the content) and `chunks` (file, lines, text, float32 vector). Search is exact (a matrix product over
 all vectors; fine up to a few hundred thousand chunks on a laptop), and BM25 is computed in memory from the
-chunk texts at load time (`BM25` below: a few lines, so no dependency). Re-indexing compares each file's hash and
+chunk texts at load time (`ownllm.ranking.BM25`: a few lines, so no dependency). Building or updating an index
+also calibrates it (`ownllm.ranking.calibrate`: the fusion weights and the relevance threshold, kept in `meta`). Re-indexing compares each file's hash and
 re-embeds only new or changed files; a different model, pooling or chunking (or `force`) re-embeds everything.
 Every update is made on a copy beside the index, renamed over it at the end: `ask` never sees half an update, and a
 run killed at any moment leaves the previous index as it was. A file with no words is skipped (and counted); a
