@@ -8,7 +8,10 @@ Poolings (`ownllm.model.pool`, which the classification head uses too): `mean` (
 `last` (the hidden state of the last real token), `weighted-mean` (SGPT's position weighting). Vectors are
 L2-normalised unless `normalize=False` (then cosine similarity is a dot product). Without a pooling, a run's own is
 used (`default_pooling`: its run config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on
-import), else `mean`.
+import and `ownllm finetune embed` sets to the pooling it trained), else `mean`. A retrieval embedder trained by
+`finetune embed` also keeps the prefixes its queries and documents were trained with (config.json
+"embedding_prefixes"); `embed_texts(..., role="query")` puts the query one first, `role="document"` (the default:
+`ownllm embed`, `ownllm index`) the document one.
 
 `embed_file` reads one text per line (a blank line is skipped and counted, `ownllm.data.records`; the output keeps
 each text's line number) and writes `{"line": N, "embedding": [...]}` lines by the rules of `ownllm.outputs`: never
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from ownllm.tokenizer import Tokenizer
 
 LONG_TEXTS = ("truncate", "chunk")
+ROLES = ("document", "query")  # what a text is to a retrieval embedder: its prefix (`embedding_prefix`)
 
 
 @dataclass
@@ -63,6 +67,14 @@ def default_pooling(run: "LoadedRun") -> str:
         raise OwnLLMError(f"{run.path}: embedding_pooling in its config must be one of {', '.join(POOLINGS)}, "
                           f"not {pooling!r}")
     return pooling
+
+
+def embedding_prefix(run_config: dict, role: str) -> str:
+    """What goes before a text of `role` ("query" or "document") for this run: the prefixes a retrieval embedder was
+    trained with (config.json "embedding_prefixes", `ownllm finetune embed`), else nothing."""
+    if role not in ROLES:
+        raise OwnLLMError(f"a text's role must be one of {', '.join(ROLES)}, not {role!r}")
+    return (run_config.get("embedding_prefixes") or {}).get(role) or ""
 
 
 def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str]) -> list[list[int]]:
@@ -150,10 +162,12 @@ def embed_token_rows(model: GPT, rows: Sequence[Sequence[int]], *, pooling: str 
 
 def embed_texts(run: "LoadedRun", texts: Sequence[str], *, pooling: str | None = None, normalize: bool = True,
                 long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
-                progress: Callable[[int, int], None] | None = None) -> Embeddings:
+                progress: Callable[[int, int], None] | None = None, role: str = "document") -> Embeddings:
     """Embeddings of texts with a loaded run (`ownllm.load(path)`), pooled as `pooling` or the run's own
-    (`default_pooling`); see the module docstring."""
-    rows = encode_for_embedding(run.tokenizer, texts)
+    (`default_pooling`), each text after the run's prefix for its `role` (`embedding_prefix`); see the module
+    docstring."""
+    prefix = embedding_prefix(run.run_config, role)
+    rows = encode_for_embedding(run.tokenizer, [prefix + text for text in texts])
     return embed_token_rows(run.model, rows, pooling=pooling or default_pooling(run), normalize=normalize,
                             long_texts=long_texts, batch_size=batch_size, warn=warn, progress=progress)
 
@@ -182,7 +196,7 @@ def read_texts(path: str | Path) -> list[tuple[int, str]]:
 def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str | Path, *, force: bool = False,
                pooling: str | None = None, normalize: bool = True, long_texts: str = "truncate",
                batch_size: int = 16, device: str = "auto",
-               progress: Callable[[int, int], None] | None = None) -> EmbedFileReport:
+               progress: Callable[[int, int], None] | None = None, role: str = "document") -> EmbedFileReport:
     """Embed the texts of `input` (one per line) into the JSON Lines file `output` ({"line": N, "embedding": [...]}
     per text, in order). The output is checked before the model loads; `progress(done, total)` after each batch
     (rows embedded: a text split into pieces counts each piece)."""
@@ -191,6 +205,7 @@ def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str |
 
     model_path = model.path if isinstance(model, LoadedRun) else model
     check_output(output, "file", inputs=[input, model_path], force=force, flag="--output")
+    embedding_prefix({}, role)  # a wrong role fails before the model loads
     if pooling is not None:
         check_pooling(pooling)
     texts = read_texts(input)
@@ -199,7 +214,7 @@ def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str |
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         vectors = embed_texts(run, [text for _, text in texts], pooling=pooling, normalize=normalize,
-                              long_texts=long_texts, batch_size=batch_size, progress=progress).vectors
+                              long_texts=long_texts, batch_size=batch_size, progress=progress, role=role).vectors
     for warning in caught:
         warn(str(warning.message))
     with atomic_file(output) as handle:
