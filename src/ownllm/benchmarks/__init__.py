@@ -125,10 +125,8 @@ def score_task(model: GPT, tokenizer: Tokenizer, name: str, items: Sequence[Any]
     """One expanded task's result (its kind decides how it is scored)."""
     if is_generative(name):
         return evaluate_answers(model, tokenizer, items, name, shots=shots, progress=progress)
-    result = evaluate_questions(model, tokenizer, items, name=task_label(name), reports_acc_norm=reports_acc_norm(name),
-                                shots=shots, precision=precision, batching=batching, progress=progress)
-    result.group = "mmlu" if name.startswith("mmlu_") else None
-    return result
+    return evaluate_questions(model, tokenizer, items, name=task_label(name), reports_acc_norm=reports_acc_norm(name),
+                              shots=shots, precision=precision, batching=batching, progress=progress)
 
 
 def evaluate_tasks(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], shots: int = 0,
@@ -160,6 +158,7 @@ def evaluate_tasks(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], shots
                 result = score_task(model, tokenizer, name, loaded[name], shots, precision, batching, bar.update)
                 if folder is not None:
                     save_cached(folder, result, key)
+            result.group = None  # set again below for the groups asked for this time
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -171,6 +170,8 @@ def with_groups(results: list[TaskResult], asked: Sequence[str]) -> list[TaskRes
     out = list(results)
     for group in (name for name in asked if name in GROUPS):
         members = [r for r in results if r.task in GROUPS[group]()]
+        for member in members:
+            member.group = group
         first = out.index(members[0])
         out[first:first] = group_results(group, members)
     return out
