@@ -88,12 +88,13 @@ def data_dir(tmp_path_factory):
 # ---- prompts and targets as the harness builds them ----------------------------------------------------------------
 
 CLASSIFICATION = {
-    "sst2": ("a fine film . \nQuestion: Is this sentence positive or negative?\nAnswer:", [" negative", " positive"], 1),
+    "sst2": ("a fine film . \nQuestion: Is this sentence positive or negative?\nAnswer:",
+             [" negative", " positive"], 1),
     "rte": ("Ann ran.\nQuestion: Ann moved. True or False?\nAnswer:", [" True", " False"], 0),
     "mrpc": ("Sentence 1: He left .\nSentence 2: He went away .\nQuestion: Do both sentences mean the same thing?"
              "\nAnswer:", [" no", " yes"], 1),
-    "cb": ("It rained.\nQuestion: The ground is wet. True, False, or Neither?\nAnswer:", [" True", " False", " Neither"],
-           2),
+    "cb": ("It rained.\nQuestion: The ground is wet. True, False, or Neither?\nAnswer:",
+           [" True", " False", " Neither"], 2),
 }
 
 

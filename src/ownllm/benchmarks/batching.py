@@ -151,7 +151,8 @@ def run_batch(model: GPT, rows: Sequence[Row], precision: str) -> list[tuple[int
 
 @torch.inference_mode()
 def score_items(model: GPT, items: Sequence[Sequence[TokenPair]], mode: str = "packed", batch_tokens: int = 4096,
-                precision: str = "fp32", on_items: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:
+                precision: str = "fp32",
+                on_items: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:
     """(log-likelihood, is_greedy) of every choice of every item, batched (see the module docstring);
     `on_items(count)` after each batch with the number of items it finished."""
     if mode not in MODES:
@@ -172,7 +173,8 @@ def score_items(model: GPT, items: Sequence[Sequence[TokenPair]], mode: str = "p
         if on_items is not None and finished:
             on_items(finished)
     for batch in batches(rows, batch_tokens):
-        finished = sum(done(item, choice, (lp, greedy)) for item, choice, lp, greedy in run_batch(model, batch, precision))
+        scored = run_batch(model, batch, precision)
+        finished = sum(done(item, choice, (lp, greedy)) for item, choice, lp, greedy in scored)
         if on_items is not None:
             on_items(finished)
     return scores

