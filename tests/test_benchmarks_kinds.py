@@ -163,7 +163,6 @@ def test_generative_task_scores_the_greedy_answer_cut_at_the_stops(tokenizer, da
     with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
-    (tmp_path / "hf" / "ai2_arc").mkdir()
     mine = evaluate_tasks(model, tokenizer, ["nq_open"], data_dir=tmp_path / "hf", show_progress=False).tasks[0]
     assert mine.acc == (0.5 if cut[0].strip() else 0.0) and mine.acc_stderr == pytest.approx(
         0.5 if cut[0].strip() else 0.0)

