@@ -1,0 +1,62 @@
+"""Benchmark scoring speed: one item at a time vs batched (packed, padded), same model, same items, same process.
+
+    .venv/bin/python bench/eval_batching.py --model runs/smol --task hellaswag --limit 64 --threads 2
+    .venv/bin/python bench/eval_batching.py --model runs/smol --task mmlu_high_school_psychology --limit 40
+
+Prints items/s of each layout (`ownllm evaluate --batching none|packed|padded`), the largest difference of any
+per-choice log-likelihood from the one-at-a-time scores, and the projected time of the task's full set. The modes
+run in turns (none, packed, padded, then again) so a machine whose load changes treats them alike; the faster of the
+two turns counts. `--model` is anything `ownllm.load` reads (a run, a Hugging Face directory, a GGUF file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from ownllm.benchmarks import score_questions
+from ownllm.benchmarks.suite import load_items
+from ownllm.device import pick_device
+from ownllm.runs import load_run
+
+MODES = ("none", "packed", "padded")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--task", default="hellaswag")
+    parser.add_argument("--limit", type=int, default=64)
+    parser.add_argument("--full", type=int, default=10042, help="items of the full set, for the projection")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = load_run(args.model, device=pick_device(args.device))
+    questions = load_items(args.task, limit=args.limit, data_dir=args.data_dir)
+    best = {mode: float("inf") for mode in MODES}
+    scores = {}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            start = time.perf_counter()
+            scores[mode] = score_questions(run.model, run.tokenizer, questions, batching=mode)
+            best[mode] = min(best[mode], time.perf_counter() - start)
+    reference = torch.tensor([s for item in scores["none"] for s in item])
+    print(f"{args.task}, first {len(questions)} items, {torch.get_num_threads()} threads, {args.device}")
+    print("| batching | items/s | full set (projected) | vs none | largest difference |")
+    print("|---|---|---|---|---|")
+    for mode in MODES:
+        rate = len(questions) / best[mode]
+        difference = float((torch.tensor([s for item in scores[mode] for s in item]) - reference).abs().max())
+        print(f"| {mode} | {rate:.2f} | {args.full / rate / 60:.1f} min | {best['none'] / best[mode]:.2f}x | "
+              f"{difference:.2e} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
