@@ -3,8 +3,8 @@
     .venv/bin/python bench/eval_batching.py --model runs/smol --task hellaswag --limit 64 --threads 2
     .venv/bin/python bench/eval_batching.py --model runs/smol --task mmlu_high_school_psychology --limit 40
 
-Prints items/s of each layout (`ownllm evaluate --batching none|packed|padded`), the largest difference of any
-per-choice log-likelihood from the one-at-a-time scores, and the projected time of the task's full set. The modes
+Prints items/s of each layout (`ownllm evaluate --batching none|packed|padded`; `--modes packed:8192` sets a batch
+budget in tokens), the largest difference of any per-choice log-likelihood from the first mode's scores, and the projected time of the task's full set. The modes
 run in turns (none, packed, padded, then again) so a machine whose load changes treats them alike; the faster of the
 two turns counts. `--model` is anything `ownllm.load` reads (a run, a Hugging Face directory, a GGUF file).
 """
@@ -25,6 +25,15 @@ from ownllm.runs import load_run
 MODES = ("none", "packed", "padded")
 
 
+def parse_modes(value: str) -> list[tuple[str, int]]:
+    """"none,packed,packed:8192,padded" -> [(mode, batch tokens), ...]"""
+    out = []
+    for part in value.split(","):
+        mode, _, tokens = part.partition(":")
+        out.append((mode, int(tokens or 4096)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -35,27 +44,31 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="none,packed,padded",
+                        help="layouts to time, each optionally with its batch budget in tokens: packed:8192")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     run = load_run(args.model, device=pick_device(args.device))
     questions = load_items(args.task, limit=args.limit, data_dir=args.data_dir)
-    best = {mode: float("inf") for mode in MODES}
+    modes = parse_modes(args.modes)
+    best = {mode: float("inf") for mode in modes}
     scores = {}
     for _ in range(args.rounds):
-        for mode in MODES:
+        for mode in modes:
             start = time.perf_counter()
-            scores[mode] = score_questions(run.model, run.tokenizer, questions, batching=mode)
+            scores[mode] = score_questions(run.model, run.tokenizer, questions, batching=mode[0],
+                                           batch_tokens=mode[1])
             best[mode] = min(best[mode], time.perf_counter() - start)
-    reference = torch.tensor([s for item in scores["none"] for s in item])
+    reference = torch.tensor([s for item in scores[modes[0]] for s in item])
     print(f"{args.task}, first {len(questions)} items, {torch.get_num_threads()} threads, {args.device}")
-    print("| batching | items/s | full set (projected) | vs none | largest difference |")
+    print(f"| batching (batch tokens) | items/s | full set (projected) | vs {modes[0][0]} | largest difference |")
     print("|---|---|---|---|---|")
-    for mode in MODES:
+    for mode in modes:
         rate = len(questions) / best[mode]
         difference = float((torch.tensor([s for item in scores[mode] for s in item]) - reference).abs().max())
-        print(f"| {mode} | {rate:.2f} | {args.full / rate / 60:.1f} min | {best['none'] / best[mode]:.2f}x | "
-              f"{difference:.2e} |")
+        print(f"| {mode[0]} ({mode[1]}) | {rate:.2f} | {args.full / rate / 60:.1f} min | "
+              f"{best[modes[0]] / best[mode]:.2f}x | {difference:.2e} |")
 
 
 if __name__ == "__main__":

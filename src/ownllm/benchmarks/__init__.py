@@ -64,13 +64,16 @@ def default_batching(model: GPT) -> str:
 
 
 def score_questions(model: GPT, tokenizer: Tokenizer, questions: Sequence[Question], batching: str = "packed",
-                    precision: str = "fp32", progress: Progress | None = None) -> list[list[float]]:
-    """Per item, per choice log-likelihoods; `progress(count)` as items finish."""
+                    precision: str = "fp32", progress: Progress | None = None,
+                    batch_tokens: int = 4096) -> list[list[float]]:
+    """Per item, per choice log-likelihoods; `progress(count)` as items finish; batches of at most `batch_tokens`
+    tokens (padding included)."""
     if batching not in BATCHING:
         raise OwnLLMError(f"batching must be one of {', '.join(BATCHING)}")
     encoded = [[encode_pair(tokenizer, c, k) for c, k in zip(q.contexts, q.continuations)] for q in questions]
     if batching != "none":
-        scores = score_items(model, encoded, mode=batching, precision=precision, on_items=progress)
+        scores = score_items(model, encoded, mode=batching, batch_tokens=batch_tokens, precision=precision,
+                             on_items=progress)
         return [[logprob for logprob, _ in item] for item in scores]
     order = sorted(range(len(questions)), key=lambda i: -max(len(a) + len(b) for a, b in encoded[i]))
     logprobs: list[list[float]] = [[] for _ in questions]
