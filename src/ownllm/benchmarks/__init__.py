@@ -58,8 +58,8 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def default_batching(model: GPT) -> str:
-    """Packed rows (the shared prefix once) on a CPU, where compute is what counts; one row per choice on a GPU,
-    where wide batches of plain causal attention are cheap (docs/benchmarks.md)."""
+    """Packed rows (the shared prefix once) on a CPU, where compute is what counts (measured: docs/benchmarks.md);
+    one row per choice on a GPU, where wide batches of plain causal attention are cheap (not yet measured there)."""
     return "padded" if model.tok_emb.weight.device.type == "cuda" else "packed"
 
 
@@ -175,7 +175,7 @@ def with_groups(results: list[TaskResult], asked: Sequence[str]) -> list[TaskRes
         members = [r for r in results if r.task in GROUPS[group]()]
         for member in members:
             member.group = group
-        first = out.index(members[0])
+        first = next(index for index, result in enumerate(out) if result is members[0])
         out[first:first] = group_results(group, members)
     return out
 
