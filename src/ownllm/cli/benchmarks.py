@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ownllm.cli.common import add_force_flag
 from ownllm.errors import OwnLLMError
 from ownllm.outputs import check_output
+
+if TYPE_CHECKING:
+    from ownllm.benchmarks.results import BenchmarkReport
 
 CACHE_FOLDER = "cache"
 
@@ -82,7 +85,8 @@ def check_report_dir(args: argparse.Namespace) -> Path | None:
     return folder
 
 
-def score_model(args: argparse.Namespace, path: str, tasks: list[str], cache: Path | None, show: bool):
+def score_model(args: argparse.Namespace, path: str, tasks: list[str], cache: Path | None,
+                show: bool) -> BenchmarkReport:
     """Load `path` and score it on `tasks` (results cached in `cache`)."""
     from ownllm.benchmarks import evaluate_tasks
     from ownllm.runs import load_run
