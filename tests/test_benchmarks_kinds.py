@@ -316,3 +316,26 @@ def test_a_killed_evaluation_resumes_without_rescoring_finished_tasks(tokenizer,
     evaluate_tasks(model, tokenizer, ["sst2"], data_dir=data_dir, show_progress=False, cache_dir=tmp_path,
                    settings={"model": "other"})
     assert scored[5:] == ["sst2", "sst2"]
+
+
+def test_the_same_report_command_again_scores_nothing_and_force_scores_again(runs, data_dir, tmp_path, monkeypatch,
+                                                                           capsys, one_thread):
+    import ownllm.benchmarks as benchmarks
+
+    tuned, base = runs
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(tuned), "--tasks", "sst2,nq_open", "--data-dir", str(data_dir), "--device", "cpu",
+            "--report", str(out), "--baseline", str(base), "--json"]
+    assert main(argv) == 0
+    first, report = capsys.readouterr().out, (out / "report.md").read_text(encoding="utf-8")
+    assert sorted(p.name for p in (out / "cache" / "model").iterdir()) == ["nq_open.json", "sst2.json"]
+    scored = []
+    real = benchmarks.score_task
+    monkeypatch.setattr(benchmarks, "score_task", lambda model, tok, name, *rest: scored.append(name) or real(
+        model, tok, name, *rest))
+    assert main(argv) == 0  # everything from the cache: the model's and the baseline's
+    assert scored == [] and (out / "report.md").read_text(encoding="utf-8") == report
+    assert [t["acc"] for t in json.loads(capsys.readouterr().out)["tasks"]] == [
+        t["acc"] for t in json.loads(first)["tasks"]]
+    assert main([*argv, "--force"]) == 0
+    assert scored == ["sst2", "nq_open", "sst2", "nq_open"]
