@@ -21,7 +21,7 @@ from ownllm.benchmarks import evaluate_tasks
 from ownllm.benchmarks.batching import score_items
 from ownllm.benchmarks.generative import GENERATIVE, exact_match, load_generative
 from ownllm.benchmarks.mmlu import SUBJECTS, load_subject
-from ownllm.benchmarks.results import pooled_stderr
+from ownllm.benchmarks.results import f1_score, pooled_stderr
 from ownllm.benchmarks.scoring import encode_pair, score_choices_greedy
 from ownllm.benchmarks.tasks import load_task
 from ownllm.cli import main
@@ -166,6 +166,23 @@ def test_generative_task_scores_the_greedy_answer_cut_at_the_stops(tokenizer, da
     mine = evaluate_tasks(model, tokenizer, ["nq_open"], data_dir=tmp_path / "hf", show_progress=False).tasks[0]
     assert mine.acc == (0.5 if cut[0].strip() else 0.0) and mine.acc_stderr == pytest.approx(
         0.5 if cut[0].strip() else 0.0)
+
+
+def test_f1_of_mrpc_and_cb_as_the_harness_computes_it():
+    golds, predictions = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # label 1: TP 2, FP 1, FN 1
+    assert f1_score(golds, predictions, "binary", 2) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    golds, predictions = [0, 1, 2, 2, 0], [0, 2, 2, 1, 1]  # per label: 2/3, 0, 1/2
+    assert f1_score(golds, predictions, "macro", 3) == pytest.approx((2 / 3 + 0 + 0.5) / 3)
+    assert f1_score([0, 0], [0, 0], "binary", 2) == 0.0  # no label 1 anywhere: 0, as scikit-learn
+
+
+def test_mrpc_and_cb_report_f1_from_the_predictions(tokenizer, data_dir, one_thread):
+    model = tiny_model(tokenizer)
+    report = evaluate_tasks(model, tokenizer, ["mrpc", "cb", "sst2"], data_dir=data_dir, show_progress=False)
+    mrpc, cb, sst2 = report.tasks
+    guess = [max(range(len(lp)), key=lambda c: (lp[c], -c)) for lp in cb.logprobs]  # one item, label 2
+    assert cb.f1 == pytest.approx(f1_score([2], guess, "macro", 3)) and sst2.f1 is None
+    assert mrpc.f1 == (1.0 if mrpc.acc == 1.0 else 0.0)  # one item of label 1: right -> 1, wrong -> 0
 
 
 # ---- batched scoring -------------------------------------------------------------------------------------------------

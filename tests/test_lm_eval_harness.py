@@ -238,6 +238,8 @@ def test_new_task_kinds_match_lm_eval_definitions(tmp_path, monkeypatch, shots):
             assert theirs["exact_match,remove_whitespace"] == pytest.approx(mine.acc), name
             continue
         assert theirs["acc,none"] == pytest.approx(mine.acc), name
+        if name in ("mrpc", "cb"):
+            assert theirs["f1,none"] == pytest.approx(mine.f1), name
         assert_parity(torch.tensor([[float(r[0][0]) for r in s["resps"]] for s in samples]),
                       torch.tensor(mine.logprobs), layers=model.config.n_layer, dtype=torch.float32,
                       what=f"{name} per-choice log-likelihoods")

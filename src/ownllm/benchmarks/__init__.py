@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from ownllm.benchmarks.batching import score_items
 from ownllm.benchmarks.generative import GENERATIVE, Answer, exact_match, generate_answers
-from ownllm.benchmarks.results import (BenchmarkReport, TaskResult, format_report, group_results, load_cached,
-                                       mean_stderr, save_cached)
+from ownllm.benchmarks.results import (BenchmarkReport, TaskResult, f1_score, format_report, group_results,
+                                       load_cached, mean_stderr, save_cached)
 from ownllm.benchmarks.scoring import encode_pair, score_choices
 from ownllm.benchmarks.suite import (GROUPS, check_task_names, expand_tasks, is_generative, load_items,
                                      reports_acc_norm, task_label)
@@ -87,8 +87,9 @@ def score_questions(model: GPT, tokenizer: Tokenizer, questions: Sequence[Questi
 def evaluate_questions(model: GPT, tokenizer: Tokenizer, questions: Sequence[Question], name: str = "task",
                        reports_acc_norm: bool = True, shots: int = 0, precision: str = "fp32",
                        show_progress: bool = True, batching: str | None = None,
-                       progress: Progress | None = None) -> TaskResult:
-    """Score every multiple-choice question: acc (and acc_norm), their stderr, chance."""
+                       progress: Progress | None = None, f1: str | None = None) -> TaskResult:
+    """Score every multiple-choice question: acc (and acc_norm), their stderr, chance; the harness's f1 where
+    `f1` is "binary" or "macro"."""
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -97,7 +98,8 @@ def evaluate_questions(model: GPT, tokenizer: Tokenizer, questions: Sequence[Que
         logprobs = score_questions(model, tokenizer, questions, batching or default_batching(model), precision,
                                    progress or bar.update)
     model.train(was_training)
-    correct = [float(_argmax(lp) == q.answer) for lp, q in zip(logprobs, questions)]
+    predictions = [_argmax(lp) for lp in logprobs]
+    correct = [float(p == q.answer) for p, q in zip(predictions, questions)]
     correct_norm = [float(_argmax([x / max(n, 1) for x, n in zip(lp, q.norm_lengths)]) == q.answer)
                     for lp, q in zip(logprobs, questions)]
     n = len(questions)
@@ -107,7 +109,9 @@ def evaluate_questions(model: GPT, tokenizer: Tokenizer, questions: Sequence[Que
                       acc_norm=sum(correct_norm) / n if reports_acc_norm else None,
                       acc_norm_stderr=mean_stderr(correct_norm) if reports_acc_norm else None,
                       chance=chance, centered=(acc - chance) / (1 - chance), seconds=time.perf_counter() - start,
-                      shots=shots, logprobs=logprobs)
+                      shots=shots, logprobs=logprobs,
+                      f1=f1_score([q.answer for q in questions], predictions, f1,
+                                  max(len(q.continuations) for q in questions)) if f1 else None)
 
 
 def evaluate_answers(model: GPT, tokenizer: Tokenizer, items: Sequence[Answer], name: str, shots: int = 0,
@@ -128,8 +132,10 @@ def score_task(model: GPT, tokenizer: Tokenizer, name: str, items: Sequence[Any]
     """One expanded task's result (its kind decides how it is scored)."""
     if is_generative(name):
         return evaluate_answers(model, tokenizer, items, name, shots=shots, progress=progress)
+    spec = TASKS.get(name)
     return evaluate_questions(model, tokenizer, items, name=task_label(name), reports_acc_norm=reports_acc_norm(name),
-                              shots=shots, precision=precision, batching=batching, progress=progress)
+                              shots=shots, precision=precision, batching=batching, progress=progress,
+                              f1=spec.f1 if spec else None)
 
 
 def evaluate_tasks(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], shots: int = 0,

@@ -38,6 +38,7 @@ class TaskResult:
     shots: int = 0
     metric: str = "acc"  # what `acc` measures: "acc", or "exact_match" for generative tasks
     group: str | None = None  # "mmlu" for its subjects and its macro average: rows under the group's own row
+    f1: float | None = None  # where the harness reports it (MRPC: of label 1; CB: the mean over the labels)
     logprobs: list[list[float]] = field(default_factory=list, repr=False)  # per item, per choice
     answers: list[str] = field(default_factory=list, repr=False)  # per item, the generated answer
 
@@ -83,6 +84,21 @@ def mean_stderr(values: Sequence[float]) -> float:
         return 0.0
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def f1_of(golds: Sequence[int], predictions: Sequence[int], label: int) -> float:
+    """F1 of one label: 2 TP / (2 TP + FP + FN), 0 where that is 0 / 0 (as scikit-learn's f1_score)."""
+    tp = sum(g == label and p == label for g, p in zip(golds, predictions))
+    wrong = sum((g == label) != (p == label) for g, p in zip(golds, predictions))
+    return 2 * tp / (2 * tp + wrong) if tp or wrong else 0.0
+
+
+def f1_score(golds: Sequence[int], predictions: Sequence[int], kind: str, labels: int) -> float:
+    """The harness's f1: "binary" (label 1, lm_eval.api.metrics.f1_score) or "macro" (the mean over `labels`,
+    super_glue/cb's cb_multi_fi)."""
+    if kind == "binary":
+        return f1_of(golds, predictions, 1)
+    return sum(f1_of(golds, predictions, label) for label in range(labels)) / labels
 
 
 def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float:

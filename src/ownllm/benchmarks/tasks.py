@@ -177,6 +177,7 @@ class TaskSpec:
     folder: str  # under hf_datasets/
     question: Callable[[dict[str, Any]], Question]
     reports_acc_norm: bool  # the harness's metric_list has acc_norm
+    f1: str | None = None  # the harness's f1 too: "binary" (of label 1: MRPC) or "macro" (mean over labels: CB)
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -193,8 +194,8 @@ TASKS: dict[str, TaskSpec] = {
     "commonsense_qa": TaskSpec("tau/commonsense_qa/none/validation", commonsense_qa_question, False),
     "sst2": TaskSpec("glue/sst2/validation", sst2_question, False),
     "rte": TaskSpec("glue/rte/validation", rte_question, False),
-    "mrpc": TaskSpec("glue/mrpc/validation", mrpc_question, False),
-    "cb": TaskSpec("super_glue/cb/validation", cb_question, False),
+    "mrpc": TaskSpec("glue/mrpc/validation", mrpc_question, False, f1="binary"),
+    "cb": TaskSpec("super_glue/cb/validation", cb_question, False, f1="macro"),
 }
 
 
