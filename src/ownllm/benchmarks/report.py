@@ -60,6 +60,11 @@ def markdown(report: BenchmarkReport, model: str, baseline: BenchmarkReport | No
     return "\n".join(lines)
 
 
+def _error_bars(results: Sequence[TaskResult]) -> list[list[float]]:
+    """stderr below and above each score, in percent, the lower bar stopping at 0."""
+    return [[100 * min(t.headline[2], t.headline[1]) for t in results], [100 * t.headline[2] for t in results]]
+
+
 def plot(report: BenchmarkReport, path: Path, model: str, baseline: BenchmarkReport | None = None,
          baseline_name: str | None = None) -> None:
     """A bar per top-level task (error bars: stderr), the baseline's beside it, chance as a black tick."""
@@ -74,12 +79,12 @@ def plot(report: BenchmarkReport, path: Path, model: str, baseline: BenchmarkRep
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) + 2), 4))
     xs = list(range(len(tasks)))
     shift = -width / 2 if baseline is not None else 0.0
-    ax.bar([x + shift for x in xs], [100 * t.headline[1] for t in tasks], width,
-           yerr=[100 * t.headline[2] for t in tasks], capsize=3, label=model)
+    ax.bar([x + shift for x in xs], [100 * t.headline[1] for t in tasks], width, yerr=_error_bars(tasks), capsize=3,
+           label=model)
     if baseline is not None:
         pairs = [(x, base[t.task]) for x, t in zip(xs, tasks) if t.task in base]
         ax.bar([x + width / 2 for x, _ in pairs], [100 * b.headline[1] for _, b in pairs], width,
-               yerr=[100 * b.headline[2] for _, b in pairs], capsize=3, label=baseline_name)
+               yerr=_error_bars([b for _, b in pairs]), capsize=3, label=baseline_name)
     ax.scatter(xs, [100 * t.chance for t in tasks], marker="_", s=400, color="black", label="chance", zorder=3)
     ax.set_xticks(xs, [f"{t.task}\n({t.headline[0]})" for t in tasks], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("score (%)")
