@@ -356,3 +356,14 @@ def test_the_same_report_command_again_scores_nothing_and_force_scores_again(run
         t["acc"] for t in json.loads(first)["tasks"]]
     assert main([*argv, "--force"]) == 0
     assert scored == ["sst2", "nq_open", "sst2", "nq_open"]
+
+
+def test_an_edited_own_task_file_is_scored_again(tokenizer, tmp_path, one_thread):
+    model = tiny_model(tokenizer)
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"context": "Answer:", "choices": ["a", "b"], "answer": 0}) + "\n")
+    cache = tmp_path / "cache"
+    first = evaluate_tasks(model, tokenizer, [str(path)], show_progress=False, cache_dir=cache).tasks[0]
+    path.write_text(json.dumps({"context": "Answer:", "choices": ["a", "b"], "answer": 1}) + "\n")
+    second = evaluate_tasks(model, tokenizer, [str(path)], show_progress=False, cache_dir=cache).tasks[0]
+    assert first.acc + second.acc == 1.0  # the answer key changed: the file was read and scored again

@@ -27,6 +27,7 @@ finished task's result is kept there, and a later call with the same settings ta
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ from ownllm.benchmarks.results import (BenchmarkReport, TaskResult, f1_score, fo
 from ownllm.benchmarks.scoring import encode_pair, score_choices
 from ownllm.benchmarks.suite import (GROUPS, check_task_names, expand_tasks, is_generative, load_items,
                                      reports_acc_norm, task_label)
-from ownllm.benchmarks.tasks import TASKS, Question
+from ownllm.benchmarks.tasks import TASKS, Question, is_task_file
 from ownllm.errors import OwnLLMError
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
@@ -154,7 +155,8 @@ def evaluate_tasks(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], shots
         raise OwnLLMError("--limit must be at least 1")
     folder = Path(cache_dir) if cache_dir is not None else None
     key = {**(settings or {}), "shots": shots, "limit": limit, "seed": seed, "precision": precision}
-    cached = {name: load_cached(folder, task_label(name), key) for name in names}
+    keys = {name: {**key, "file": file_stamp(name)} if is_task_file(name) else key for name in names}
+    cached = {name: load_cached(folder, task_label(name), keys[name]) for name in names}
     loaded = {name: load_items(name, limit=limit, shots=shots, seed=seed, data_dir=data_dir)
               for name in names if cached[name] is None}
     results = []
@@ -166,12 +168,20 @@ def evaluate_tasks(model: GPT, tokenizer: Tokenizer, tasks: Sequence[str], shots
                 bar.set_description(task_label(name))
                 result = score_task(model, tokenizer, name, loaded[name], shots, precision, batching, bar.update)
                 if folder is not None:
-                    save_cached(folder, result, key)
+                    save_cached(folder, result, keys[name])
             result.group = None  # set again below for the groups asked for this time
             results.append(result)
             if on_result is not None:
                 on_result(result)
     return BenchmarkReport(with_groups(results, tasks))
+
+
+def file_stamp(name: str) -> str:
+    """A digest of an own task file: an edited file is scored again, not taken from the cache."""
+    try:
+        return hashlib.sha256(Path(name).read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def with_groups(results: list[TaskResult], asked: Sequence[str]) -> list[TaskResult]:
