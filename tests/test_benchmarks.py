@@ -240,7 +240,7 @@ def test_cli_scores_built_in_and_own_tasks(run_dir, data_dir, tmp_path, capsys, 
     assert report["core"] == pytest.approx(sum(t["centered"] for t in report["tasks"]) / 3)
     assert main(["evaluate", str(base), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--device", "cpu"]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split() == ["task", "n", "acc", "acc_norm", "stderr", "seconds"]
+    assert table.splitlines()[0].split() == ["task", "n", "metric", "score", "stderr", "acc", "acc_norm", "seconds"]
     assert "CORE-style score" in table
     assert main(["evaluate", str(base), "--tasks", "nope"]) == 2
     assert "known tasks: arc_easy" in capsys.readouterr().err
@@ -252,8 +252,11 @@ def test_report_table_marks_tasks_without_acc_norm(tokenizer, tmp_path, one_thre
     path = tmp_path / "t.jsonl"
     write_jsonl(path, [{"context": "Question:", "choices": ["a stone", "a feather"], "answer": 0}])
     report = evaluate_tasks(model, tokenizer, [str(path)], show_progress=False)
+    row = format_report(report).splitlines()[1].split()
+    assert row[2] == "acc_norm" and row[3] == f"{report.tasks[0].acc_norm:.4f}"  # the headline: acc_norm
     report.tasks[0].acc_norm = None
-    assert format_report(report).splitlines()[1].split()[3] == "-"
+    row = format_report(report).splitlines()[1].split()
+    assert row[6] == "-" and row[2] == "acc" and row[3] == f"{report.tasks[0].acc:.4f}"
 
 
 def test_pretraining_logs_benchmark_accuracy(tmp_path, one_thread):

@@ -263,7 +263,7 @@ def test_qwen3_embedding_pools_the_last_token_after_its_query_instruction(tokeni
     lines = [text.replace("\n", " ") for text in texts]
     (tmp_path / "q.txt").write_text("\n".join(lines), encoding="utf-8")
     assert cli_main(["embed", str(tmp_path / "emb"), "--input", str(tmp_path / "q.txt"), "--output",
-                     str(tmp_path / "q.jsonl"), "--role", "query", "--device", "cpu"]) == 0
+                     str(tmp_path / "q.jsonl"), "--as", "query", "--device", "cpu"]) == 0
     written = [json.loads(line)["embedding"] for line in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert_parity(torch.tensor(written), embed_texts(run, lines, role="query").vectors, layers=0, what="CLI")
     assert "last pooling" in capsys.readouterr().err

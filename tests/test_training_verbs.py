@@ -1,6 +1,6 @@
-"""Every training verb (pretrain, finetune classify|instruct|prefer) takes --force and --resume the same way: over an
-existing run, neither is refused in one line (exit 2, the run untouched), --resume continues the run (the step count
-goes on), --force starts it over (a fresh run); both together, or --resume of no run or of another verb's run, are
+"""Every training verb (pretrain, finetune classify|instruct|prefer|embed) takes --force and --resume the same way:
+over an existing run, neither is refused in one line (exit 2, the run untouched), --resume continues the run (the
+step count goes on), --force starts it over (a fresh run); both together, or --resume of no run or of another verb's run, are
 refused in one line; never a traceback. The options a run
 stores are read back by the resume: each once in config.json (the LoRA rank in its "lora" section only)."""
 
@@ -13,6 +13,7 @@ import pytest
 
 from finetune_helpers import instruction_records, metrics_rows, preference_records, sentiment_lines, write_json
 from output_helpers import printed_lines, snapshot
+from test_finetune_embed import synthetic_pairs, write_pairs
 from ownllm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,6 +25,7 @@ VERBS = {
     "instruct": ["finetune", "instruct", "--model", "{base}", "--data", "{json}", "--lora-rank", "2",
                  "--max-new-tokens", "2"],
     "prefer": ["finetune", "prefer", "--model", "{base}", "--data", "{prefs}", "--lora-rank", "2"],
+    "embed": ["finetune", "embed", "--model", "{base}", "--data", "{pairs}", "--lora-rank", "2"],
 }
 SMALL = ["--batch-size", "4", "--precision", "fp32", "--eval-interval", "0", "--log-interval", "1"]
 
@@ -35,7 +37,8 @@ def inputs(base, tmp_path_factory) -> dict[str, str]:
     return {"base": str(base), "data": json.loads((base / "config.json").read_text())["data"],
             "tsv": str(root / "texts.tsv"),
             "json": str(write_json(root / "instructions.json", instruction_records(24))),
-            "prefs": str(write_json(root / "prefs.json", preference_records(16)))}
+            "prefs": str(write_json(root / "prefs.json", preference_records(16))),
+            "pairs": str(write_pairs(root / "pairs.jsonl", synthetic_pairs(16)))}
 
 
 def run(capsys, argv: list[str]) -> tuple[int, list[str]]:

@@ -7,10 +7,11 @@
 Poolings (`ownllm.model.pool`, which the classification head uses too): `mean` (average over the text's tokens),
 `last` (the hidden state of the last real token), `weighted-mean` (SGPT's position weighting). Vectors are
 L2-normalised unless `normalize=False` (then cosine similarity is a dot product). Without a pooling, a run's own is
-used (`default_pooling`: its run config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` or a Sentence
-Transformers directory's Pooling module sets on import), else `mean`. An embedding model may want a prompt before
-queries (Qwen3-Embedding: "Instruct: ...\nQuery:") and a token after every text: `role="query"` / `"document"`
-adds them (`embedding_prompt`; `ownllm embed --role`, and `ownllm index` / `ask` do it themselves).
+used (`default_pooling`: its run config's `embedding_pooling`, which a GGUF's `{arch}.pooling_type` sets on
+import and `ownllm finetune embed` sets to the pooling it trained), else `mean`. A retrieval embedder trained by
+`finetune embed` also keeps the prefixes its queries and documents were trained with (config.json
+"embedding_prefixes"); `embed_texts(..., role="query")` puts the query one first, `role="document"` (the default:
+`ownllm embed`, `ownllm index`) the document one.
 
 `embed_file` reads one text per line (a blank line is skipped and counted, `ownllm.data.records`; the output keeps
 each text's line number) and writes `{"line": N, "embedding": [...]}` lines by the rules of `ownllm.outputs`: never
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from ownllm.tokenizer import Tokenizer
 
 LONG_TEXTS = ("truncate", "chunk")
+ROLES = ("document", "query")  # what a text is to a retrieval embedder: its prefix (`embedding_prefix`)
 
 
 @dataclass
@@ -67,27 +69,21 @@ def default_pooling(run: "LoadedRun") -> str:
     return pooling
 
 
-ROLES = ("query", "document")
+def embedding_prefix(run_config: dict, role: str) -> str:
+    """What goes before a text of `role` ("query" or "document") for this run: the prefixes a retrieval embedder was
+    trained with (config.json "embedding_prefixes", `ownllm finetune embed`, or a Sentence Transformers model's
+    prompts read on import: Qwen3-Embedding's instruction before queries), else nothing."""
+    if role not in ROLES:
+        raise OwnLLMError(f"a text's role must be one of {', '.join(ROLES)}, not {role!r}")
+    return (run_config.get("embedding_prefixes") or {}).get(role) or ""
 
 
-def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str], prompt: str = "",
-                         suffix: Sequence[int] = ()) -> list[list[int]]:
+def encode_for_embedding(tokenizer: "Tokenizer", texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text as the model reads a document: a begin-of-sequence token first where the model
-    uses one, `prompt` before the text and `suffix` ids after it (an embedding model's own, `embedding_prompt`);
-    an empty text becomes the end-of-text token (a vector still comes out)."""
-    rows = [tokenizer.starting_sequence(ids) for ids in tokenizer.encode_batch([prompt + text for text in texts])]
+    uses one; an empty text becomes the end-of-text token (a vector still comes out)."""
+    rows = [tokenizer.starting_sequence(ids) for ids in tokenizer.encode_batch(list(texts))]
     fallback = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
-    return [(ids or list(fallback)) + list(suffix) for ids in rows]
-
-
-def embedding_prompt(run: "LoadedRun", role: str | None) -> tuple[str, list[int]]:
-    """(the text put before a `role` text, the ids put after every text) of an embedding model that has them
-    (Qwen3-Embedding: an instruction before queries, its end-of-text token after each text, read from its Sentence
-    Transformers files on import), else nothing."""
-    if role is not None and role not in ROLES:
-        raise OwnLLMError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-    prompts = run.run_config.get("embedding_prompts") or {}
-    return (prompts.get(role, "") if role else ""), list(run.run_config.get("embedding_suffix") or [])
+    return [ids or list(fallback) for ids in rows]
 
 
 @torch.inference_mode()
@@ -167,12 +163,13 @@ def embed_token_rows(model: GPT, rows: Sequence[Sequence[int]], *, pooling: str 
 
 def embed_texts(run: "LoadedRun", texts: Sequence[str], *, pooling: str | None = None, normalize: bool = True,
                 long_texts: str = "truncate", batch_size: int = 16, warn: bool = True,
-                progress: Callable[[int, int], None] | None = None, role: str | None = None) -> Embeddings:
+                progress: Callable[[int, int], None] | None = None, role: str = "document") -> Embeddings:
     """Embeddings of texts with a loaded run (`ownllm.load(path)`), pooled as `pooling` or the run's own
-    (`default_pooling`); `role` ("query" or "document") adds the model's own prompt for such texts
-    (`embedding_prompt`); see the module docstring."""
-    prompt, suffix = embedding_prompt(run, role)
-    rows = encode_for_embedding(run.tokenizer, texts, prompt, suffix)
+    (`default_pooling`), each text after the run's prefix for its `role` (`embedding_prefix`); see the module
+    docstring."""
+    prefix = embedding_prefix(run.run_config, role)
+    suffix = list(run.run_config.get("embedding_suffix") or [])  # Qwen3-Embedding's end-of-text, read on import
+    rows = [row + suffix for row in encode_for_embedding(run.tokenizer, [prefix + text for text in texts])]
     return embed_token_rows(run.model, rows, pooling=pooling or default_pooling(run), normalize=normalize,
                             long_texts=long_texts, batch_size=batch_size, warn=warn, progress=progress)
 
@@ -201,19 +198,18 @@ def read_texts(path: str | Path) -> list[tuple[int, str]]:
 def embed_file(model: "str | Path | LoadedRun", input: str | Path, output: str | Path, *, force: bool = False,
                pooling: str | None = None, normalize: bool = True, long_texts: str = "truncate",
                batch_size: int = 16, device: str = "auto",
-               progress: Callable[[int, int], None] | None = None, role: str | None = None) -> EmbedFileReport:
+               progress: Callable[[int, int], None] | None = None, role: str = "document") -> EmbedFileReport:
     """Embed the texts of `input` (one per line) into the JSON Lines file `output` ({"line": N, "embedding": [...]}
-    per text, in order), as `role` texts (`embedding_prompt`). The output is checked before the model loads;
-    `progress(done, total)` after each batch (rows embedded: a text split into pieces counts each piece)."""
+    per text, in order). The output is checked before the model loads; `progress(done, total)` after each batch
+    (rows embedded: a text split into pieces counts each piece)."""
     from ownllm.device import pick_device
     from ownllm.runs import LoadedRun, load_run
 
     model_path = model.path if isinstance(model, LoadedRun) else model
     check_output(output, "file", inputs=[input, model_path], force=force, flag="--output")
+    embedding_prefix({}, role)  # a wrong role fails before the model loads
     if pooling is not None:
         check_pooling(pooling)
-    if role is not None and role not in ROLES:
-        raise OwnLLMError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
     texts = read_texts(input)
     run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
     pooling = pooling or default_pooling(run)

@@ -278,3 +278,36 @@ class PreferOptions(FinetuneOptions):
     sft_weight: float = option(0.0, "add this much of the chosen answers' mean NLL per token to the loss (RPO; "
                                     "trl's rpo_alpha; default 0): keeps DPO from lowering the chosen answers' "
                                     "likelihood too, e.g. 1.0", metavar="ALPHA")
+
+
+@dataclass(kw_only=True)
+class EmbedOptions(FinetuneOptions):
+    """`finetune embed`: (query, passage) pairs, or a folder of documents -> an embedding model for retrieval."""
+
+    data: str | Path | None = option(None, "JSONL pairs: one {\"query\", \"positive\"[, \"negative\"]} per line "
+                                           "(or a folder of documents, as --docs)")
+    docs: str | Path | None = option(None, "no pairs: make them from this folder of documents (.txt/.md/.rst): a "
+                                           "sentence of a passage is the query, the passage without it the "
+                                           "positive (the inverse cloze task)")
+    epochs: float = stage_default(FinetuneOptions, "epochs", 3)
+    pooling: str = option("mean", "how a text's hidden states become its vector (read by embed, index, ask and the "
+                                  "server)", choices=["mean", "last", "weighted-mean"], section="embedding_pooling")
+    temperature: float = option(0.05, "softmax temperature of the contrastive loss over cosine similarities",
+                                above=0)
+    symmetric: bool = option(False, "also match each passage to its query (the loss both ways)")
+    query_prefix: str = option("query: ", "put before every query, in training and when asking",
+                               section="embedding_prefixes.query")
+    document_prefix: str = option("passage: ", "put before every passage, in training and when indexing",
+                                  section="embedding_prefixes.document")
+    max_length: int = option(256, "tokens kept per text (at most the context)", section="max_length", at_least=8)
+
+    KEPT_ON_RESUME = ("model", "data", "docs", "val_file", "test_file")
+    PATHS = ("model", "data", "val_file", "test_file")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.docs is not None:  # --docs FOLDER is --data FOLDER
+            if self.data is not None and str(self.data) != str(self.docs) and not self.resume:
+                raise OwnLLMError("--data and --docs: give one (pairs, or a folder of documents to make them from)")
+            if not self.resume:
+                self.data, self.docs = self.docs, None

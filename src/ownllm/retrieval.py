@@ -1,5 +1,6 @@
 """Ask your own documents, privately: chunk a folder, embed the chunks, keep them in one local index file, and
-retrieve with hybrid ranking (BM25 + embeddings, fused by reciprocal rank).
+retrieve with hybrid ranking (BM25 + embeddings, fused by reciprocal rank in weights calibrated on the index,
+ownllm.ranking), keeping only sources relevant enough, and answer citing them.
 
     report = build_index("notes/", model="runs/smol", out="notes.index")   # again later: only changed files
     index = open_index("notes.index")
@@ -9,7 +10,8 @@ The index is one SQLite file (Python's own sqlite3: no extra dependency, one fil
 (format, version, model, pooling, chunking, a probe vector that identifies the embedding model), `files` (path,
 SHA-256 of the content) and `chunks` (file, lines, text, float32 vector). Search is exact (a matrix product over
 all vectors; fine up to a few hundred thousand chunks on a laptop), and BM25 is computed in memory from the
-chunk texts at load time (`BM25` below: a few lines, so no dependency). Re-indexing compares each file's hash and
+chunk texts at load time (`ownllm.ranking.BM25`: a few lines, so no dependency). Building or updating an index
+also calibrates it (`ownllm.ranking.calibrate`: the fusion weights and the relevance threshold, kept in `meta`). Re-indexing compares each file's hash and
 re-embeds only new or changed files; a different model, pooling or chunking (or `force`) re-embeds everything.
 Every update is made on a copy beside the index, renamed over it at the end: `ask` never sees half an update, and a
 run killed at any moment leaves the previous index as it was. A file with no words is skipped (and counted); a
@@ -22,12 +24,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import sqlite3
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +39,11 @@ from ownllm.chat import chat_format_for, prompt_room, reply_to_prompt
 from ownllm.chat_templates import Message
 from ownllm.decoding import SamplingOptions
 from ownllm.embeddings import default_pooling, embed_texts
+from ownllm.documents import DOC_SUFFIXES, find_documents, read_document, read_documents  # noqa: F401
 from ownllm.errors import OwnLLMError
 from ownllm.model import check_pooling
 from ownllm.outputs import check_output, temporary_path
+from ownllm.ranking import BM25, RRF_K, Calibration, calibrate, fuse, ranks_of, relevance, words_of  # noqa: F401
 
 if TYPE_CHECKING:
     from ownllm.runs import LoadedRun
@@ -49,9 +51,7 @@ if TYPE_CHECKING:
 INDEX_FORMAT = "ownllm-index"
 INDEX_VERSION = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
-DOC_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 PROBE_TEXT = "ownllm index probe: which model embedded these chunks?"
-RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 MODES = ("hybrid", "bm25", "embeddings")
 
 
@@ -95,79 +95,6 @@ def chunk_file(text: str, path: str, size: int, overlap: int) -> list[Chunk]:
     return chunks
 
 
-def find_documents(folder: str | Path, leave_out: Path | None = None) -> list[Path]:
-    """The documents under `folder` (not hidden, not `leave_out`: the index itself); none is an OwnLLMError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise OwnLLMError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; give the folder of "
-                          f"documents to index ({', '.join(DOC_SUFFIXES)} files)")
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-                   and (leave_out is None or p.resolve() != leave_out))
-    if not found:
-        raise OwnLLMError(f"{folder}: no documents to index (no {', '.join(DOC_SUFFIXES)} files, searched "
-                          "recursively)")
-    return found
-
-
-def _read_document(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise OwnLLMError(f"{path}: not UTF-8 text (byte {error.start}); convert it to UTF-8 or move it out of the "
-                          "folder") from None
-    except OSError as error:
-        raise OwnLLMError(f"{path}: cannot read ({error.strerror})") from None
-
-
-# ---- BM25 ----------------------------------------------------------------------------------------------------------
-
-def words_of(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-class BM25:
-    """Okapi BM25 over a fixed list of texts (k1 1.5, b 0.75): `scores(query)` -> one score per text."""
-
-    def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
-        self.k1, self.b = k1, b
-        self.counts = [Counter(words_of(t)) for t in texts]
-        self.lengths = np.array([sum(c.values()) for c in self.counts], dtype=np.float64)
-        self.average = float(self.lengths.mean()) if len(texts) else 0.0
-        self.postings: dict[str, list[int]] = {}
-        for index, counts in enumerate(self.counts):
-            for word in counts:
-                self.postings.setdefault(word, []).append(index)
-
-    def idf(self, word: str) -> float:
-        n, df = len(self.counts), len(self.postings.get(word, ()))
-        return math.log(1.0 + (n - df + 0.5) / (df + 0.5))
-
-    def scores(self, query: str) -> np.ndarray:
-        scores = np.zeros(len(self.counts))
-        norm = self.k1 * (1.0 - self.b + self.b * self.lengths / max(self.average, 1e-9))
-        for word in set(words_of(query)):
-            docs = self.postings.get(word)
-            if not docs:
-                continue
-            tf = np.array([self.counts[d][word] for d in docs], dtype=np.float64)
-            scores[docs] += self.idf(word) * tf * (self.k1 + 1.0) / (tf + norm[docs])
-        return scores
-
-
-def ranks_of(scores: np.ndarray) -> np.ndarray:
-    """Rank (0 = best) of each item by descending score."""
-    ranks = np.empty(len(scores), dtype=np.int64)
-    ranks[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
-    return ranks
-
-
-def fuse(score_lists: Sequence[np.ndarray], weights: Sequence[float] | None = None, k: int = RRF_K) -> np.ndarray:
-    """Reciprocal rank fusion: sum of weight / (k + rank + 1) over the rankings."""
-    weights = weights or [1.0] * len(score_lists)
-    return sum(w / (k + ranks_of(s) + 1.0) for w, s in zip(weights, score_lists))
-
-
 # ---- the index file ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -177,6 +104,7 @@ class Index:
     chunks: list[Chunk]
     vectors: np.ndarray  # [chunks, dim] float32, L2-normalised
     bm25: BM25
+    calibration: Calibration | None = None  # fusion weights and relevance threshold (`ownllm.ranking`)
 
 
 @dataclass
@@ -187,6 +115,7 @@ class IndexReport:
     chunks_embedded: int
     chunks_total: int
     files_empty: list[str] = field(default_factory=list)  # documents with no words: nothing to index
+    files_unreadable: list[str] = field(default_factory=list)  # "path (why)": skipped (ownllm.documents)
 
     def summary(self) -> str:
         """One line: what was embedded, kept, removed and skipped."""
@@ -194,9 +123,13 @@ class IndexReport:
         if self.files_empty:
             shown = ", ".join(self.files_empty[:5]) + (", ..." if len(self.files_empty) > 5 else "")
             empty = f"; skipped {len(self.files_empty)} empty file{'s' * (len(self.files_empty) > 1)} ({shown})"
+        unreadable = ""
+        if self.files_unreadable:
+            count = len(self.files_unreadable)
+            unreadable = f"; skipped {count} unreadable file{'s' * (count > 1)}: {'; '.join(self.files_unreadable)}"
         return (f"embedded {self.chunks_embedded} chunks of {self.files_embedded} new or changed files; "
                 f"{self.files_unchanged} unchanged, {self.files_removed} removed; {self.chunks_total} chunks in all"
-                f"{empty}")
+                f"{empty}{unreadable}")
 
 
 BUILD_HINT = " (build one with `ownllm index DOCS --model RUN --out FILE`)"
@@ -267,11 +200,12 @@ def open_index(path: str | Path) -> Index:
     finally:
         connection.close()
     matrix = np.stack(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
-    return Index(path, meta, chunks, matrix, BM25([c.text for c in chunks]))
+    calibration = Calibration.from_json(meta["calibration"]) if meta.get("calibration") else None
+    return Index(path, meta, chunks, matrix, BM25([c.text for c in chunks]), calibration)
 
 
 def _settings(run: "LoadedRun", pooling: str, chunk_size: int, overlap: int) -> dict[str, Any]:
-    probe = embed_texts(run, [PROBE_TEXT], pooling=pooling, role="document").vectors[0]
+    probe = embed_texts(run, [PROBE_TEXT], pooling=pooling).vectors[0]
     return {"model": str(Path(run.path).resolve()), "pooling": pooling, "chunk_size": chunk_size,
             "overlap": overlap, "dim": int(probe.shape[0]), "probe": [round(float(x), 6) for x in probe]}
 
@@ -308,7 +242,7 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
     chunk_text("", chunk_size, overlap)  # validates the sizes before the model loads
     docs, out = Path(docs), check_index_output(out)
     files = find_documents(docs, leave_out=out.resolve())
-    texts = {p.relative_to(docs).as_posix(): _read_document(p) for p in files}
+    texts, unreadable = read_documents(docs, files)
     run = model if isinstance(model, LoadedRun) else load_run(model, device=pick_device(device))
     pooling = pooling or default_pooling(run)
     settings = _settings(run, pooling, chunk_size, overlap)
@@ -321,6 +255,9 @@ def build_index(docs: str | Path, model: "str | Path | LoadedRun", out: str | Pa
             connection = _create(staging)
         with contextlib.closing(connection):
             report = _update(connection, texts, settings, run, chunk_size, overlap, batch_size, progress)
+            report.files_unreadable = unreadable
+            if report.chunks_embedded or report.files_removed or "calibration" not in _read_meta(connection):
+                _store_calibration(connection, query_embedder(run, pooling))
         os.replace(staging, out)
     except BaseException as error:
         staging.unlink(missing_ok=True)
@@ -341,7 +278,7 @@ def _update(connection: sqlite3.Connection, texts: dict[str, str], settings: dic
     changed = [name for name in texts if known.get(name) != hashes[name]]
     chunks = [c for name in changed for c in chunk_file(texts[name], name, chunk_size, overlap)]
     vectors = embed_texts(run, [c.text for c in chunks], pooling=settings["pooling"], batch_size=batch_size,
-                          progress=progress, role="document").vectors.numpy().astype("<f4") if chunks else None
+                          progress=progress).vectors.numpy().astype("<f4") if chunks else None
     removed = _write_changes(connection, settings, same, changed, set(known) - set(texts), chunks, vectors, hashes)
     total = connection.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
     return IndexReport(files_embedded=len(changed), files_unchanged=len(texts) - len(changed), files_removed=removed,
@@ -368,12 +305,35 @@ def _write_changes(connection: sqlite3.Connection, settings: dict[str, Any], sam
     return len(removed)
 
 
+def _store_calibration(connection: sqlite3.Connection, embed_queries: Callable[[list[str]], np.ndarray]) -> None:
+    """Calibrate the fusion and the relevance threshold on the index's chunks (ownllm.ranking) and store them."""
+    texts, blobs = [], []
+    for text, blob in connection.execute("SELECT text, vector FROM chunks ORDER BY id"):
+        texts.append(text)
+        blobs.append(np.frombuffer(blob, dtype="<f4"))
+    if not texts:
+        return
+    calibration = calibrate(BM25(texts), np.stack(blobs), embed_queries, texts)
+    with connection:
+        connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           ("calibration", json.dumps(calibration.to_json())))
+
+
+def query_embedder(run: "LoadedRun", pooling: str) -> Callable[[list[str]], np.ndarray]:
+    """A function embedding questions (float32 [n, dim], normalised) with `run`, as the index's queries are."""
+    return lambda texts: embed_texts(run, texts, pooling=pooling, warn=False, role="query").vectors.numpy()
+
+
 # ---- search and answers --------------------------------------------------------------------------------------------
+
+LEXICAL_ONLY = Calibration((1.0, 0.0), 0.0, 1.0, 0.0, 0.0, 0, {})  # `--mode bm25` on an index with no calibration
+
 
 @dataclass
 class Hit:
     chunk: Chunk
-    score: float
+    score: float  # the ranking's own score (BM25, cosine or fused)
+    relevance: float = 1.0  # 0..1, comparable across questions (ownllm.ranking.relevance)
 
 
 def query_vector(index: Index, run: "LoadedRun") -> Callable[[str], np.ndarray]:
@@ -382,11 +342,23 @@ def query_vector(index: Index, run: "LoadedRun") -> Callable[[str], np.ndarray]:
     if not _same_embedder(index.meta, settings):
         raise OwnLLMError(f"{index.path}: was embedded with {index.meta.get('model')} ({index.meta.get('pooling')} "
                           f"pooling), not with {run.path}: pass that model, or re-index with this one")
-    return lambda text: embed_texts(run, [text], pooling=index.meta["pooling"], role="query").vectors[0].numpy()
+    embed = query_embedder(run, index.meta["pooling"])
+    return lambda text: embed([text])[0]
 
 
-def rank(index: Index, query: str, vector: np.ndarray | None, mode: str = "hybrid") -> np.ndarray:
-    """Scores of every chunk for a query: BM25, cosine similarity, or their reciprocal rank fusion."""
+def index_calibration(index: Index, run: "LoadedRun") -> Calibration:
+    """The index's calibration; an index built before there was one is calibrated now (in memory)."""
+    if index.calibration is None:
+        query_vector(index, run)  # the same embedder, checked
+        index.calibration = calibrate(index.bm25, index.vectors, query_embedder(run, index.meta["pooling"]),
+                                      [c.text for c in index.chunks])
+    return index.calibration
+
+
+def rank(index: Index, query: str, vector: np.ndarray | None, mode: str = "hybrid",
+         weights: tuple[float, float] | None = None) -> np.ndarray:
+    """Scores of every chunk for a query: BM25, cosine similarity, or their weighted reciprocal rank fusion
+    (`weights` for BM25 and the embeddings: the index's calibrated ones, ownllm.ranking)."""
     if mode not in MODES:
         raise OwnLLMError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     lexical = index.bm25.scores(query) if mode != "embeddings" else None
@@ -395,44 +367,136 @@ def rank(index: Index, query: str, vector: np.ndarray | None, mode: str = "hybri
         return lexical
     if mode == "embeddings":
         return dense
-    return fuse([lexical, dense])
+    return fuse([lexical, dense], weights or (index.calibration.weights if index.calibration else None))
 
 
-def search(index: Index, run: "LoadedRun", query: str, k: int = 4, mode: str = "hybrid") -> list[Hit]:
-    """The top-k chunks for `query`, best first."""
+def search(index: Index, run: "LoadedRun", query: str, k: int = 4, mode: str = "hybrid",
+           min_relevance: float | None = None) -> list[Hit]:
+    """The top-k chunks for `query`, best first, each with its relevance; those below `min_relevance` are left
+    out (None: the index's calibrated threshold; 0: none left out)."""
     if not query.strip():
         raise OwnLLMError("the question is empty; ask something")
     if not index.chunks:
         raise OwnLLMError(f"{index.path}: the index holds no chunks (was the folder empty?)")
+    if mode not in MODES:
+        raise OwnLLMError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     vector = query_vector(index, run)(query) if mode != "bm25" else None
-    scores = rank(index, query, vector, mode)
+    calibration = index_calibration(index, run) if mode != "bm25" or min_relevance is None \
+        else index.calibration or LEXICAL_ONLY
+    scores = rank(index, query, vector, mode, calibration.weights)
     best = np.argsort(-scores, kind="stable")[:k]
-    return [Hit(index.chunks[i], float(scores[i])) for i in best]
+    similarities = index.vectors[best] @ vector if vector is not None else None
+    relevances = relevance(index.bm25, calibration, query, list(best), similarities)
+    if min_relevance is None:
+        min_relevance = calibration.min_relevance if vector is not None else calibration.min_lexical_relevance
+    return [Hit(index.chunks[i], float(scores[i]), round(float(r), 4)) for i, r in zip(best, relevances)
+            if r >= min_relevance]
 
 
-PROMPT = ("Answer the question using only the sources below. Say which source you used, as [1], [2], ... "
-          "If the sources do not hold the answer, say so.\n\n{sources}\n\nQuestion: {question}")
+NO_ANSWER = "The documents do not say."
+INSTRUCTION = ("Answer the question from the numbered sources, in one or two sentences, and cite the source of "
+               "each fact as [1], [2], ... If the sources do not answer it, reply exactly: " + NO_ANSWER)
 
 
 def build_question_prompt(question: str, hits: Sequence[Hit]) -> str:
+    """The user message of a question and its numbered sources."""
     sources = "\n\n".join(f"[{i + 1}] ({hit.chunk.source})\n{hit.chunk.text}" for i, hit in enumerate(hits))
-    return PROMPT.format(sources=sources, question=question)
+    return f"{INSTRUCTION}\n\nSources:\n{sources}\n\nQuestion: {question}"
+
+
+def _worked_example(question: str, source: str, text: str, reply: str) -> list[Message]:
+    return [Message("user", build_question_prompt(question, [Hit(Chunk(source, 3, 4, text), 1.0)])),
+            Message("assistant", reply)]
+
+
+# One worked exchange before the real question: an answer that cites. (A second one replying NO_ANSWER made
+# SmolLM2-135M reply NO_ANSWER to every question: bench/grounded_answers.py, docs/benchmarks.md; refusals come from
+# the relevance threshold instead.)
+EXAMPLES = _worked_example("How long does the bread bake?", "recipes.md",
+                           "Bake the bread for 40 minutes at 220 degrees.", "40 minutes, at 220 degrees [1].")
+
+
+def question_messages(question: str, hits: Sequence[Hit], examples: bool = True) -> list[Message]:
+    """The conversation that asks a question from its sources: the worked examples, then the question."""
+    return [*(EXAMPLES if examples else []), Message("user", build_question_prompt(question, hits))]
+
+
+def fit_question(encode: Callable[[list[Message]], list[int]], question: str, hits: Sequence[Hit],
+                 block_size: int, max_new_tokens: int) -> tuple[list[int], list[Hit]]:
+    """(prompt ids, hits) of a question: as many of the best sources as fit (`sources_that_fit`), and the worked
+    examples before them when they fit too (they never cost a source). `encode(messages)` renders the prompt."""
+    prompt, kept = sources_that_fit(lambda chosen: encode(question_messages(question, chosen, examples=False)),
+                                    hits, block_size, max_new_tokens)
+    with_examples = encode(question_messages(question, kept))
+    if len(with_examples) <= prompt_room(block_size, max_new_tokens):
+        return with_examples, kept
+    return prompt, kept
+
+
+def sources_that_fit(encode: Callable[[Sequence[Hit]], list[int]], hits: Sequence[Hit], block_size: int,
+                     max_new_tokens: int) -> tuple[list[int], list[Hit]]:
+    """(prompt ids, hits) with as many of the best `hits` as fit the context beside the answer (`prompt_room`, the
+    chat rule): the one context budget of `ask` and the server. `encode(hits)` renders a prompt; a prompt that
+    does not fit even with one source is an OwnLLMError."""
+    room = prompt_room(block_size, max_new_tokens)
+    kept = list(hits)
+    while True:
+        prompt = encode(kept)
+        if len(prompt) <= room:
+            return prompt, kept
+        if len(kept) <= 1:
+            raise OwnLLMError(f"the question and its best source take {len(prompt)} tokens, more than fit the "
+                              f"context ({block_size}) with the answer: use smaller chunks or fewer answer tokens")
+        kept.pop()
 
 
 def answer(run: "LoadedRun", index: Index, question: str, *, k: int = 4, mode: str = "hybrid",
            options: SamplingOptions | None = None, embedder: "LoadedRun | None" = None,
-           on_text: Callable[[str], None] | None = None) -> tuple[str, list[Hit]]:
-    """Retrieve the top-k chunks (queries embedded by `embedder`, default `run`), put them in the prompt and answer
-    in the run's chat format (ownllm.chat; greedy, 256 tokens unless `options` say otherwise)."""
+           on_text: Callable[[str], None] | None = None, min_relevance: float | None = None,
+           hits: Sequence[Hit] | None = None) -> tuple[str, list[Hit]]:
+    """Retrieve the top-k chunks at least `min_relevance` relevant (None: the index's calibrated threshold;
+    queries embedded by `embedder`, default `run`), put as many as fit in the prompt and answer in the run's chat
+    format (ownllm.chat; greedy, 256 tokens unless `options` say otherwise), citing them as [n]. With no relevant
+    chunk, the answer is NO_ANSWER and the model is not asked. `hits`: already retrieved ones."""
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{run.path}: is a classifier run, which predicts labels, not answers; pass a language "
                           "model to answer (an instruct run or a chat model), the classifier as --embed-model if it "
                           "embedded the index")
-    hits = search(index, embedder or run, question, k=k, mode=mode)
+    if hits is None:
+        hits = search(index, embedder or run, question, k=k, mode=mode, min_relevance=min_relevance)
+    if not hits:
+        if on_text is not None:
+            on_text(NO_ANSWER)
+        return NO_ANSWER, []
     options = options or SamplingOptions(max_new_tokens=256, temperature=0)
     chat_format = chat_format_for(run.run_config, run.tokenizer)
-    prompt = chat_format.encode([Message("user", build_question_prompt(question, hits))])
-    if len(prompt) > prompt_room(run.config.block_size, options.max_new_tokens):
-        raise OwnLLMError(f"the question and its sources take {len(prompt)} tokens, more than fit the context "
-                          f"({run.config.block_size}) with the answer: use a smaller -k or smaller chunks")
+    prompt, hits = fit_question(chat_format.encode, question, hits, run.config.block_size, options.max_new_tokens)
     return reply_to_prompt(run.model, chat_format, prompt, options, on_text), hits
+
+
+def hit_record(hit: Hit) -> dict[str, Any]:
+    """A source as `ask --json` and the server return it."""
+    return {"file": hit.chunk.path, "lines": [hit.chunk.start_line, hit.chunk.end_line], "score": round(hit.score, 6),
+            "relevance": hit.relevance, "text": hit.chunk.text}
+
+
+def read_questions(path: str | Path) -> list[str]:
+    """The questions of a JSONL file (one {"question": "..."} per line; blank lines skipped); a line that is not
+    such an object is an OwnLLMError naming the file and line."""
+    from ownllm.tokenizer import read_text_file
+
+    questions = []
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise OwnLLMError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+        question = record.get("question") if isinstance(record, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            raise OwnLLMError(f"{path}:{number}: needs a non-empty string field \"question\"")
+        questions.append(question)
+    if not questions:
+        raise OwnLLMError(f"{path}: no questions (one {{\"question\": ...}} per line)")
+    return questions

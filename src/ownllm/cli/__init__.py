@@ -50,9 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The parsed arguments. A verb whose last positional is optional names it (`set_defaults(late_positional=)`):
+    argparse gives it nothing when options come before it (`ask RUN --index F "question"`), so the one word left
+    over fills it."""
+    args, extras = parser.parse_known_args(argv)
+    late = getattr(args, "late_positional", None)
+    if late and extras and getattr(args, late) is None and len(extras) == 1 and not extras[0].startswith("-"):
+        setattr(args, late, extras.pop())
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         if getattr(args, "nproc", None) is not None:
             from ownllm.distributed import launch

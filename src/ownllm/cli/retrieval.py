@@ -4,17 +4,26 @@
     ownllm embed runs/smol --input texts.txt --output vectors.jsonl [--pooling mean|last|weighted-mean]
                                           # default: the model's own (a GGUF's pooling_type), else mean
     ownllm index notes/ --model runs/smol --out notes.index [--chunk-size 200 --overlap 40]   # incremental
-    ownllm ask runs/smol --index notes.index "How do I renew my permit?" [-k 4]
+    ownllm ask runs/smol --index notes.index "How do I renew my permit?" [-k 4] [--min-relevance 0.3]
+    ownllm ask runs/smol --index notes.index --questions q.jsonl [--sources-only] --json    # one line each
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import TYPE_CHECKING
 
 from ownllm.cli.common import add_device_flag, add_force_flag, add_out_flag, add_sampling_flags, sampling_options
 from ownllm.embeddings import LONG_TEXTS
+from ownllm.errors import OwnLLMError
 from ownllm.model import POOLINGS
+
+if TYPE_CHECKING:
+    from ownllm.decoding import SamplingOptions
+    from ownllm.retrieval import Index
+    from ownllm.runs import LoadedRun
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--long-texts", choices=LONG_TEXTS, default="truncate",
                      help="a text longer than the context: keep its start (truncate) or average its pieces (chunk)")
     emb.add_argument("--no-normalize", action="store_true", help="raw pooled vectors instead of unit length")
-    emb.add_argument("--role", choices=["query", "document"], default=None,
-                     help="embed the texts as queries or documents: adds the model's own prompt for them "
-                          "(Qwen3-Embedding's instruction before queries); default: none")
+    emb.add_argument("--as", dest="role", choices=["document", "query"], default="document",
+                     help="what the texts are, for an embedder trained with prefixes (`finetune embed`): its "
+                          "document or query prefix goes first (default document)")
     add_device_flag(emb)
     add_force_flag(emb, "replace an existing --output file")
 
@@ -44,17 +53,47 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_embedding_flags(idx)
     add_device_flag(idx)
 
-    ask = sub.add_parser("ask", help="answer a question from an index's documents, printing the sources used")
+    ask = sub.add_parser("ask", help="answer a question from an index's documents, citing the sources used",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, description=ASK_DESCRIPTION)
     ask.add_argument("model", help="the answering model (an instruct run or a Hugging Face chat model)")
-    ask.add_argument("question")
+    ask.add_argument("question", nargs="?", help="the question (or --questions FILE)")
     ask.add_argument("--index", required=True, help="index file made by `ownllm index`")
+    ask.add_argument("--questions", help="JSONL file, one {\"question\": ...} per line: one answer line each, in order")
     ask.add_argument("--embed-model", help="the model that embedded the index (default: the answering model)")
     ask.add_argument("-k", "--chunks", type=int, default=4, help="retrieved chunks put in the prompt (default 4)")
-    ask.add_argument("--mode", choices=["hybrid", "bm25", "embeddings"], default="hybrid", help="retrieval ranking")
+    ask.add_argument("--mode", choices=["hybrid", "bm25", "embeddings"], default="hybrid",
+                     help="retrieval ranking (default hybrid: BM25 and embeddings fused with the weights calibrated "
+                          "on the index; see above)")
+    ask.add_argument("--min-relevance", type=_relevance, default=None, metavar="R",
+                     help="leave out sources less relevant than R (0..1; default: the index's calibrated threshold; "
+                          "0 keeps all)")
     ask.add_argument("--sources-only", action="store_true", help="print the retrieved sources, do not answer")
+    ask.add_argument("--json", action="store_true",
+                     help="one JSON line per question: question, sources (file, lines, score, relevance, text), "
+                          "answer")
     add_sampling_flags(ask)
-    ask.set_defaults(max_new_tokens=256, temperature=0.0)
+    ask.set_defaults(max_new_tokens=256, temperature=0.0, late_positional="question")
     add_device_flag(ask)
+
+
+ASK_DESCRIPTION = """Answer from your documents, citing them as [1], [2], ...
+
+Ranking (--mode): `hybrid` (default) ranks by BM25 and by embedding similarity and fuses the two rankings by
+reciprocal rank, weighted as calibrated on the index itself when it was built: pseudo-queries drawn from the chunks
+must find their chunk, and the embeddings get the share (0..1) that finds them best. An untrained embedder gets
+weight 0 (hybrid is then BM25); a retriever fine-tuned with `finetune embed` gets a share. Pick `bm25` for exact
+names and numbers with no embedder you trust, `embeddings` for paraphrases with an embedder trained for retrieval.
+
+Relevance: every source gets a relevance (0..1: the share of the question's rare words it holds, blended with its
+embedding similarity); sources under --min-relevance (default: the index's calibrated threshold) are left out, and
+when none is left the answer is "The documents do not say." without asking the model."""
+
+
+def _relevance(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+    return value
 
 
 def _add_embedding_flags(parser: argparse.ArgumentParser) -> None:
@@ -108,25 +147,43 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 def cmd_ask(args: argparse.Namespace) -> None:
     from ownllm.chat import chat_settings
-    from ownllm.runs import load_run
     from ownllm.device import pick_device
-    from ownllm.retrieval import answer, open_index, search
+    from ownllm.retrieval import open_index, read_questions
+    from ownllm.runs import load_run
 
+    if (args.question is None) == (args.questions is None):
+        raise OwnLLMError("ask takes a question or --questions FILE (one of the two)")
+    questions = read_questions(args.questions) if args.questions else [args.question]
     sampling_options(args)  # the flags given are checked before anything loads
     index = open_index(args.index)  # a bad index file fails before any model loads
     device = pick_device(args.device)
-    run = load_run(args.model, device=device)
+    run = load_run(args.model, device=device)  # loaded once for every question
     embedder = load_run(args.embed_model, device=device) if args.embed_model else run
-    if args.sources_only:
-        hits = search(index, embedder, args.question, k=args.chunks, mode=args.mode)
-    else:
-        options = sampling_options(args, chat_settings(run.run_config))
-        _, hits = answer(run, index, args.question, k=args.chunks, mode=args.mode, options=options,
-                         embedder=embedder, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    options = None if args.sources_only else sampling_options(args, chat_settings(run.run_config))
+    for question in questions:
+        _ask_one(args, run, embedder, index, question, options)
+
+
+def _ask_one(args: argparse.Namespace, run: "LoadedRun", embedder: "LoadedRun", index: "Index", question: str,
+             options: "SamplingOptions | None") -> None:
+    from ownllm.retrieval import answer, hit_record, search
+
+    hits = search(index, embedder, question, k=args.chunks, mode=args.mode, min_relevance=args.min_relevance)
+    text = None
+    if not args.sources_only:
+        stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        text, hits = answer(run, index, question, options=options, on_text=stream, hits=hits)
+    if args.json:
+        record = {"question": question, "sources": [hit_record(h) for h in hits]}
+        if text is not None:
+            record["answer"] = text.strip()
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+        return
+    if text is not None:
         sys.stdout.write("\n\n")
-    print("sources:")
+    print("sources:" if hits else "sources: none relevant enough (--min-relevance)")
     for number, hit in enumerate(hits, start=1):
-        print(f"  [{number}] {hit.chunk.source}")
+        print(f"  [{number}] {hit.chunk.source}  (relevance {hit.relevance:.2f})")
 
 
 COMMANDS = {"embed": cmd_embed, "index": cmd_index, "ask": cmd_ask}

@@ -20,7 +20,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
     srv.add_argument("--context", type=int, default=None,
                      help="tokens per request kept in the KV cache (default: the model's context window, at most "
-                          "4096; the cache holds --max-batch x --context positions)")
+                          "4096). The cache grows with the requests running, up to --max-batch x --context "
+                          "positions, and is given back when idle")
+    srv.add_argument("--index", help="answer from these documents when a chat request asks (the chat page's "
+                                     "\"search my documents\", or a `retrieval` field): an index made by "
+                                     "`ownllm index`")
+    srv.add_argument("--embed-model", help="the model that embedded the index (default: the served model)")
     add_loading_flags(srv, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -30,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, model_name=args.model_name, api_key_file=args.api_key_file,
           quantize=args.quantize, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
-          device=args.device, log_level=args.log_level)
+          device=args.device, log_level=args.log_level, index=args.index, embed_model=args.embed_model)
 
 
 COMMANDS = {"serve": cmd_serve}

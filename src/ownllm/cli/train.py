@@ -1,4 +1,4 @@
-"""The verbs that make data and train: tokenizer, prepare, pretrain, finetune classify|instruct|prefer, merge-lora
+"""The verbs that make data and train: tokenizer, prepare, pretrain, finetune classify|instruct|prefer|embed, merge-lora
 and demo, each a thin call into the API.
 
     ownllm tokenizer train corpus/*.txt --kind bpe --vocab-size 8000 --out tok/
@@ -7,6 +7,7 @@ and demo, each a thin call into the API.
     ownllm finetune classify --model runs/base --data sms.tsv --out runs/spam [--lora-rank 8] [--balance undersample]
     ownllm finetune instruct --model runs/base --data instructions.json --out runs/assistant [--template chatml]
     ownllm finetune prefer --model runs/assistant --data prefs.json --out runs/polite --beta 0.1
+    ownllm finetune embed --model runs/smol --data pairs.jsonl --out runs/smol-embed     # or --docs notes/
     ownllm merge-lora runs/assistant --out runs/assistant-merged
     ownllm demo
 
@@ -26,7 +27,8 @@ from ownllm.cli.common import add_force_flag, add_out_flag
 from ownllm.cli.options import add_stage_flags, stage_options
 from ownllm.config import SCALE_GROUP
 from ownllm.errors import OwnLLMError
-from ownllm.options import ClassifyOptions, FinetuneOptions, InstructOptions, PreferOptions, PretrainOptions
+from ownllm.options import (ClassifyOptions, EmbedOptions, FinetuneOptions, InstructOptions, PreferOptions,
+                            PretrainOptions)
 from ownllm.outputs import check_output, replaced_dir
 
 DEFAULT_VOCAB_SIZE = 8000
@@ -78,11 +80,22 @@ def _report_prefer(result: Any, args: argparse.Namespace) -> None:
           f"{_held_out(parts, result, 'no held-out pairs')}; run saved in {args.out}")
 
 
+def _report_embed(result: Any, args: argparse.Namespace) -> None:
+    parts = [f"{result.names.get(name, name)}: retrieval accuracy {100 * m['accuracy']:.1f}% (before "
+             f"{100 * m['accuracy_before']:.1f}%, chance {100 * m['chance']:.1f}%)"
+             for name, m in (("val", result.val), ("test", result.test)) if m]
+    print(f"{'stopped' if result.train.stopped_early else 'finished'} at step {result.train.step}; "
+          f"{_held_out(parts, result, 'no held-out pairs')}; embedder saved in {args.out} (index with "
+          f"`ownllm index DOCS --model {args.out}`)")
+
+
 STAGES: dict[str, Stage] = {
     "classify": Stage("train a classifier head (and the model, or LoRA) on labelled texts", ClassifyOptions,
                       _report_classify),
     "instruct": Stage("train a model to follow instructions in a prompt template", InstructOptions, _report_instruct),
     "prefer": Stage("preference tuning (DPO): prefer the chosen of two answers", PreferOptions, _report_prefer),
+    "embed": Stage("train the model's pooled vectors for retrieval (contrastive, in-batch negatives) on pairs or "
+                   "a folder of documents", EmbedOptions, _report_embed),
 }
 
 
@@ -171,10 +184,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from ownllm.distributed import is_main
-    from ownllm.finetune import finetune_classify, finetune_instruct, finetune_prefer
+    from ownllm.finetune import finetune_classify, finetune_embed, finetune_instruct, finetune_prefer
 
     functions = {ClassifyOptions: finetune_classify, InstructOptions: finetune_instruct,
-                 PreferOptions: finetune_prefer}
+                 PreferOptions: finetune_prefer, EmbedOptions: finetune_embed}
     stage = STAGES[args.stage]
     result = functions[stage.options](stage_options(args, stage.options))
     if is_main():  # the other torchrun processes print nothing

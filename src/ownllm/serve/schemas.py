@@ -49,8 +49,19 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
+class RetrievalOptions(BaseModel):
+    """The `retrieval` field of a chat request: answer from the server's document index (ownllm.serve.documents)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = 4
+    mode: str = "hybrid"
+    min_relevance: float | None = None  # None: the index's calibrated threshold
+
+
 class ChatRequest(SamplingFields):
     messages: list[dict[str, Any]]
+    retrieval: RetrievalOptions | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     tools: list[Any] | None = None
@@ -73,6 +84,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = None
     user: str | None = None
     pooling: str | None = None  # an extra field: mean, last, weighted-mean (ownllm.embeddings)
+    input_type: str = "document"  # an extra field: "query" or "document", the run's prefix for it
 
 
 def sampling_options(body: SamplingFields, context: int, default_max_tokens: int, stop: Sequence[str] = (),
@@ -155,10 +167,15 @@ def classify_texts_of(body: ClassifyRequest) -> list[str]:
     return texts
 
 
-def embedding_rows(body: EmbeddingRequest, tokenizer: Any, context: int) -> list[list[int]]:
-    """Token ids of each input (strings encoded as `ownllm embed` does), checked: BadRequest naming the input.
-    An input longer than the context window is refused (`context_length_exceeded`), as OpenAI's API does."""
-    from ownllm.embeddings import encode_for_embedding
+def embedding_rows(body: EmbeddingRequest, tokenizer: Any, context: int, run_config: dict) -> list[list[int]]:
+    """Token ids of each input (strings encoded as `ownllm embed` does, after the run's prefix for the request's
+    `input_type`), checked: BadRequest naming the input. An input longer than the context window is refused
+    (`context_length_exceeded`), as OpenAI's API does."""
+    from ownllm.embeddings import ROLES, embedding_prefix, encode_for_embedding
+
+    if body.input_type not in ROLES:
+        raise BadRequest(f"input_type must be one of {', '.join(ROLES)}, not {body.input_type!r}", "input_type")
+    prefix = embedding_prefix(run_config, body.input_type)
 
     single = isinstance(body.input, str) or bool(body.input) and all(isinstance(i, int) for i in body.input)
     inputs: list[Any] = [body.input] if single else list(body.input)
@@ -170,7 +187,7 @@ def embedding_rows(body: EmbeddingRequest, tokenizer: Any, context: int) -> list
         if isinstance(item, str):
             if not item:
                 raise BadRequest(f"{param} is an empty string", param)
-            row = encode_for_embedding(tokenizer, [item])[0]
+            row = encode_for_embedding(tokenizer, [prefix + item])[0]
         else:
             row = list(item)
             if not row:

@@ -334,7 +334,7 @@ def read_hf(directory: Path) -> ForeignModel:
 
 def embedding_sections(directory: Path, tokenizer: Tokenizer) -> dict[str, Any]:
     """What a Sentence Transformers model directory (Qwen3-Embedding) says about embedding texts, as run config
-    sections: `embedding_pooling` (its Pooling module: mean or last token), `embedding_prompts` (the text put before
+    sections: `embedding_pooling` (its Pooling module: mean or last token), `embedding_prefixes` (the text put before
     a query or a document, `config_sentence_transformers.json`'s prompts) and `embedding_suffix` (the token ids the
     tokenizer's post-processor ends every text with, Qwen3-Embedding's end-of-text, which last-token pooling reads)."""
     sections: dict[str, Any] = {}
@@ -347,7 +347,7 @@ def embedding_sections(directory: Path, tokenizer: Tokenizer) -> dict[str, Any]:
                 sections["embedding_pooling"] = modes[0]
     prompts = _read_optional_json(directory / ST_CONFIG_FILE).get("prompts")
     if isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values()) and any(prompts.values()):
-        sections["embedding_prompts"] = {k: v for k, v in prompts.items() if k in ("query", "document")}
+        sections["embedding_prefixes"] = {k: v for k, v in prompts.items() if k in ("query", "document")}
     if sections and tokenizer.hf is not None:
         plain = tokenizer.hf.encode("x", add_special_tokens=False).ids
         full = tokenizer.hf.encode("x", add_special_tokens=True).ids

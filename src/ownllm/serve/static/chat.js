@@ -44,6 +44,11 @@ async function loadModel() {
   const body = await response.json();
   state.model = body.data[0].id;
   $("model-name").textContent = state.model;
+  const documents = body.data[0].documents;  // the server was started with --index
+  $("documents-switch").hidden = !documents;
+  if (documents) {
+    $("documents-info").textContent = "(" + documents.chunks + " passages of " + documents.files + " files)";
+  }
   showError("");
   await loadLimits();
 }
@@ -83,12 +88,13 @@ async function streamAnswer(bubble) {
       stream: true,
       temperature: Number($("temperature").value),
       ...maxTokens(),
+      ...($("use-documents").checked ? { retrieval: { k: 4 } } : {}),
     }),
   });
   if (!response.ok) throw await errorMessage(response);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
-  let buffered = "", text = "";
+  let buffered = "", text = "", sources = null;
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -100,6 +106,7 @@ async function streamAnswer(bubble) {
       if (!data || data === "[DONE]") continue;
       const chunk = JSON.parse(data);
       if (chunk.error) throw { message: chunk.error.message, code: chunk.error.code };
+      if (chunk.sources) sources = chunk.sources;  // in the chunk that ends the answer
       const delta = chunk.choices.length ? chunk.choices[0].delta : {};
       if (delta.content) {
         text += delta.content;
@@ -108,7 +115,30 @@ async function streamAnswer(bubble) {
       }
     }
   }
-  return text;
+  return { text: text, sources: sources };
+}
+
+// The sources an answer was given, under it: [n] file:lines (relevance) and the start of the passage.
+function addSources(sources) {
+  const box = document.createElement("div");
+  box.className = "sources";
+  box.textContent = sources.length ? "Sources:" : "Sources: nothing in your documents is relevant enough.";
+  const list = document.createElement("ol");
+  for (const source of sources) {
+    const item = document.createElement("li");
+    const where = document.createElement("span");
+    where.className = "where";
+    where.textContent = source.file + ":" + source.lines[0] + "-" + source.lines[1];
+    const snippet = document.createElement("span");
+    snippet.className = "snippet";
+    const text = source.text.length > 160 ? source.text.slice(0, 160) + "…" : source.text;
+    snippet.textContent = " (relevance " + source.relevance.toFixed(2) + ") " + text;
+    item.append(where, snippet);
+    list.appendChild(item);
+  }
+  if (sources.length) box.appendChild(list);
+  $("messages").appendChild(box);
+  box.scrollIntoView({ block: "end" });
 }
 
 async function send(content) {
@@ -124,9 +154,10 @@ async function send(content) {
   try {
     for (;;) {
       try {
-        const text = await streamAnswer(bubble);
+        const { text, sources } = await streamAnswer(bubble);
         state.conversation.push({ role: "assistant", content: text });
         if (!text) bubble.textContent = "(no answer)";
+        if (sources) addSources(sources);
         break;
       } catch (error) {
         // Too long for the context window: forget the oldest exchange and ask again.
