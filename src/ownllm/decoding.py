@@ -32,6 +32,7 @@ from torch import Tensor
 from ownllm.errors import OwnLLMError
 from ownllm.kvcache import SlotPool
 from ownllm.model import GPT
+from ownllm.quantize import model_dtype
 from ownllm.tokenizer import Tokenizer
 
 
@@ -207,8 +208,8 @@ class BatchDecoder:
         width = max(len(r) for r in rows)
         # Room for what this call can generate, not the whole context: open models declare windows of 32k+ tokens.
         needed = self.window if self.max_new_tokens is None else width + self.max_new_tokens
-        weight = self.model.tok_emb.weight
-        self.pool = SlotPool(self.model.config, len(rows), min(self.window, needed), weight.device, weight.dtype)
+        device, dtype = self.model.tok_emb.weight.device, model_dtype(self.model)  # int8 tables: float32 caches
+        self.pool = SlotPool(self.model.config, len(rows), min(self.window, needed), device, dtype)
         return prefill(self.model, self.pool, 0, rows)
 
     def step(self, tokens: Tensor, history: Callable[[], Sequence[Sequence[int]]]) -> Tensor:

@@ -32,12 +32,17 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str) -> None:
+QUANTIZE_HELP = ("weights for inference (ownllm.quantize): int8 / int4 = weight-only int8 / 4-bit linear layers "
+                 "(CPU); bf16; none = float32; auto (default) = none, except that a GGUF file's quantized blocks "
+                 "stay quantized")
+
+
+def add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str = QUANTIZE_HELP) -> None:
     """--device and --quantize: how `runs.load_run` loads the model of a verb that only runs it."""
     from ownllm.quantize import QUANTIZE_MODES
 
     add_device_flag(parser)
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=quantize_help)
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="auto", help=quantize_help)
 
 
 SAMPLING_DEFAULTS = {"max_tokens": 200, "temperature": 0.8}  # unless a flag, or a run's chat default, says otherwise

@@ -12,7 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ownllm.cli.common import add_device_flag, add_force_flag, add_out_flag, add_sampling_flags, sampling_options
+from ownllm.cli.common import (
+    QUANTIZE_HELP,
+    add_device_flag,
+    add_force_flag,
+    add_loading_flags,
+    add_out_flag,
+    add_sampling_flags,
+    sampling_options,
+)
 from ownllm.embeddings import LONG_TEXTS
 from ownllm.model import POOLINGS
 
@@ -51,7 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--sources-only", action="store_true", help="print the retrieved sources, do not answer")
     add_sampling_flags(ask)
     ask.set_defaults(max_new_tokens=256, temperature=0.0)
-    add_device_flag(ask)
+    add_loading_flags(ask, QUANTIZE_HELP + " (the answering model's; the question is embedded as the index was)")
 
 
 def _add_embedding_flags(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +120,9 @@ def cmd_ask(args: argparse.Namespace) -> None:
     sampling_options(args)  # the flags given are checked before anything loads
     index = open_index(args.index)  # a bad index file fails before any model loads
     device = pick_device(args.device)
-    run = load_run(args.model, device=device)
-    embedder = load_run(args.embed_model, device=device) if args.embed_model else run
+    run = load_run(args.model, device=device, quantize=args.quantize)
+    same_weights = args.quantize == "auto" and not args.embed_model  # `ownllm index` loads with the default
+    embedder = run if same_weights else load_run(args.embed_model or args.model, device=device)
     if args.sources_only:
         hits = search(index, embedder, args.question, k=args.chunks, mode=args.mode)
     else:

@@ -21,7 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--context", type=int, default=None,
                      help="tokens per request kept in the KV cache (default: the model's context window, at most "
                           "4096; the cache holds --max-batch x --context positions)")
-    add_loading_flags(srv, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
+    add_loading_flags(srv)
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 

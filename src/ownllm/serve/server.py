@@ -35,7 +35,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          api_key_file: str | Path | None = None, quantize: str = "none", max_batch: int = 16, max_queue: int = 64,
+          api_key_file: str | Path | None = None, quantize: str = "auto", max_batch: int = 16, max_queue: int = 64,
           context: int | None = None, device: str = "auto", log_level: str = "info") -> None:
     """Serve `model` (a run or Hugging Face directory) until Ctrl-C."""
     import uvicorn
