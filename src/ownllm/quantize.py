@@ -9,7 +9,8 @@ quarter of fp32's bytes, int4 an eighth. Only the weights are quantized; activat
 - `int8`: every linear layer (attention, MLP, the LM head) keeps int8 weights with one scale per output channel
   and multiplies with PyTorch's weight-only kernel `aten._weight_int8pack_mm`.
 - `int4`: 4-bit weights with a scale and an offset per group of 32 input columns (llama.cpp's Q4_1 layout, so a
-  GGUF's Q4_0/Q4_1/Q4_K blocks become such a layer without rounding again), packed for `aten._weight_int4pack_mm_for_cpu`.
+  GGUF's Q4_0/Q4_1/Q4_K blocks become such a layer without rounding again), packed for
+  `aten._weight_int4pack_mm_for_cpu`.
   A layer the int4 kernel cannot take (outputs not a multiple of 16, inputs not of 32) gets int8.
 - the token embedding of an int8/int4 model keeps int8 rows (one scale per row); a lookup reads one row.
 
@@ -57,8 +58,14 @@ class GroupQuantized:
             grouped = grouped + self.offsets[..., None]
         return grouped.view(rows, cols)
 
-    def select_rows(self, index: Tensor) -> GroupQuantized:
-        """The same matrix with its rows reordered (`index` as in `tensor[index]`)."""
+    def requantized_int8(self, rows: int = 4096) -> GroupQuantized:
+        """The matrix as int8 with one scale per row, dequantized `rows` rows at a time (never all float32)."""
+        parts = [quantize_int8(self.select_rows(slice(start, start + rows)).dequantize())
+                 for start in range(0, self.values.shape[0], rows)]
+        return GroupQuantized(torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]), None, 8)
+
+    def select_rows(self, index: Tensor | slice) -> GroupQuantized:
+        """The same matrix with its rows reordered or sliced (`index` as in `tensor[index]`)."""
         return GroupQuantized(self.values[index], self.scales[index],
                               None if self.offsets is None else self.offsets[index], self.bits)
 
@@ -116,7 +123,7 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, weight: GroupQuantized, bias: Tensor | None = None, cap: float | None = None) -> None:
         if weight.bits != 8 or weight.offsets is not None or weight.scales.shape[1] != 1:
-            weight = quantize_int8(weight.dequantize())  # other blocks: one more rounding, one matrix at a time
+            weight = weight.requantized_int8()  # other blocks: one more rounding
         super().__init__(weight.values.shape[1], weight.values.shape[0], bias, cap)
         self.register_buffer("weight", weight.values.contiguous())
         self.register_buffer("scales", weight.scales.view(-1).to(KERNEL_DTYPE))
@@ -244,6 +251,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-__all__ = ["QUANTIZE_MODES", "GroupQuantized", "QuantizedLinear", "check_quantize_mode", "Int4Linear", "Int8Linear", "QuantizedEmbedding", "inference_weight",
-           "model_dtype",
-           "quantize_int4", "quantize_int8", "quantize_model", "quantized_linear"]
+__all__ = ["QUANTIZE_MODES", "GroupQuantized", "Int4Linear", "Int8Linear", "QuantizedEmbedding", "QuantizedLinear",
+           "check_quantize_mode", "inference_weight", "model_dtype", "quantize_int4", "quantize_int8", "quantize_model",
+           "quantized_linear"]
