@@ -14,11 +14,13 @@ import sys
 
 from ownllm.cli.common import (
     QUANTIZE_HELP,
+    add_compile_flag,
     add_device_flag,
     add_force_flag,
     add_loading_flags,
     add_out_flag,
     add_sampling_flags,
+    compile_if_asked,
     sampling_options,
 )
 from ownllm.embeddings import LONG_TEXTS
@@ -60,6 +62,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_sampling_flags(ask)
     ask.set_defaults(max_new_tokens=256, temperature=0.0)
     add_loading_flags(ask, QUANTIZE_HELP + " (the answering model's; the question is embedded as the index was)")
+    add_compile_flag(ask)
 
 
 def _add_embedding_flags(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +124,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     index = open_index(args.index)  # a bad index file fails before any model loads
     device = pick_device(args.device)
     run = load_run(args.model, device=device, quantize=args.quantize)
+    compile_if_asked(args, run.model)
     same_weights = args.quantize == "auto" and not args.embed_model  # `ownllm index` loads with the default
     embedder = run if same_weights else load_run(args.embed_model or args.model, device=device)
     if args.sources_only:

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ownllm.chat import CHAT_SETTINGS
-from ownllm.cli.common import (MODEL_HELP, add_device_flag, add_force_flag, add_json_flag, add_loading_flags,
-                               add_sampling_flags, sampling_options)
+from ownllm.cli.common import (MODEL_HELP, add_compile_flag, add_device_flag, add_force_flag, add_json_flag,
+                               add_loading_flags, add_sampling_flags, compile_if_asked, sampling_options)
 from ownllm.errors import OwnLLMError
 from ownllm.outputs import atomic_file, check_output
 
@@ -35,6 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--instruction", help="answer this instruction in the run's prompt template")
     gen.add_argument("--input", default=None, help="the instruction's input (with --instruction)")
     add_loading_flags(gen)
+    add_compile_flag(gen)
 
     ev = sub.add_parser("evaluate", help="perplexity on a text file (--text), or benchmarks (--tasks)")
     ev.add_argument("model", help=MODEL_HELP)
@@ -59,6 +60,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--system", help="system message (default: the run's own, else the one its chat template adds)")
     add_sampling_flags(chat)
     add_loading_flags(chat)
+    add_compile_flag(chat)
 
     defaults = sub.add_parser("chat-defaults", help="show or set a run's own chat defaults (system prompt, sampling), "
                               "which chat, generate --instruction, ask and serve use unless told otherwise")
@@ -100,6 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     run = load_run(args.model, args.device, quantize=args.quantize)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{args.model}: is a classifier run; use `ownllm classify`")
+    compile_if_asked(args, run.model)
     prompts = args.prompt or [""]
     _warn_long_prompts(prompts, run.tokenizer, run.config.block_size)
     if len(prompts) == 1:  # stream to the terminal as tokens come
@@ -256,6 +259,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     sampling_options(args)  # the flags given are checked before anything loads or is said
     run, chat_format = _chat_run(args.model, args.device, args.quantize)
+    compile_if_asked(args, run.model)
     options = sampling_options(args, chat_settings(run.run_config))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -283,6 +287,7 @@ def generate_instruction(args: argparse.Namespace) -> None:
         raise OwnLLMError("give either --prompt or --instruction, not both")
     sampling_options(args)  # the flags given are checked before anything loads or is said
     run, chat_format = _chat_run(args.model, args.device, args.quantize)
+    compile_if_asked(args, run.model)
     options = sampling_options(args, chat_settings(run.run_config))
     chat_reply(run.model, chat_format, [Message("user", args.instruction, args.input or "")],
                options, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
