@@ -69,6 +69,12 @@ class CompiledStep:
         self.compile_seconds: float | None = None
         self._shapes: set[tuple[int, ...]] = set()
 
+    @staticmethod
+    def cache_length(needed: int, window: int, bucket: int = 256) -> int:
+        """The cache length to allocate for `needed` positions: rounded up to a multiple of `bucket` (at most the
+        context `window`), so that calls of different lengths share a compiled graph."""
+        return min(window, -(-needed // bucket) * bucket)
+
     def __call__(self, pool: SlotPool, tokens: Tensor) -> Tensor:
         if len(tokens) != pool.slots:
             raise ValueError("the compiled step appends one token to every slot of the pool")

@@ -156,12 +156,13 @@ class Int4Linear(QuantizedLinear):
 def quantized_linear(weight: Tensor | GroupQuantized, bias: Tensor | None, mode: str,
                      cap: float | None = None) -> QuantizedLinear:
     """The int8 or int4 (`mode`) layer for a float weight [out, in] or already quantized blocks: 4-bit blocks the
-    int4 kernel takes stay as they are, 8-bit blocks become int8, and anything else is quantized to `mode`."""
+    int4 kernel takes stay as they are, 8-bit blocks become int8 (int4 under `int4`: PyTorch's int4 kernel is the
+    faster one), and anything else is quantized to `mode`."""
     if isinstance(weight, GroupQuantized):
         rows, cols = weight.values.shape
         if weight.bits == 4 and int4_fits(rows, cols, weight.group):
             return Int4Linear(weight, bias, cap)
-        if weight.bits == 8 or mode == "int8":
+        if mode != "int4" or not int4_fits(rows, cols):
             return Int8Linear(weight, bias, cap)
         weight = weight.dequantize()
     rows, cols = weight.shape

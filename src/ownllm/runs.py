@@ -68,7 +68,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", quantize: str
     `quantize` (ownllm.quantize: auto | none | bf16 | int8 | int4) stores the weights in fewer bits; int8 and int4
     load on the CPU, where their kernels run, whatever `device` says. `auto` is `none`, except that a GGUF file
     loaded on the CPU keeps its quantized blocks quantized (Q8_0 as int8, Q4_0/Q4_1/Q4_K as int4, other quantized
-    matrices as int8); with int8 / int4 a GGUF's blocks stay as they are and its float matrices take that mode.
+    matrices as int8); with int8 / int4 a GGUF's 4-bit blocks stay as they are, its Q8_0 blocks become int8 /
+    int4 (requantized) and its float matrices take that mode.
     `none` reads every weight as float32.
     """
     check_quantize_mode(quantize)
@@ -121,19 +122,20 @@ def _read_foreign(path: str | Path, quantize: str | None = None) -> LoadedRun | 
         foreign = read_hf(Path(path))
     else:
         return None
-    model = _model_from_state(foreign.config, foreign.state, Path(path))
+    model = _model_from_state(foreign.config, foreign.state, Path(path), quantize)
     return LoadedRun(path=Path(path), model=model, tokenizer=foreign.tokenizer, config=foreign.config,
                      run_config=foreign.run_config)
 
 
-def _model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source: Path) -> GPT:
-    """A GPT in eval mode whose parameters ARE the tensors of `state` (no second copy of the weights is made)."""
+def _model_from_state(config: ModelConfig, state: dict[str, Any], source: Path, quantize: str | None = None) -> GPT:
+    """A GPT in eval mode whose parameters ARE the tensors of `state` (no second copy of the weights is made), or
+    its quantized layers (`quantize`: the mode they were made in; a tied head is made here from the embedding)."""
     with torch.device("meta"):
         model = GPT(config)
     state = _install_layers(model, state)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings and isinstance(model.tok_emb, QuantizedEmbedding):
-        model.lm_head = quantized_linear(model.tok_emb.table(), None, "int4")  # int8 rows stay int8
+        model.lm_head = quantized_linear(model.tok_emb.table(), None, "int4" if quantize == "int4" else "int8")
     elif config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     if config.position == "rope":
