@@ -160,3 +160,58 @@ def test_slot_pool_rows_of_different_lengths_match_separate_caches(run):
             separate = model(torch.tensor([ids + [token]]))[:, -1]
             assert_parity(batched[row:row + 1], separate, layers=model.config.n_layer, what="batched step vs alone")
     assert pool.lengths == [4, 10]
+
+
+def test_on_demand_pool_grows_keeping_what_it_holds(run, monkeypatch):
+    """A pool that starts empty and grows (rows one at a time, positions 4 -> 8 -> ... while decoding) gives every
+    step the logits of a pool allocated at full size."""
+    import ownllm.kvcache
+    from ownllm.decoding import prefill, step
+
+    monkeypatch.setattr(ownllm.kvcache, "MIN_ON_DEMAND", 4)
+    model = run.model
+    pools = [ownllm.kvcache.SlotPool(model.config, slots=3, max_len=48, device="cpu", dtype=torch.float32,
+                                     on_demand=grow) for grow in (False, True)]
+    assert pools[1].nbytes() == 0 and pools[1].limit_bytes() == pools[0].nbytes()
+    with torch.no_grad():
+        logits = [prefill(model, pool, 0, [[5, 6, 7]]) for pool in pools]
+        assert_parity(logits[1], logits[0], layers=model.config.n_layer, what="on-demand pool vs full, prefill")
+        logits = [prefill(model, pool, 1, [[8, 9], [10, 11, 12, 13, 14]]) for pool in pools]  # rows 2, 3 arrive
+        assert_parity(logits[1], logits[0], layers=model.config.n_layer, what="on-demand pool vs full, prefill")
+        tokens = torch.tensor([20, 21, 22])
+        for _ in range(35):  # the longest row reaches 40 positions: the storage doubles three times
+            logits = [step(model, pool, tokens) for pool in pools]
+            assert_parity(logits[1], logits[0], layers=model.config.n_layer, what="on-demand pool vs full, step")
+            tokens = logits[0].argmax(dim=-1)
+    grown = pools[1]
+    assert grown.lengths == pools[0].lengths == [38, 37, 40]
+    assert grown.keys.shape[1] == 3 and grown.keys.shape[3] == 48  # 64 capped at max_len
+    grown.release()
+    assert grown.nbytes() == 0
+
+
+def test_the_engine_holds_cache_memory_only_for_running_requests(run):
+    """The server's KV memory follows its use: one short request holds one slot of a few hundred positions, not
+    max_batch x context, and the memory is given back when no request runs."""
+    engine = Engine(run.model, run.tokenizer, max_batch=16).start()
+    try:
+        seen: list[int] = []
+        collector = Collector()
+        receive = collector.receiver(0)
+
+        def on_event(event) -> None:
+            seen.append(engine.pool_bytes())  # called on the engine's thread, between steps
+            receive(event)
+
+        engine.submit(run.tokenizer.encode(PROMPTS[0]), SamplingOptions(max_new_tokens=20, temperature=0), on_event)
+        collector.wait(1)
+        config = run.config
+        one_slot = 2 * config.n_layer * config.kv_heads * min(256, engine.context) * config.head_size * 4
+        assert seen and max(seen) == one_slot
+        assert engine.pool_limit_bytes() == 16 * one_slot * engine.context // min(256, engine.context)
+        deadline = time.monotonic() + 10
+        while engine.pool_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.pool_bytes() == 0
+    finally:
+        engine.close()

@@ -181,7 +181,8 @@ def prefill(model: GPT, pool: SlotPool, first: int, prompts: Sequence[Sequence[i
     for row, prompt in enumerate(prompts):
         ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     last = torch.tensor([len(p) - 1 for p in prompts], device=pool.device)
-    logits = model(ids.to(pool.device), cache=pool.prefill_view(first, len(prompts)), last_index=last)[:, -1]
+    logits = model(ids.to(pool.device), cache=pool.prefill_view(first, len(prompts), ids.shape[1]),
+                   last_index=last)[:, -1]
     for row, prompt in enumerate(prompts):
         pool.lengths[first + row] = len(prompt)
     return logits

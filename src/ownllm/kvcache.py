@@ -3,7 +3,8 @@
     cache = model.new_cache(batch_size=2, max_len=256)        # a KVCache
     logits = model(prompt_ids, cache=cache)                   # prefill; then one token at a time, same cache
 
-    pool = SlotPool(model.config, slots=16, max_len=4096, device="cpu", dtype=torch.float32)   # one per request
+    pool = SlotPool(model.config, slots=16, max_len=4096, device="cpu", dtype=torch.float32,   # one per request
+                    on_demand=True)                                   # storage grows with use, up to 16 x 4096
     model.hidden_states(ids, cache=pool.prefill_view(first, count))      # prompts into free slots
     view = pool.decode_view(active)                                       # one token for each active slot
     logits = model(tokens, cache=view, positions=view.positions.view(-1, 1))
@@ -23,6 +24,8 @@ import torch
 from torch import Tensor
 
 from ownllm.config import ModelConfig
+
+MIN_ON_DEMAND = 256  # positions an on-demand pool allocates at least when it grows
 
 
 class Cache(Protocol):
@@ -99,27 +102,64 @@ class SlotPool:
     Requests arriving together are prefilled together into free slots through `prefill_view` (a `KVCache` over
     those slots); then `decode_view` lets one model call append one token to every active row, at each row's own
     position, with a mask that hides the other rows' unused tail of the cache.
+
+    An `on_demand` pool starts empty and grows its storage as requests need rows and positions (`reserve`, called
+    by both views), and gives it back when idle (`release`): a server's memory follows its use, not the worst
+    case of `slots` x `max_len` (3 GB for SmolLM2-135M at 16 x 4096 in fp32).
     """
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
-        device = torch.device(device)
-        shape = (config.n_layer, slots, config.kv_heads, max_len, config.head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+                 dtype: torch.dtype, on_demand: bool = False) -> None:
+        self.device, self.dtype = torch.device(device), dtype
+        self._per_position = (config.n_layer, config.kv_heads, config.head_size)
+        self.slots, self.max_len, self.on_demand = slots, max_len, on_demand
         self.lengths = [0] * slots
-        self.slots, self.max_len, self.device = slots, max_len, device
+        self.keys, self.values = self._allocate(0, 0) if on_demand else self._allocate(slots, max_len)
 
-    def prefill_view(self, first: int, count: int = 1) -> KVCache:
+    def _allocate(self, rows: int, length: int) -> tuple[Tensor, Tensor]:
+        layers, kv_heads, head_size = self._per_position
+        shape = (layers, rows, kv_heads, length, head_size)
+        # Zeros, not empty: a masked key's value still enters the attention product (times a weight of 0).
+        return (torch.zeros(shape, device=self.device, dtype=self.dtype),
+                torch.zeros(shape, device=self.device, dtype=self.dtype))
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for slots [0, rows) holding `length` positions each. A pool made `on_demand` grows its storage
+        (at least doubling, from `MIN_ON_DEMAND` positions, up to `slots` x `max_len`) and keeps what it holds; a
+        full-size pool has the room already."""
+        have_rows, have_length = self.keys.shape[1], self.keys.shape[3]
+        if rows <= have_rows and length <= have_length:
+            return
+        if rows > self.slots or length > self.max_len:
+            raise ValueError(f"the KV pool holds {self.slots} slots of {self.max_len} positions, "
+                             f"not {rows} of {length}")
+        if rows > have_rows:
+            rows = min(self.slots, max(rows, 2 * have_rows))
+        if length > have_length:
+            length = min(self.max_len, max(length, 2 * have_length, MIN_ON_DEMAND))
+        keys, values = self._allocate(max(rows, have_rows), max(length, have_length))
+        keys[:, :have_rows, :, :have_length] = self.keys
+        values[:, :have_rows, :, :have_length] = self.values
+        self.keys, self.values = keys, values
+
+    def release(self) -> None:
+        """Give an on-demand pool's storage back (the server calls this when no request is running)."""
+        if self.on_demand:
+            self.keys, self.values = self._allocate(0, 0)
+            self.lengths = [0] * self.slots
+
+    def prefill_view(self, first: int, count: int = 1, length: int = 1) -> KVCache:
         """An empty cache for slots [first, first + count) writing straight into them (earlier contents are
-        overwritten). Prompts of different lengths go in right-padded: under the causal mask a real token never
+        overwritten), with room for prompts of `length` tokens. Prompts of different lengths go in right-padded: under the causal mask a real token never
         sees the padding after it, and the padding's keys lie beyond the row's length, hidden and then
         overwritten by decoding."""
+        self.reserve(first + count, length)
         for slot in range(first, first + count):
             self.lengths[slot] = 0
         return KVCache.over(self.keys[:, first:first + count], self.values[:, first:first + count])
 
     def decode_view(self, active: int) -> "DecodeView":
+        self.reserve(active, max(self.lengths[:active]) + 1)
         return DecodeView(self, active)
 
     def move(self, source: int, target: int) -> None:
@@ -130,8 +170,13 @@ class SlotPool:
         self.lengths[target] = length
 
     def nbytes(self) -> int:
-        """Memory held by the pool's keys and values."""
+        """Memory held by the pool's keys and values now."""
         return 2 * self.keys.numel() * self.keys.element_size()
+
+    def limit_bytes(self) -> int:
+        """Memory the pool's keys and values take when every slot holds `max_len` positions."""
+        layers, kv_heads, head_size = self._per_position
+        return 2 * layers * self.slots * kv_heads * self.max_len * head_size * self.keys.element_size()
 
 
 class DecodeView:

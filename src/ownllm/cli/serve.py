@@ -20,7 +20,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
     srv.add_argument("--context", type=int, default=None,
                      help="tokens per request kept in the KV cache (default: the model's context window, at most "
-                          "4096; the cache holds --max-batch x --context positions)")
+                          "4096). The cache grows with the requests running, up to --max-batch x --context "
+                          "positions, and is given back when idle")
     add_loading_flags(srv)
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 

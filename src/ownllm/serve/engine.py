@@ -77,7 +77,8 @@ class Engine:
             raise OwnLLMError("--context must be at least 2 tokens")
         self.context = min(context or min(model.config.block_size, DEFAULT_CONTEXT), model.config.block_size)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.pool = SlotPool(model.config, max_batch, self.context, model.tok_emb.weight.device, model_dtype(model))
+        self.pool = SlotPool(model.config, max_batch, self.context, model.tok_emb.weight.device, model_dtype(model),
+                             on_demand=True)  # memory grows with the requests running, given back when idle
         self.device = self.pool.device
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -140,12 +141,17 @@ class Engine:
             self._wake.notify()
 
     def pool_bytes(self) -> int:
-        """Memory held by the KV-cache pool."""
+        """Memory held by the KV-cache pool now (it grows with the requests running, up to `pool_limit_bytes`)."""
         return self.pool.nbytes()
+
+    def pool_limit_bytes(self) -> int:
+        """Memory the KV-cache pool takes when all `max_batch` requests hold `context` tokens."""
+        return self.pool.limit_bytes()
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self._running), "queued": len(self._waiting), "slots": self.max_batch,
-                "context": self.context, "steps": self.steps, "cancelled": self.cancelled}
+                "context": self.context, "steps": self.steps, "cancelled": self.cancelled,
+                "kv_cache_bytes": self.pool_bytes()}
 
     # ---- the worker thread -----------------------------------------------------------------------------------
 
@@ -181,6 +187,8 @@ class Engine:
             if self._running:
                 self._decode_step()
                 self._drop_finished()
+            if not self._running and not self._waiting:
+                self.pool.release()
         except Exception as error:  # a bug or out of memory: fail the requests in flight, keep serving
             for request in [*self._running, *admitted]:
                 if not request.finished:

@@ -59,7 +59,8 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
               file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     engine = app.state.engine
-    pool = f", KV cache {engine.pool_bytes() / 2**20:,.0f} MiB for {engine.max_batch}x{engine.context} tokens" \
+    pool = f", KV cache grows with use up to {engine.pool_limit_bytes() / 2**20:,.0f} MiB for " \
+           f"{engine.max_batch}x{engine.context} tokens" \
         if engine is not None else ""
     print(f"serving {name} ({run.config.n_layer} layers, context {run.config.block_size}, quantize {quantize}{pool}) "
           f"at http://{shown}:{port}/  (OpenAI API at http://{shown}:{port}/v1)", file=sys.stderr)
