@@ -23,6 +23,7 @@ from ownllm.quantize import (
     quantize_int8,
     quantize_model,
     quantized_linear,
+    refined_head,
 )
 
 PROMPT = "The list"
@@ -60,6 +61,21 @@ def test_int4_takes_its_groups_and_falls_back_to_int8_where_the_kernel_cannot():
     assert type(quantized_linear(weight, None, "int4")) is Int8Linear
     stored = quantize_int4(torch.randn(32, 64))
     assert stored.group == 32 and stored.scales.shape == (32, 2) and int(stored.values.max()) <= 15
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_head_recomputes_its_best_logits_in_float32(mode):
+    torch.manual_seed(1)
+    weight, x = torch.randn(400, 64), torch.randn(2, 3, 64)
+    head = refined_head(weight, None, mode)
+    with torch.no_grad():
+        logits, fast = head(x), head.fast(x)
+    exact = x @ quantize_int8(weight).dequantize().t()  # float32 products with the int8 rows
+    top = fast.topk(head.k, dim=-1).indices
+    assert_parity(logits.gather(-1, top), exact.gather(-1, top), layers=0, what=f"{mode} head's best logits")
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(logits[rest], fast[rest])  # the others are the kernel's
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
 
 
 def test_quantized_embedding_reads_its_rows():

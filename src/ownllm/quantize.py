@@ -200,6 +200,42 @@ def check_quantize_mode(mode: str) -> str:
     return mode
 
 
+class RefinedHead(nn.Module):
+    """A quantized LM head whose best `k` logits per position are recomputed in float32: the kernels return
+    bfloat16, whose steps (0.125 at a logit of 20) would reorder close candidates and change greedy answers. The
+    `fast` layer ranks every token; the top `k` are then the dot products of the float32 hidden state with their
+    int8 rows (`rows`: the tied embedding's table, or the head's own), so the choice among them is the int8 head's
+    in float32."""
+
+    def __init__(self, fast: QuantizedLinear, rows: QuantizedEmbedding, k: int = 16) -> None:
+        super().__init__()
+        self.fast, self.rows, self.k = fast, rows, k
+        self.cap, fast.cap = fast.cap, None
+        self.in_features, self.out_features = fast.in_features, fast.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.fast(x)
+        flat, hidden = logits.view(-1, self.out_features), x.reshape(-1, self.in_features).float()
+        for start in range(0, flat.shape[0], 256):  # a slice of positions at a time: [256, k, dim] rows
+            top = flat[start: start + 256].topk(min(self.k, self.out_features), dim=-1).indices
+            exact = (self.rows(top) @ hidden[start: start + 256, :, None]).squeeze(-1)
+            if self.fast.bias is not None:
+                exact = exact + self.fast.bias[top]
+            flat[start: start + 256].scatter_(-1, top, exact.to(flat.dtype))
+        return logits if self.cap is None else self.cap * torch.tanh(logits / self.cap)
+
+
+def refined_head(weight: Tensor | GroupQuantized, bias: Tensor | None, mode: str, cap: float | None = None,
+                 rows: QuantizedEmbedding | None = None) -> RefinedHead:
+    """The LM head in `mode` with its top logits recomputed from int8 `rows` (default: its own, quantized)."""
+    if rows is None:
+        rows = QuantizedEmbedding(weight if isinstance(weight, GroupQuantized) else quantize_int8(weight))
+    table = rows.table()
+    fast = quantized_linear(table if mode == "int8" and table.bits == 8 and table.group == table.values.shape[1]
+                            else weight, bias, mode, cap)
+    return RefinedHead(fast, rows)
+
+
 def quantize_model(model: nn.Module, mode: str, head: bool = True) -> nn.Module:
     """The model with its weights in `mode` (`none` and `auto` return it unchanged), on the CPU for int8/int4.
     `head=False` keeps the LM head in float32 (bench/quantize_quality.py measures what quantizing it costs).
@@ -214,17 +250,21 @@ def quantize_model(model: nn.Module, mode: str, head: bool = True) -> nn.Module:
     if device.type != "cpu":
         raise OwnLLMError(f"--quantize {mode} runs on the CPU; the model is on {device} (use --device cpu, or bf16)")
     with torch.no_grad():
-        table, tied = None, None
+        tied = None
         embedding = getattr(model, "tok_emb", None)
         if isinstance(embedding, nn.Embedding):
-            table, tied = quantize_int8(embedding.weight), embedding.weight
-            model.tok_emb = QuantizedEmbedding(table)
+            tied = embedding.weight
+            model.tok_emb = QuantizedEmbedding(quantize_int8(embedding.weight))
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and (head or name != "lm_head"):
-                    # A head tied to the embedding shares its int8 rows (one scale per row = per output channel).
-                    weight = table if child.weight is tied and mode == "int8" else child.weight
-                    setattr(parent, name, quantized_linear(weight, child.bias, mode, getattr(child, "cap", None)))
+                if not isinstance(child, nn.Linear) or (name == "lm_head" and not head):
+                    continue
+                cap = getattr(child, "cap", None)
+                if name == "lm_head":  # a head tied to the embedding shares its int8 rows
+                    rows = model.tok_emb if child.weight is tied else None
+                    setattr(parent, name, refined_head(child.weight, child.bias, mode, cap, rows))
+                else:
+                    setattr(parent, name, quantized_linear(child.weight, child.bias, mode, cap))
     return model
 
 
@@ -241,7 +281,8 @@ def inference_weight(name: str, value: Tensor | GroupQuantized, stored_quantized
         return QuantizedEmbedding(value if isinstance(value, GroupQuantized) else quantize_int8(value))
     if isinstance(value, Tensor) and value.dim() != 2:
         return value
-    return quantized_linear(value, None, mode if mode in ("int8", "int4") else "int8")
+    mode = mode if mode in ("int8", "int4") else "int8"
+    return refined_head(value, None, mode) if name == "lm_head.weight" else quantized_linear(value, None, mode)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -253,5 +294,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 __all__ = ["QUANTIZE_MODES", "GroupQuantized", "Int4Linear", "Int8Linear", "QuantizedEmbedding", "QuantizedLinear",
+           "RefinedHead", "refined_head",
            "check_quantize_mode", "inference_weight", "model_dtype", "quantize_int4", "quantize_int8", "quantize_model",
            "quantized_linear"]

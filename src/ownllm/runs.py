@@ -42,10 +42,11 @@ from ownllm.model import GPT, GPTClassifier, rope_tables
 from ownllm.quantize import (
     QuantizedEmbedding,
     QuantizedLinear,
+    RefinedHead,
     check_quantize_mode,
     inference_weight,
     quantize_model,
-    quantized_linear,
+    refined_head,
 )
 from ownllm.tokenizer import Tokenizer, load_tokenizer
 
@@ -135,7 +136,8 @@ def _model_from_state(config: ModelConfig, state: dict[str, Any], source: Path, 
     state = _install_layers(model, state)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings and isinstance(model.tok_emb, QuantizedEmbedding):
-        model.lm_head = quantized_linear(model.tok_emb.table(), None, "int4" if quantize == "int4" else "int8")
+        model.lm_head = refined_head(model.tok_emb.table(), None, "int4" if quantize == "int4" else "int8",
+                                     rows=model.tok_emb)
     elif config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     if config.position == "rope":
@@ -154,10 +156,11 @@ def _install_layers(model: GPT, state: dict[str, Any]) -> dict[str, torch.Tensor
         layer, path = state.pop(name), name.removesuffix(".weight")
         parent, _, child = path.rpartition(".")
         owner = model.get_submodule(parent)
-        if isinstance(layer, QuantizedLinear):
+        if isinstance(layer, (QuantizedLinear, RefinedHead)):
             layer.cap = getattr(getattr(owner, child), "cap", None)
             bias = state.pop(f"{path}.bias", None)
-            layer.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+            linear = layer.fast if isinstance(layer, RefinedHead) else layer
+            linear.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         setattr(owner, child, layer)
     return state
 
