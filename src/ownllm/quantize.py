@@ -25,6 +25,7 @@ the first token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +59,14 @@ class GroupQuantized:
             grouped = grouped + self.offsets[..., None]
         return grouped.view(rows, cols)
 
-    def requantized_int8(self, rows: int = 4096) -> GroupQuantized:
-        """The matrix as int8 with one scale per row, dequantized `rows` rows at a time (never all float32)."""
-        parts = [quantize_int8(self.select_rows(slice(start, start + rows)).dequantize())
+    def requantized(self, quantize: Callable[[Tensor], GroupQuantized], rows: int = 4096) -> GroupQuantized:
+        """The matrix quantized again by `quantize` (`quantize_int8`, `quantize_int4`), dequantized `rows` rows at a
+        time (never all float32)."""
+        parts = [quantize(self.select_rows(slice(start, start + rows)).dequantize())
                  for start in range(0, self.values.shape[0], rows)]
-        return GroupQuantized(torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]), None, 8)
+        offsets = None if parts[0].offsets is None else torch.cat([p.offsets for p in parts])
+        return GroupQuantized(torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]), offsets,
+                              parts[0].bits)
 
     def select_rows(self, index: Tensor | slice) -> GroupQuantized:
         """The same matrix with its rows reordered or sliced (`index` as in `tensor[index]`)."""
@@ -123,7 +127,7 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, weight: GroupQuantized, bias: Tensor | None = None, cap: float | None = None) -> None:
         if weight.bits != 8 or weight.offsets is not None or weight.scales.shape[1] != 1:
-            weight = weight.requantized_int8()  # other blocks: one more rounding
+            weight = weight.requantized(quantize_int8)  # other blocks: one more rounding
         super().__init__(weight.values.shape[1], weight.values.shape[0], bias, cap)
         self.register_buffer("weight", weight.values.contiguous())
         self.register_buffer("scales", weight.scales.view(-1).to(KERNEL_DTYPE))
@@ -141,8 +145,9 @@ class Int4Linear(QuantizedLinear):
             raise ValueError("Int4Linear takes 4-bit values")
         super().__init__(cols, rows, bias, cap)
         self.group = weight.group
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            weight.values.to(torch.int32), 1))
+        # Packed 4096 rows at a time (the layout is row by row): the kernel wants int32 input, 4 bytes a weight.
+        self.register_buffer("weight", torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            chunk.to(torch.int32).contiguous(), 1) for chunk in weight.values.split(4096)]))
         offsets = weight.offsets if weight.offsets is not None else torch.zeros_like(weight.scales)
         # The kernel computes (q - 8) * scale + zero, per group: zero = offset + 8 * scale.
         zeros = offsets + 8 * weight.scales
@@ -164,7 +169,7 @@ def quantized_linear(weight: Tensor | GroupQuantized, bias: Tensor | None, mode:
             return Int4Linear(weight, bias, cap)
         if mode != "int4" or not int4_fits(rows, cols):
             return Int8Linear(weight, bias, cap)
-        weight = weight.dequantize()
+        return Int4Linear(weight.requantized(quantize_int4), bias, cap)
     rows, cols = weight.shape
     if mode == "int4" and int4_fits(rows, cols):
         return Int4Linear(quantize_int4(weight), bias, cap)
