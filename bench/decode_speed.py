@@ -4,6 +4,8 @@
     .venv/bin/python bench/decode_speed.py --rounds 3 --threads 1
     .venv/bin/python bench/decode_speed.py --preset mini --only ownllm,transformers --json
     .venv/bin/python bench/decode_speed.py --model SmolLM2-135M-Instruct.Q4_1.gguf --threads 2 --rounds 2
+    .venv/bin/python bench/decode_speed.py --model SmolLM2-135M-Instruct.Q4_1.gguf --threads 2 --new-tokens 128 \
+        --only ownllm,ownllm-int8,ownllm-int4,ownllm-gguf,ownllm-gguf+compile,matvec-chain
 
 With `--model` (a run, an HF directory or a .gguf file), the engines decode that model instead of the random preset;
 `llama.cpp-file` is llama.cpp on the given .gguf file itself (e.g. its Q4_1 weights), the other llama.cpp engines on
@@ -12,8 +14,11 @@ f32 / q8_0 exports of the weights as ownllm loaded them.
 The model is the `gpt2` preset with random weights (no download), written once as an HF directory (for transformers)
 and as f32 / q8_0 GGUF files (for llama.cpp, when `llama_cpp` is importable). Each engine decodes `--new-tokens`
 tokens greedily after a 16-token prompt, with no stop token; the time counts the prompt too (one forward pass).
-`ownllm-int8` and `ownllm-bf16` are ownllm on the weights of `ownllm serve --quantize int8|bf16` (ownllm.quantize);
-their greedy tokens may differ from fp32's where two logits are close. `matvec-chain` is the floor for fp32 PyTorch:
+`ownllm-int8`, `ownllm-int4` and `ownllm-bf16` are ownllm on the weights of `ownllm serve --quantize int8|int4|bf16`
+(ownllm.quantize), `ownllm-gguf` on a .gguf `--model` loaded as `ownllm generate FILE.gguf` does (its Q8_0/Q4_x
+blocks kept quantized); their greedy tokens may differ from fp32's where two logits are close. Any ownllm engine
+followed by `+compile` (`ownllm-int4+compile`) decodes with the compiled step of ownllm.compiled_step; its compile
+time is printed and falls in the warm-up run. `matvec-chain` is the floor for fp32 PyTorch:
 only the model's weight matrix-vector products (every layer's four matrices and the head) for each token, no
 attention, norms or sampling.
 
@@ -46,8 +51,9 @@ from ownllm.quantize import quantize_model
 from ownllm.tokenizer import train_bpe
 
 PROMPT_LENGTH = 16
-ENGINES = ("ownllm", "ownllm-int8", "ownllm-bf16", "transformers", "llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-file",
-           "matvec-chain")
+ENGINES = ("ownllm", "ownllm-int8", "ownllm-int4", "ownllm-bf16", "ownllm-gguf", "transformers", "llama.cpp-f32",
+           "llama.cpp-q8_0", "llama.cpp-file", "matvec-chain")
+COMPILED = "+compile"  # after an ownllm engine: its decode step compiled (ownllm.compiled_step)
 Decode = Callable[[int], list[int]]
 
 
@@ -63,9 +69,23 @@ def build_run(preset: str, folder: Path) -> LoadedRun:
     return LoadedRun(path=folder / preset, model=model, tokenizer=tokenizer, config=model.config, run_config={})
 
 
-def ownllm_decoder(run: LoadedRun, prompt: list[int], quantize: str = "none") -> Decode:
-    """ownllm's decoding, on the model as it is or on a copy quantized like `ownllm serve --quantize`."""
-    model = quantize_model(copy.deepcopy(run.model), quantize) if quantize != "none" else run.model
+def ownllm_decoder(run: LoadedRun, prompt: list[int], quantize: str = "none", compiled: bool = False,
+                   model_file: str | None = None) -> Decode:
+    """ownllm's decoding, on the model as it is or on a copy quantized like `ownllm serve --quantize`; `gguf`: the
+    .gguf file loaded as `ownllm generate FILE.gguf` loads it (its quantized blocks kept); `compiled`: with the
+    compiled decode step (its compile time is printed, and paid in the warm-up run)."""
+    if quantize == "gguf":
+        if not model_file or not model_file.endswith(".gguf"):
+            raise SystemExit("ownllm-gguf needs --model FILE.gguf")
+        model = load_run(model_file).model
+    else:
+        model = quantize_model(copy.deepcopy(run.model), quantize) if quantize != "none" else run.model
+    if compiled:
+        from ownllm.compiled_step import use_compiled_step
+
+        model = copy.copy(model)  # its own decode_step attribute; the weights are shared
+        use_compiled_step(model, on_compiled=lambda s: print(f"{quantize}{COMPILED}: compiled in {s:.1f} s",
+                                                             file=sys.stderr, flush=True))
 
     def decode(n: int) -> list[int]:
         options = SamplingOptions(max_new_tokens=n, temperature=0, stop_at_eot=False)
@@ -147,20 +167,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per engine")
     args = parser.parse_args(argv)
     engines = [e for e in args.only.split(",") if e]
-    unknown = sorted(set(engines) - set(ENGINES))
+    unknown = sorted({e.removesuffix(COMPILED) for e in engines} - set(ENGINES)
+                     | {e for e in engines if e.endswith(COMPILED) and not e.startswith("ownllm")})
     if unknown:
         parser.error(f"unknown engine(s) {unknown}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        run = load_run(args.model) if args.model else build_run(args.preset, folder)
+        run = load_run(args.model, quantize="none") if args.model else build_run(args.preset, folder)
         run.model.eval()
         prompt = torch.randint(0, run.config.vocab_size, (PROMPT_LENGTH,),
                                generator=torch.Generator().manual_seed(1)).tolist()
         decoders: dict[str, Decode] = {}
         for engine in engines:
             if engine.startswith("ownllm"):
-                decoders[engine] = ownllm_decoder(run, prompt, engine.split("-")[1] if "-" in engine else "none")
+                name = engine.removesuffix(COMPILED)
+                decoders[engine] = ownllm_decoder(run, prompt, name.split("-")[1] if "-" in name else "none",
+                                                  engine.endswith(COMPILED), args.model)
             elif engine == "transformers":
                 decoders[engine] = transformers_decoder(run, prompt, folder)
             elif engine == "matvec-chain":

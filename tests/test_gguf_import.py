@@ -66,7 +66,7 @@ def stored_as(model: GPT, quant: str) -> GPT:
 def test_llama_round_trip_in_every_writer_type(quant, tokenizer, tmp_path):
     source = make_run("tiny-llama", tokenizer)
     path = export_gguf(source, tmp_path / "m.gguf", quant=quant)
-    run = ownllm.load(str(path))
+    run = ownllm.load(str(path), quantize="none")  # float32 (the default keeps q8_0/q4_0 blocks: test_gguf_quantized)
     assert_same_shape_and_flavour(run.config, source.config)
     ids = tokenizer.encode(UNICODE_TEXT)
     assert run.tokenizer.encode(UNICODE_TEXT) == ids and run.tokenizer.decode(ids) == UNICODE_TEXT
@@ -237,7 +237,7 @@ def test_bad_file_is_one_line_exit_2_and_nothing_written(breakage, good_gguf, tm
 
 def test_import_writes_a_run_that_every_verb_reads(good_gguf, tmp_path, capsys):
     assert cli_main(["import", str(good_gguf), "--out", str(tmp_path / "run")]) == 0
-    direct, imported = ownllm.load(str(good_gguf)), ownllm.load(str(tmp_path / "run"))
+    direct, imported = ownllm.load(str(good_gguf), quantize="none"), ownllm.load(str(tmp_path / "run"))
     ids = direct.tokenizer.encode(PROMPTS[2])
     torch.testing.assert_close(logits(imported.model, ids), logits(direct.model, ids), atol=0, rtol=0)
     assert imported.run_config["source"]["kind"] == "gguf"
@@ -245,7 +245,7 @@ def test_import_writes_a_run_that_every_verb_reads(good_gguf, tmp_path, capsys):
     for model in (str(good_gguf), str(tmp_path / "run")):
         capsys.readouterr()
         assert cli_main(["generate", model, "--prompt", "The", "--temperature", "0", "--max-new-tokens", "5",
-                         "--device", "cpu"]) == 0
+                         "--device", "cpu", "--quantize", "none"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].startswith("The") and len(outputs[0]) > 4
     assert cli_main(["import", str(good_gguf), "--out", str(tmp_path / "run")]) == 2  # never over a run

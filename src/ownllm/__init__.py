@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ownllm.runs import LoadedRun
 
 
-def load(path: str, device: str = "cpu", quantize: str = "none") -> "LoadedRun":
+def load(path: str, device: str = "cpu", quantize: str = "auto") -> "LoadedRun":
     """Load a run directory, a Hugging Face model directory (GPT-2, Llama, Qwen2), a GGUF file or `hf:ORG/NAME`
     (downloaded through the HF cache) for inference: `.model`, `.tokenizer`, `.config` (ownllm.runs.load_run)."""
     from ownllm.runs import load_run

@@ -32,6 +32,7 @@ from torch import Tensor
 from ownllm.errors import OwnLLMError
 from ownllm.kvcache import SlotPool
 from ownllm.model import GPT
+from ownllm.quantize import model_dtype
 from ownllm.tokenizer import Tokenizer
 
 
@@ -208,8 +209,11 @@ class BatchDecoder:
         width = max(len(r) for r in rows)
         # Room for what this call can generate, not the whole context: open models declare windows of 32k+ tokens.
         needed = self.window if self.max_new_tokens is None else width + self.max_new_tokens
-        weight = self.model.tok_emb.weight
-        self.pool = SlotPool(self.model.config, len(rows), min(self.window, needed), weight.device, weight.dtype)
+        length = min(self.window, needed)
+        compiled = getattr(self.model, "decode_step", None)  # ownllm.compiled_step: a few cache shapes, not one a call
+        length = compiled.cache_length(length, self.window) if compiled is not None else length
+        device, dtype = self.model.tok_emb.weight.device, model_dtype(self.model)  # int8 tables: float32 caches
+        self.pool = SlotPool(self.model.config, len(rows), length, device, dtype)
         return prefill(self.model, self.pool, 0, rows)
 
     def step(self, tokens: Tensor, history: Callable[[], Sequence[Sequence[int]]]) -> Tensor:
@@ -219,7 +223,8 @@ class BatchDecoder:
         if max(self.pool.lengths) >= self.pool.max_len:
             keep = max(1, self.window // 2)  # out of context: restart from the most recent half
             return self.prefill([list(h)[-keep:] for h in history()])
-        return step(self.model, self.pool, tokens)
+        compiled = getattr(self.model, "decode_step", None)  # ownllm.compiled_step.use_compiled_step
+        return compiled(self.pool, tokens) if compiled is not None else step(self.model, self.pool, tokens)
 
 
 @torch.inference_mode()  # like no_grad, minus autograd's version counters: ~2% faster decoding on a CPU

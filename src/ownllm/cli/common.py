@@ -4,6 +4,7 @@ sampling flags of the verbs that generate text (generate, chat, ask)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ownllm.errors import OwnLLMError
@@ -32,12 +33,34 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str) -> None:
+QUANTIZE_HELP = ("weights for inference (ownllm.quantize): int8 / int4 = weight-only int8 / 4-bit linear layers "
+                 "(CPU); bf16; none = float32; auto (default) = none, except that a GGUF file's quantized blocks "
+                 "stay quantized")
+
+
+def add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str = QUANTIZE_HELP) -> None:
     """--device and --quantize: how `runs.load_run` loads the model of a verb that only runs it."""
     from ownllm.quantize import QUANTIZE_MODES
 
     add_device_flag(parser)
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=quantize_help)
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="auto", help=quantize_help)
+
+
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with a torch.compile'd step over a static KV cache (ownllm.compiled_step); the "
+                             "first answer waits for the compilation, once per process")
+
+
+def compile_if_asked(args: argparse.Namespace, model: Any) -> None:
+    """`--compile`: the model decodes with the compiled step; its compile time is printed once, on stderr."""
+    if not getattr(args, "compile", False):
+        return
+    from ownllm.compiled_step import use_compiled_step
+
+    use_compiled_step(model, on_compiled=lambda seconds: print(
+        f"ownllm: compiled the decode step in {seconds:.1f} s (once per process and cache shape)", file=sys.stderr,
+        flush=True))
 
 
 SAMPLING_DEFAULTS = {"max_tokens": 200, "temperature": 0.8}  # unless a flag, or a run's chat default, says otherwise

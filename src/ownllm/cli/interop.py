@@ -68,12 +68,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         if args.pooling is not None:
             raise OwnLLMError("--pooling applies to --to gguf only (a Hugging Face directory records no pooling)")
-        out = export_hf(load_run(args.model), args.out, force=args.force)
+        out = export_hf(load_run(args.model, quantize="none"), args.out, force=args.force)
     else:
         from ownllm.interop.writers.gguf import check_gguf_pooling, export_gguf
 
         check_gguf_pooling(args.pooling)  # before the model loads
-        out = export_gguf(load_run(args.model), args.out, quant=args.quant, force=args.force, pooling=args.pooling)
+        out = export_gguf(load_run(args.model, quantize="none"), args.out, quant=args.quant, force=args.force,
+                          pooling=args.pooling)
     print(f"exported {args.model} to {out} ({args.to}{'' if args.to == 'hf' else ', ' + args.quant})")
 
 

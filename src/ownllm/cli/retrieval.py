@@ -15,7 +15,17 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from ownllm.cli.common import add_device_flag, add_force_flag, add_out_flag, add_sampling_flags, sampling_options
+from ownllm.cli.common import (
+    QUANTIZE_HELP,
+    add_compile_flag,
+    add_device_flag,
+    add_force_flag,
+    add_loading_flags,
+    add_out_flag,
+    add_sampling_flags,
+    compile_if_asked,
+    sampling_options,
+)
 from ownllm.embeddings import LONG_TEXTS
 from ownllm.errors import OwnLLMError
 from ownllm.model import POOLINGS
@@ -73,7 +83,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                           "answer")
     add_sampling_flags(ask)
     ask.set_defaults(max_new_tokens=256, temperature=0.0, late_positional="question")
-    add_device_flag(ask)
+    add_loading_flags(ask, QUANTIZE_HELP + " (the answering model's; the question is embedded as the index was)")
+    add_compile_flag(ask)
 
 
 ASK_DESCRIPTION = """Answer from your documents, citing them as [1], [2], ...
@@ -157,8 +168,10 @@ def cmd_ask(args: argparse.Namespace) -> None:
     sampling_options(args)  # the flags given are checked before anything loads
     index = open_index(args.index)  # a bad index file fails before any model loads
     device = pick_device(args.device)
-    run = load_run(args.model, device=device)  # loaded once for every question
-    embedder = load_run(args.embed_model, device=device) if args.embed_model else run
+    run = load_run(args.model, device=device, quantize=args.quantize)  # loaded once for every question
+    compile_if_asked(args, run.model)
+    same_weights = args.quantize == "auto" and not args.embed_model  # `ownllm index` loads with the default
+    embedder = run if same_weights else load_run(args.embed_model or args.model, device=device)
     options = None if args.sources_only else sampling_options(args, chat_settings(run.run_config))
     for question in questions:
         _ask_one(args, run, embedder, index, question, options)

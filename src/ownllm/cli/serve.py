@@ -26,7 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                      "\"search my documents\", or a `retrieval` field): an index made by "
                                      "`ownllm index`")
     srv.add_argument("--embed-model", help="the model that embedded the index (default: the served model)")
-    add_loading_flags(srv, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
+    add_loading_flags(srv)
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 

@@ -198,7 +198,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> None:
     from ownllm.finetune import merge_lora_run
     from ownllm.runs import load_run
 
-    out = merge_lora_run(load_run(args.model), args.out, force=args.force)
+    out = merge_lora_run(load_run(args.model, quantize="none"), args.out, force=args.force)
     print(f"merged the adapters of {args.model} into {Path(out)}")
 
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from ownllm.chat import CHAT_SETTINGS
 from ownllm.cli.benchmarks import add_benchmark_flags, evaluate_benchmarks
-from ownllm.cli.common import (MODEL_HELP, add_device_flag, add_force_flag, add_json_flag, add_loading_flags,
-                               add_sampling_flags, sampling_options)
+from ownllm.cli.common import (MODEL_HELP, add_compile_flag, add_device_flag, add_force_flag, add_json_flag,
+                               add_loading_flags, add_sampling_flags, compile_if_asked, sampling_options)
 from ownllm.errors import OwnLLMError
 from ownllm.outputs import atomic_file, check_output
 
@@ -36,14 +36,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_sampling_flags(gen)
     gen.add_argument("--instruction", help="answer this instruction in the run's prompt template")
     gen.add_argument("--input", default=None, help="the instruction's input (with --instruction)")
-    add_loading_flags(gen, "int8: dynamic int8 linear layers (CPU); bf16: bfloat16 weights")
+    add_loading_flags(gen)
+    add_compile_flag(gen)
 
     ev = sub.add_parser("evaluate", help="perplexity on a text file (--text), or benchmarks (--tasks)")
     ev.add_argument("model", help=MODEL_HELP)
     ev.add_argument("--text", help="held-out UTF-8 text file: loss, perplexity and bits per byte")
     ev.add_argument("--batch-size", type=int, default=8)
     add_json_flag(ev)
-    add_loading_flags(ev, "measure the model with int8 or bf16 weights (the quality cost of `serve --quantize`)")
+    add_loading_flags(ev, "measure the model as `serve --quantize` runs it (the quality cost of int8 / int4 / bf16)")
     add_benchmark_flags(ev)
 
     cl = sub.add_parser("classify", help="label texts with a classifier run")
@@ -60,7 +61,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("model", help="run directory, Hugging Face model directory or GGUF file")
     chat.add_argument("--system", help="system message (default: the run's own, else the one its chat template adds)")
     add_sampling_flags(chat)
-    add_device_flag(chat)
+    add_loading_flags(chat)
+    add_compile_flag(chat)
 
     defaults = sub.add_parser("chat-defaults", help="show or set a run's own chat defaults (system prompt, sampling), "
                               "which chat, generate --instruction, ask and serve use unless told otherwise")
@@ -86,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     run = load_run(args.model, args.device, quantize=args.quantize)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{args.model}: is a classifier run; use `ownllm classify`")
+    compile_if_asked(args, run.model)
     prompts = args.prompt or [""]
     _warn_long_prompts(prompts, run.tokenizer, run.config.block_size)
     if len(prompts) == 1:  # stream to the terminal as tokens come
@@ -202,12 +205,12 @@ def cmd_chat_defaults(args: argparse.Namespace) -> None:
     print(f"{args.model}: chat defaults: {shown}")
 
 
-def _chat_run(path: str, device: str):
+def _chat_run(path: str, device: str, quantize: str = "auto"):
     """The run and its chat format (ownllm.chat: the same rule as the server's), for any language model."""
     from ownllm.chat import PROJECT_DEFAULT, chat_format_for
     from ownllm.runs import load_run
 
-    run = load_run(path, device=device)
+    run = load_run(path, device=device, quantize=quantize)
     if run.run_config.get("task") == "classify":
         raise OwnLLMError(f"{path}: is a classifier run, which labels texts: use `ownllm classify`")
     chat_format = chat_format_for(run.run_config, run.tokenizer)
@@ -221,7 +224,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from ownllm.chat import chat_loop, chat_settings
 
     sampling_options(args)  # the flags given are checked before anything loads or is said
-    run, chat_format = _chat_run(args.model, args.device)
+    run, chat_format = _chat_run(args.model, args.device, args.quantize)
+    compile_if_asked(args, run.model)
     options = sampling_options(args, chat_settings(run.run_config))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -248,7 +252,8 @@ def generate_instruction(args: argparse.Namespace) -> None:
     if args.prompt:
         raise OwnLLMError("give either --prompt or --instruction, not both")
     sampling_options(args)  # the flags given are checked before anything loads or is said
-    run, chat_format = _chat_run(args.model, args.device)
+    run, chat_format = _chat_run(args.model, args.device, args.quantize)
+    compile_if_asked(args, run.model)
     options = sampling_options(args, chat_settings(run.run_config))
     chat_reply(run.model, chat_format, [Message("user", args.instruction, args.input or "")],
                options, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))

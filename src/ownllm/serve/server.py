@@ -59,7 +59,7 @@ def documents_for(index: "Index", run: "LoadedRun", embed_model: str | Path | No
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          api_key_file: str | Path | None = None, quantize: str = "none", max_batch: int = 16, max_queue: int = 64,
+          api_key_file: str | Path | None = None, quantize: str = "auto", max_batch: int = 16, max_queue: int = 64,
           context: int | None = None, device: str = "auto", log_level: str = "info",
           index: str | Path | None = None, embed_model: str | Path | None = None) -> None:
     """Serve `model` (a run or Hugging Face directory) until Ctrl-C; with `index`, chat requests may answer from

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,9 +51,11 @@ from ownllm.interop.names import (
     template_section,
 )
 from ownllm.interop.readers.foreign import ForeignModel, save_as_run
+from ownllm.interop.readers.gguf_blocks import group_quantized
 from ownllm.interop.readers.gguf_config import family_fields, rope_scaling_from_gguf
 from ownllm.interop.readers.gguf_tokenizer import byte_level_bpe, sentencepiece_bpe
 from ownllm.outputs import check_output
+from ownllm.quantize import GroupQuantized
 from ownllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -262,10 +265,14 @@ def dequantized(tensor: Any) -> Tensor:
     return torch.from_numpy(values.reshape(tuple(int(d) for d in reversed(tensor.shape))))
 
 
-def read_state(reader: gguf.GGUFReader, arch: str, config: ModelConfig, path: Path,
-               progress: bool = False) -> dict[str, Tensor]:
+def read_state(reader: gguf.GGUFReader, arch: str, config: ModelConfig, path: Path, progress: bool = False,
+               convert: Convert | None = None) -> dict[str, Any]:
     """The model's float32 weights under ownllm's names, dequantized tensor by tensor (q/k rows of `llama` put
-    back in the rotate-half layout), each checked against the shape ownllm's model has for `config`."""
+    back in the rotate-half layout), each checked against the shape ownllm's model has for `config`.
+
+    With `convert`, a tensor stored in blocks an int kernel takes (Q8_0, Q4_0, Q4_1, Q4_K) is read as integers and
+    scales (`GroupQuantized`, no float32 copy), and every tensor goes through `convert(name, value, was_quantized)`
+    as soon as it is read, so that only one tensor at a time is held in another form."""
     from ownllm.model import GPT
 
     tensors = {tensor.name: tensor for tensor in reader.tensors}
@@ -277,24 +284,51 @@ def read_state(reader: gguf.GGUFReader, arch: str, config: ModelConfig, path: Pa
     missing = sorted(set(expected) - set(plan) - tied, key=_natural)
     if missing:
         raise OwnLLMError(f"{path}: no tensor for ownllm's {missing[0]} (the header describes a model with it)")
-    state: dict[str, Tensor] = {}
+    state: dict[str, Any] = {}
     for ours, parts in _progress(plan.items(), progress, path):
-        pieces = []
-        for name in parts:
-            piece = dequantized(tensors[name])
-            kind = name.split(".")[-2]
-            if config.norm_offset and kind.endswith("norm"):
-                piece = piece - config.norm_offset  # llama.cpp stores Gemma's gains whole: 1 + weight
-            if arch in PERMUTED and kind in ("attn_q", "attn_k"):
-                heads = config.n_head if kind == "attn_q" else config.kv_heads
-                piece = _unpermuted(piece, heads, name, path)
-            pieces.append(piece)
-        state[ours] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        if expected.get(ours) != state[ours].shape:
+        pieces = [_read_piece(tensors[name], arch, config, path, keep_blocks=convert is not None) for name in parts]
+        value = _joined(pieces)
+        shape = value.values.shape if isinstance(value, GroupQuantized) else value.shape
+        if expected.get(ours) != shape:
             shapes = " + ".join(f"{n} {tuple(p.shape)}" for n, p in zip(parts, pieces))
             raise OwnLLMError(f"{path}: tensor {shapes} does not fit the header's model "
                               f"(ownllm's {ours} is {tuple(expected[ours])})")
+        stored_quantized = any(tensors[name].tensor_type.name not in FLOAT_TYPES for name in parts)
+        state[ours] = value if convert is None else convert(ours, value, stored_quantized)
     return state
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+Convert = Callable[[str, Any, bool], Any]
+
+
+def _read_piece(tensor: Any, arch: str, config: ModelConfig, path: Path, keep_blocks: bool) -> Any:
+    """One GGUF tensor: its blocks (`keep_blocks` and a type with an int kernel) or float32, rows unpermuted."""
+    piece = group_quantized(tensor) if keep_blocks else None
+    if piece is None:
+        piece = dequantized(tensor)
+    kind = tensor.name.split(".")[-2]
+    if config.norm_offset and kind.endswith("norm") and not isinstance(piece, GroupQuantized):
+        piece = piece - config.norm_offset  # llama.cpp stores Gemma's gains whole: 1 + weight
+    if arch in PERMUTED and kind in ("attn_q", "attn_k"):
+        heads = config.n_head if kind == "attn_q" else config.kv_heads
+        rows = piece.values.shape[0] if isinstance(piece, GroupQuantized) else piece.shape[0]
+        order = _unpermuted(torch.arange(rows).view(rows, 1), heads, tensor.name, path).view(-1)
+        piece = piece.select_rows(order) if isinstance(piece, GroupQuantized) else piece[order]
+    return piece
+
+
+def _joined(pieces: list[Any]) -> Any:
+    """Pieces stacked by rows (q, k, v into qkv): blocks stay blocks when they all have the same kind."""
+    if len(pieces) == 1:
+        return pieces[0]
+    blocks = [p for p in pieces if isinstance(p, GroupQuantized)]
+    same = len(blocks) == len(pieces) and len({(p.bits, p.group, p.offsets is None) for p in blocks}) == 1
+    if same:
+        offsets = None if blocks[0].offsets is None else torch.cat([p.offsets for p in blocks])
+        return GroupQuantized(torch.cat([p.values for p in blocks]), torch.cat([p.scales for p in blocks]),
+                              offsets, blocks[0].bits)
+    return torch.cat([p.dequantize() if isinstance(p, GroupQuantized) else p for p in pieces])
 
 
 def _unpermuted(piece: Tensor, heads: int, name: str, path: Path) -> Tensor:
@@ -353,12 +387,15 @@ def _token_id(keys: _Keys, key: str, size: int) -> int | None:
 
 # ---- the whole file -----------------------------------------------------------------------------------------------
 
-def read_gguf(path: str | Path, progress: bool = False) -> ForeignModel:
+def read_gguf(path: str | Path, progress: bool = False, convert: Convert | None = None) -> ForeignModel:
     """Read a GGUF file into ownllm's terms (config, float32 state dict, tokenizer, source sections); nothing is
-    written. `progress` shows a bar while the tensors are dequantized."""
+    written. `progress` shows a bar while the tensors are dequantized; `convert` (see `read_state`) keeps
+    quantized blocks as integers and turns each tensor into what the caller stores (ownllm.runs: int8/int4
+    layers), and then the state holds its results."""
     path = Path(path)
     reader = open_gguf(path)
     keys = _Keys(read_metadata(reader), path)
+    reader.fields.clear()  # the header as numpy parts (~100 MB for a 49k vocabulary): read into `keys` already
     names = {tensor.name for tensor in reader.tensors}
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
@@ -369,7 +406,7 @@ def read_gguf(path: str | Path, progress: bool = False) -> ForeignModel:
     if tokenizer.vocab_size > config.vocab_size:
         raise OwnLLMError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens but token_embd.weight "
                           f"only {config.vocab_size} rows")
-    state = read_state(reader, arch, config, path, progress=progress)
+    state = read_state(reader, arch, config, path, progress=progress, convert=convert)
     pooling = embedding_pooling_from_gguf(keys, arch)
     sections = {"source": _source_record(path, keys, arch, pad_id), **template_section(tokenizer),
                 **({"embedding_pooling": pooling} if pooling else {})}
