@@ -53,7 +53,7 @@ def prompts_fed_to_the_model(monkeypatch, tok, template_name: str | None,
         continuations[0].accept(eot_id, eot_id)
 
     monkeypatch.setattr(decoding, "decode", spy_decode)
-    monkeypatch.setattr("ownllm.runs.load_run", lambda path, device: run)
+    monkeypatch.setattr("ownllm.runs.load_run", lambda path, device, quantize="auto": run)
     monkeypatch.setattr("sys.stdin", io.StringIO(INSTRUCTION + "\n"))
     assert cli.main(["chat", "RUN"]) == 0
     assert cli.main(["generate", "RUN", "--instruction", INSTRUCTION]) == 0
