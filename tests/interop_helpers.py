@@ -61,6 +61,16 @@ def padded_logits(model: GPT, rows: list[list[int]]) -> torch.Tensor:
         return model(ids, cache=cache, positions=positions)
 
 
+def hf_greedy(model: nn.Module, rows: list[list[int]], eos: int, new_tokens: int) -> list[list[int]]:
+    """transformers generate (KV cache, left padding), cut at the first eos as ownllm's rows are."""
+    ids, valid, _ = left_pad(rows, 0, torch.device("cpu"))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0, use_cache=True)
+    new = out[:, ids.shape[1]:].tolist()
+    return [row[: row.index(eos)] if eos in row else row for row in new]
+
+
 def hf_padded_logits(hf_model: nn.Module, rows: list[list[int]]) -> torch.Tensor:
     """transformers logits for the same left-padded batch (attention_mask and explicit position_ids)."""
     ids, valid, positions = left_pad(rows, 0, torch.device("cpu"))

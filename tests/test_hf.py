@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers  # a test dependency (pip install -e ".[test]"): missing, the tests fail loudly
-from interop_helpers import (PROMPTS, assert_same_logits, hf_padded_logits, left_pad, padded_logits, randomize,
+from interop_helpers import (PROMPTS, assert_same_logits, hf_greedy, hf_padded_logits, padded_logits, randomize,
                              small_bpe)
 from safetensors.torch import load_file, save_file
 
@@ -66,15 +66,6 @@ def rows_of(tokenizer) -> list[list[int]]:
     return [tokenizer.encode(prompt) for prompt in PROMPTS]
 
 
-def hf_greedy(model, rows: list[list[int]], eos: int) -> list[list[int]]:
-    """transformers generate (KV cache, left padding), cut at the first eos as ownllm's rows are."""
-    ids, valid, _ = left_pad(rows, 0, torch.device("cpu"))
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=0, use_cache=True)
-    new = out[:, ids.shape[1]:].tolist()
-    return [row[: row.index(eos)] if eos in row else row for row in new]
-
 
 # ---- import -------------------------------------------------------------------------------------------------------
 
@@ -93,7 +84,7 @@ def test_greedy_generation_equals_transformers_generate(hf_dir):
     rows = rows_of(run.tokenizer)
     ours = generate_ids(run.model, rows, SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0),
                         eot_id=run.tokenizer.eot_id)
-    assert ours == hf_greedy(model, rows, run.tokenizer.eot_id)
+    assert ours == hf_greedy(model, rows, run.tokenizer.eot_id, NEW_TOKENS)
 
 
 def test_eos_token_id_outside_the_vocabulary_warns_and_loads_as_in_transformers(tokenizer, tmp_path, caplog):

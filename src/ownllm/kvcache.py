@@ -154,9 +154,9 @@ class SlotPool:
 
     def prefill_view(self, first: int, count: int = 1, length: int = 1) -> KVCache:
         """An empty cache for slots [first, first + count) writing straight into them (earlier contents are
-        overwritten), with room for prompts of `length` tokens. Prompts of different lengths go in right-padded: under the causal mask a real token never
-        sees the padding after it, and the padding's keys lie beyond the row's length, hidden and then
-        overwritten by decoding."""
+        overwritten), with room for prompts of `length` tokens. Prompts of different lengths go in right-padded:
+        under the causal mask a real token never sees the padding after it, and the padding's keys lie beyond the
+        row's length, hidden and then overwritten by decoding."""
         self.reserve(first + count, length)
         for slot in range(first, first + count):
             self.lengths[slot] = 0
