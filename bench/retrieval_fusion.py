@@ -10,6 +10,9 @@ have one; BoolQ: the 2,938 passages of its 3,270 validation questions); `--limit
 the questions about them. Passages are embedded as `ownllm index` embeds documents, questions as `ownllm ask`
 embeds queries (the run's pooling and prefixes, ownllm.embeddings). `--vectors FILE` keeps the vectors (and reuses
 them when the file exists). Reading the Arrow files needs pyarrow (the benchmark only, not the package).
+
+A trained embedder is measured the same way: `--model` takes the run directory `ownllm finetune embed` wrote (its
+pooling and query/passage prefixes come from its config.json), e.g. trained with `--docs` on the passages alone.
 """
 
 from __future__ import annotations
