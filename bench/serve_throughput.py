@@ -144,12 +144,14 @@ def step_costs(run_dir: Path, batches: list[int], quantize: str, steps: int = 10
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="serve this run, HF directory or GGUF file instead of a random model of --preset's shape")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                         help="GPT-2 tokenizer files (encoder.json + vocab.bpe) or any tokenizer directory")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
-    parser.add_argument("--quantize", default="none", choices=["none", "bf16", "int8"])
+    parser.add_argument("--quantize", default="none", choices=["auto", "none", "bf16", "int8", "int4"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--step-cost", action="store_true",
@@ -157,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
-    prompt = torch.randint(0, 50_000, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    if args.model is not None and args.step_cost:
+        parser.error("--step-cost times a random model of --preset's shape, not --model")
+    # Token ids every vocabulary here has (GPT-2's 50,257; SmolLM2's 49,152).
+    high = 50_000 if args.model is None else 40_000
+    prompt = torch.randint(0, high, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
-        run = write_run(args.preset, args.tokenizer, Path(tmp))
+        run = args.model or write_run(args.preset, args.tokenizer, Path(tmp))
         server = start_server(run, args.port, args.quantize, max(levels), args.threads)
         if args.step_cost:
             costs = step_costs(run, [1, max(levels)], args.quantize)
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=60)
     baseline = results[0]["tokens_per_sec"]
     for result in results:
-        result.update(preset=args.preset, quantize=args.quantize, tokens=args.tokens,
+        result.update(preset=str(args.model or args.preset), quantize=args.quantize, tokens=args.tokens,
                       speedup_vs_first=round(result["tokens_per_sec"] / baseline, 2))
         if args.json:
             print(json.dumps(result), flush=True)
