@@ -124,3 +124,15 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 
 def metrics_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(straight: Path, resumed: Path, logged_metric: str) -> None:
+    """A resumed run equals the uninterrupted one: the same weights bit for bit and the same logged metrics (timings
+    left out), among which `logged_metric`."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(run / "model.safetensors")) for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [[{k: v for k, v in row.items() if k not in ("tokens_per_sec", "time")} for row in metrics_rows(run)]
+              for run in (straight, resumed)]
+    assert logged[0] == logged[1] and any(logged_metric in row for row in logged[0])

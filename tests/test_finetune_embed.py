@@ -9,9 +9,9 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from finetune_helpers import metrics_rows, single_thread
+from finetune_helpers import assert_same_run, metrics_rows, single_thread
+from parity import assert_parity
 from ownllm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +75,7 @@ def test_training_raises_held_out_retrieval_accuracy_well_above_chance(base, tmp
     run = ownllm.load(tmp_path / "run")  # what embed / index / ask read: the trained prefixes and pooling
     as_query = embed_texts(run, ["red cat"], role="query").vectors
     by_hand = embed_token_rows(run.model, encode_for_embedding(run.tokenizer, ["query: red cat"])).vectors
-    assert torch.allclose(as_query, by_hand, atol=1e-6)
+    assert_parity(as_query, by_hand, layers=run.config.n_layer, what="embed --as query vs the prefix by hand")
     as_document = embed_texts(run, ["red cat"]).vectors
     assert not torch.allclose(as_query, as_document, atol=1e-3)
 
@@ -102,11 +102,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(base, tmp_path):
     with single_thread():
         resumed = finetune_embed(out=tmp_path / "b", resume=True, show_progress=False)
     assert resumed.train.step == straight.train.step == 12
-    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("a", "b"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logged = lambda run: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "time")}  # noqa: E731
-                          for r in metrics_rows(tmp_path / run)]
-    assert logged("a") == logged("b") and any("val_accuracy" in r for r in logged("a"))
+    assert_same_run(tmp_path / "a", tmp_path / "b", "val_accuracy")
     assert resumed.val == straight.val
 
 

@@ -11,9 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from finetune_helpers import metrics_rows, preference_records, write_json
+from finetune_helpers import assert_same_run, metrics_rows, preference_records, write_json
 from ownllm.cli import main
 from ownllm.config import ModelConfig
 from ownllm.chat_templates import get_template
@@ -199,11 +198,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(base, tmp_path, sft_weight):
     assert (tmp_path / "b" / "reference_logps.safetensors").is_file()
     resumed = finetune_prefer(out=tmp_path / "b", resume=True, show_progress=False)
     assert resumed.train.step == straight.train.step == 15
-    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("a", "b"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logged = lambda run: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "time")}  # noqa: E731
-                          for r in metrics_rows(tmp_path / run)]
-    assert logged("a") == logged("b") and any("val_preference_accuracy" in r for r in logged("a"))
+    assert_same_run(tmp_path / "a", tmp_path / "b", "val_preference_accuracy")
     assert resumed.val == straight.val
     assert json.loads((tmp_path / "b" / "config.json").read_text())["options"]["sft_weight"] == sft_weight
 
