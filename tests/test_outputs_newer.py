@@ -7,6 +7,7 @@ not an index, an index made by another model): one line naming it, exit code 2, 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def inputs(base, tmp_path_factory) -> dict[str, Path]:
     write_json(root / "prefs.json", [{"prompt": f"Say {word}.", "chosen": f"Please: {word}.", "rejected": f"{word}!"}
                                      for word in ("apple", "pear", "plum", "fig", "kiwi", "lime")])
     (root / "texts.txt").write_text("The with statement wraps a block.\nA list holds items.\n", encoding="utf-8")
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"query": f"what is {w}?", "positive": f"{w} is a fruit."}) + "\n"
+                                              for w in ("apple", "pear", "plum", "fig")), encoding="utf-8")
+    (root / "questions.jsonl").write_text('{"question": "Where is the town hall?"}\n', encoding="utf-8")
     (root / "labelled.tsv").write_text("good phone\t1\nbad phone\t0\nlovely\t1\nawful\t0\n", encoding="utf-8")
     (root / "docs").mkdir()
     (root / "docs" / "a.md").write_text("To renew a permit, bring the old one to the town hall.\n", encoding="utf-8")
@@ -45,7 +49,8 @@ def inputs(base, tmp_path_factory) -> dict[str, Path]:
                       val_fraction=0, test_fraction=0, show_progress=False, precision="fp32")
     return {"lm": base, "other": other, "clf": root / "clf", **{
         name: root / file for name, file in (("prefs", "prefs.json"), ("texts", "texts.txt"), ("docs", "docs"),
-                                             ("index", "docs.index"), ("gguf", "model.gguf"))}}
+                                             ("index", "docs.index"), ("gguf", "model.gguf"), ("pairs", "pairs.jsonl"),
+                                             ("questions", "questions.jsonl"))}}
 
 
 # ---- every path flag of every newer verb against paths of the wrong kind -----------------------------------------
@@ -57,6 +62,7 @@ FILE_OUT = ("file", "dir", "binary", "latin1")  # an output file: exists, or is 
 DOCS_IN = ("file", "dir", "missing", "binary", "latin1")  # a folder holding documents is right (`dir` is empty)
 INDEX = ("file", "dir", "fulldir", "binary", "latin1")  # an index file is right
 PREFER = ["finetune", "prefer", "--max-steps", "1", "--batch-size", "2", "--precision", "fp32"]
+EMBED = ["finetune", "embed", "--max-steps", "1", "--batch-size", "2", "--precision", "fp32"]
 
 # verb, argv with {X} for the path under test ({out}: a fresh output path, {lm} etc.: the module's inputs), kinds
 PATH_FLAGS = [
@@ -65,6 +71,12 @@ PATH_FLAGS = [
     ("finetune prefer --val-file", [*PREFER, "--model", "{lm}", "--data", "{prefs}", "--val-file", "{X}", "--out",
                                     "{out}"], TEXT_IN),
     ("finetune prefer --out", [*PREFER, "--model", "{lm}", "--data", "{prefs}", "--out", "{X}"], DIR_OUT),
+    ("finetune embed --model", [*EMBED, "--model", "{X}", "--data", "{pairs}", "--out", "{out}"], MODEL_IN),
+    ("finetune embed --data", [*EMBED, "--model", "{lm}", "--data", "{X}", "--out", "{out}"], TEXT_IN),
+    ("finetune embed --docs", [*EMBED, "--model", "{lm}", "--docs", "{X}", "--out", "{out}"], DOCS_IN),
+    ("finetune embed --out", [*EMBED, "--model", "{lm}", "--data", "{pairs}", "--out", "{X}"], DIR_OUT),
+    ("ask --questions", ["ask", "{lm}", "--index", "{index}", "--questions", "{X}", "--sources-only", "--json"],
+     TEXT_IN),
     ("embed MODEL", ["embed", "{X}", "--input", "{texts}", "--output", "{out}"], MODEL_IN),
     ("embed --input", ["embed", "{lm}", "--input", "{X}", "--output", "{out}"], TEXT_IN),
     ("embed --output", ["embed", "{lm}", "--input", "{texts}", "--output", "{X}"], FILE_OUT),
