@@ -71,7 +71,6 @@ def prefix_share(answer: list[int], reference: list[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ownllm.evaluation import encode_file
     from ownllm.runs import load_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

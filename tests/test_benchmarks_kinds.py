@@ -23,7 +23,7 @@ from ownllm.benchmarks.batching import score_items
 from ownllm.benchmarks.generative import GENERATIVE, exact_match, load_generative
 from ownllm.benchmarks.mmlu import SUBJECTS, load_subject
 from ownllm.benchmarks.results import f1_score, pooled_stderr
-from ownllm.benchmarks.scoring import encode_pair, score_choices_greedy
+from ownllm.benchmarks.scoring import score_choices_greedy
 from ownllm.benchmarks.tasks import load_task
 from ownllm.cli import main
 from ownllm.config import model_config_from_preset

@@ -53,7 +53,7 @@ def test_index_then_ask_end_to_end(tiny, tmp_path, capsys):  # noqa: F811
     import ownllm
     from ownllm.cli import main
     from ownllm.chat import ChatFormat, chat_reply
-    from ownllm.chat_templates import Message, get_template
+    from ownllm.chat_templates import get_template
     from ownllm.decoding import SamplingOptions
     from ownllm.retrieval import build_question_prompt, open_index, question_messages, search
 

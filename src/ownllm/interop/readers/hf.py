@@ -57,7 +57,7 @@ from ownllm.interop.names import (
     template_section,
 )
 from ownllm.interop.readers.foreign import ForeignModel, save_as_run
-from ownllm.interop.readers.hf_config import SUPPORTED_MODEL_TYPES, model_config_from_hf, text_config
+from ownllm.interop.readers.hf_config import SUPPORTED_MODEL_TYPES, model_config_from_hf
 from ownllm.model import GPT
 from ownllm.outputs import check_output
 from ownllm.tokenizer import Tokenizer, load_tokenizer, with_specials_from
