@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve_throughput.py                          # gpt2 shape (124M), fp32
     .venv/bin/python bench/serve_throughput.py --quantize int8 --clients 1,16
+    .venv/bin/python bench/serve_throughput.py --model SmolLM2-135M-Instruct.Q4_1.gguf --quantize int4 --compile
     .venv/bin/python bench/serve_throughput.py --preset mini --tokens 64 --requests-per-client 2 --json
     .venv/bin/python bench/serve_throughput.py --step-cost --clients 1,16   # and the model's step cost by rows
 
@@ -54,9 +55,11 @@ def write_run(preset: str, tokenizer_dir: Path, folder: Path) -> Path:
     return run
 
 
-def start_server(run: Path, port: int, quantize: str, max_batch: int, threads: int) -> subprocess.Popen:
+def start_server(run: Path, port: int, quantize: str, max_batch: int, threads: int,
+                 compile: bool = False) -> subprocess.Popen:
     command = [sys.executable, "-m", "ownllm", "serve", str(run), "--port", str(port), "--model-name", "bench",
                "--quantize", quantize, "--max-batch", str(max_batch), "--log-level", "warning"]
+    command += ["--compile"] if compile else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     import urllib.request
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--quantize", default="none", choices=["auto", "none", "bf16", "int8", "int4"])
+    parser.add_argument("--compile", action="store_true", help="serve with the compiled decode step")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--step-cost", action="store_true",
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.randint(0, high, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         run = args.model or write_run(args.preset, args.tokenizer, Path(tmp))
-        server = start_server(run, args.port, args.quantize, max(levels), args.threads)
+        server = start_server(run, args.port, args.quantize, max(levels), args.threads, args.compile)
         if args.step_cost:
             costs = step_costs(run, [1, max(levels)], args.quantize)
             print(f"one decoding step: {costs[1]} ms with 1 row, {costs[max(levels)]} ms with {max(levels)} rows "
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=60)
     baseline = results[0]["tokens_per_sec"]
     for result in results:
-        result.update(preset=str(args.model or args.preset), quantize=args.quantize, tokens=args.tokens,
+        result.update(preset=str(args.model or args.preset), quantize=args.quantize, compile=args.compile, tokens=args.tokens,
                       speedup_vs_first=round(result["tokens_per_sec"] / baseline, 2))
         if args.json:
             print(json.dumps(result), flush=True)

@@ -210,8 +210,6 @@ class BatchDecoder:
         # Room for what this call can generate, not the whole context: open models declare windows of 32k+ tokens.
         needed = self.window if self.max_new_tokens is None else width + self.max_new_tokens
         length = min(self.window, needed)
-        compiled = getattr(self.model, "decode_step", None)  # ownllm.compiled_step: a few cache shapes, not one a call
-        length = compiled.cache_length(length, self.window) if compiled is not None else length
         device, dtype = self.model.tok_emb.weight.device, model_dtype(self.model)  # int8 tables: float32 caches
         self.pool = SlotPool(self.model.config, len(rows), length, device, dtype)
         return prefill(self.model, self.pool, 0, rows)

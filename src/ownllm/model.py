@@ -85,11 +85,15 @@ class Attention(nn.Module):
             q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.store(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and time > 1, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+        attend = getattr(cache, "attend", None)  # the compiled decode step attends without writing the cache
+        if attend is not None:
+            y = attend(layer, q, k, v, mask, self.scale)
+        else:
+            if cache is not None:
+                k, v = cache.store(layer, k, v)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and time > 1, scale=self.scale,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(batch, time, self.n_head * self.head_size))
 
 

@@ -221,13 +221,20 @@ class RefinedHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         logits = self.fast(x)
         flat, hidden = logits.view(-1, self.out_features), x.reshape(-1, self.in_features).float()
-        for start in range(0, flat.shape[0], 256):  # a slice of positions at a time: [256, k, dim] rows
-            top = flat[start: start + 256].topk(min(self.k, self.out_features), dim=-1).indices
-            exact = (self.rows(top) @ hidden[start: start + 256, :, None]).squeeze(-1)
-            if self.fast.bias is not None:
-                exact = exact + self.fast.bias[top]
-            flat[start: start + 256].scatter_(-1, top, exact.to(flat.dtype))
+        if flat.shape[0] <= 256:  # no loop over a count of rows: a compiled decode step keeps the count symbolic
+            self._refine(flat, hidden)
+        else:
+            for start in range(0, flat.shape[0], 256):  # a slice of positions at a time: [256, k, dim] rows
+                self._refine(flat[start: start + 256], hidden[start: start + 256])
         return logits if self.cap is None else self.cap * torch.tanh(logits / self.cap)
+
+    def _refine(self, logits: Tensor, hidden: Tensor) -> None:
+        """Recompute the top `k` of `logits` [positions, vocab] from `hidden` [positions, dim], in place."""
+        top = logits.topk(min(self.k, self.out_features), dim=-1).indices
+        exact = (self.rows(top) @ hidden[:, :, None]).squeeze(-1)
+        if self.fast.bias is not None:
+            exact = exact + self.fast.bias[top]
+        logits.scatter_(-1, top, exact.to(logits.dtype))
 
 
 def refined_head(weight: Tensor | GroupQuantized, bias: Tensor | None, mode: str, cap: float | None = None,

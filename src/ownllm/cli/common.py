@@ -48,8 +48,9 @@ def add_loading_flags(parser: argparse.ArgumentParser, quantize_help: str = QUAN
 
 def add_compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
-                        help="decode with a torch.compile'd step over a static KV cache (ownllm.compiled_step); the "
-                             "first answer waits for the compilation, once per process")
+                        help="decode with a torch.compile'd step (ownllm.compiled_step): ~1.7x the tokens/s of a quantized "
+                             "model on a CPU; the first answer waits for the compilation (a minute the first "
+                             "time, seconds later: inductor keeps it on disk)")
 
 
 def compile_if_asked(args: argparse.Namespace, model: Any) -> None:
@@ -59,7 +60,7 @@ def compile_if_asked(args: argparse.Namespace, model: Any) -> None:
     from ownllm.compiled_step import use_compiled_step
 
     use_compiled_step(model, on_compiled=lambda seconds: print(
-        f"ownllm: compiled the decode step in {seconds:.1f} s (once per process and cache shape)", file=sys.stderr,
+        f"ownllm: compiled the decode step in {seconds:.1f} s (once per process and batch kind)", file=sys.stderr,
         flush=True))
 
 

@@ -27,6 +27,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                      "`ownllm index`")
     srv.add_argument("--embed-model", help="the model that embedded the index (default: the served model)")
     add_loading_flags(srv)
+    srv.add_argument("--compile", action="store_true",
+                     help="decode with a torch.compile'd step (ownllm.compiled_step), compiled before the server "
+                          "listens: a minute the first time, seconds later (inductor's cache)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -35,7 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, model_name=args.model_name, api_key_file=args.api_key_file,
           quantize=args.quantize, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
-          device=args.device, log_level=args.log_level, index=args.index, embed_model=args.embed_model)
+          device=args.device, log_level=args.log_level, index=args.index, embed_model=args.embed_model,
+          compile=args.compile)
 
 
 COMMANDS = {"serve": cmd_serve}

@@ -210,7 +210,8 @@ class Engine:
     def _decode_step(self) -> None:
         running = self._running
         tokens = torch.tensor([r.next_token for r in running], device=self.device)
-        logits = step(self.model, self.pool, tokens)
+        compiled = getattr(self.model, "decode_step", None)  # ownllm.compiled_step.use_compiled_step (serve --compile)
+        logits = compiled(self.pool, tokens) if compiled is not None else step(self.model, self.pool, tokens)
         self.steps += 1
         if all(r.options.temperature == 0 for r in running):  # all greedy: one argmax for the batch
             tokens = logits.argmax(dim=-1).tolist()

@@ -61,9 +61,10 @@ def documents_for(index: "Index", run: "LoadedRun", embed_model: str | Path | No
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key_file: str | Path | None = None, quantize: str = "auto", max_batch: int = 16, max_queue: int = 64,
           context: int | None = None, device: str = "auto", log_level: str = "info",
-          index: str | Path | None = None, embed_model: str | Path | None = None) -> None:
+          index: str | Path | None = None, embed_model: str | Path | None = None, compile: bool = False) -> None:
     """Serve `model` (a run or Hugging Face directory) until Ctrl-C; with `index`, chat requests may answer from
-    those documents (their queries embedded by `embed_model`, default the served model)."""
+    those documents (their queries embedded by `embed_model`, default the served model); with `compile`, the
+    engine decodes with the compiled step (ownllm.compiled_step), compiled before the server listens."""
     import uvicorn
 
     from ownllm.runs import load_run
@@ -81,6 +82,15 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model
     opened = open_documents_index(index) if index is not None else None  # a bad index fails before the model loads
     run = load_run(model, device=device, quantize=quantize)
     documents = documents_for(opened, run, embed_model, device) if opened is not None else None
+    if compile and run.run_config.get("task") != "classify":
+        from ownllm.compiled_step import use_compiled_step
+
+        print("compiling the decode step (a minute the first time; later starts reuse inductor's cache)...",
+              file=sys.stderr, flush=True)
+        stepper = use_compiled_step(run.model)
+        seconds = stepper.warm_up()
+        if stepper.compiled:
+            print(f"compiled the decode step in {seconds:.1f} s", file=sys.stderr, flush=True)
     name = model_name or Path(model).resolve().name
     app = create_app(run, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      context=context, start_engine=False, documents=documents)
