@@ -41,9 +41,11 @@ def attend_with_new_token(q: Tensor, keys: Tensor, values: Tensor, k: Tensor, v:
     """Attention of one new query per row q [rows, heads, 1, dim] over the cached keys/values [rows, kv_heads,
     length, dim] that `seen` [rows, 1, 1, length] allows, and over the row's own new key/value k, v [rows, kv_heads,
     1, dim]: the softmax of the two score sets together, without concatenating them. Query head h reads key head
-    h // (heads // kv_heads), as SDPA's grouped-query attention does."""
+    h // (heads // kv_heads), as SDPA's grouped-query attention does. Computed in float32 (SDPA's accumulation),
+    returned in q's dtype."""
     rows, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
+    kv_heads, dtype = keys.shape[1], q.dtype
+    q, keys, values, k, v = (t.float() for t in (q, keys, values, k, v))
     scale = dim ** -0.5 if scale is None else scale
     q = q.reshape(rows, kv_heads, heads // kv_heads, dim)
     cached = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [rows, kv_heads, group, length]
@@ -52,7 +54,7 @@ def attend_with_new_token(q: Tensor, keys: Tensor, values: Tensor, k: Tensor, v:
     top = torch.maximum(cached.amax(-1, keepdim=True), own)
     cached, own = (cached - top).exp(), (own - top).exp()
     out = (torch.matmul(cached, values) + own * v.view(rows, kv_heads, 1, dim)) / (cached.sum(-1, keepdim=True) + own)
-    return out.reshape(rows, heads, 1, dim)
+    return out.reshape(rows, heads, 1, dim).to(dtype)
 
 
 class ReadOnlyView:
