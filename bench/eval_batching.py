@@ -73,8 +73,8 @@ def main() -> None:
             cpu[mode] = min(cpu[mode], time.process_time() - cpu_start)
     reference = torch.tensor([s for item in scores[modes[0]] for s in item])
     print(f"{args.task}, first {len(questions)} items, {torch.get_num_threads()} threads, {args.device}")
-    print(f"| batching (batch tokens) | precision | items/s | full set (projected) | vs {modes[0][0]} | CPU s per item | "
-          "full set at 2 CPU s per CPU s | largest difference | same choice |")
+    print(f"| batching (batch tokens) | precision | items/s | full set (projected) | vs {modes[0][0]} | "
+          "CPU s per item | full set at 2 CPU s per CPU s | largest difference | same choice |")
     print("|---|---|---|---|---|---|---|---|---|")
     choices = {mode: [max(range(len(item)), key=item.__getitem__) for item in scores[mode]] for mode in modes}
     for mode in modes:

@@ -2,6 +2,8 @@
 
     PYTHONPATH=src .venv/bin/python bench/open_model_shapes.py                      # the memory table (no weights)
     PYTHONPATH=src .venv/bin/python bench/open_model_shapes.py --decode gemma3-270m qwen3-0.6b --tokens 32
+    PYTHONPATH=src .venv/bin/python bench/open_model_shapes.py --gguf smollm2-360m /tmp/smol360.gguf \
+        --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf       # then bench/decode_speed.py --model /tmp/smol360.gguf
 
 The shapes are the published config.json values of each model (hidden size, layers, heads, vocabulary, ...),
 mapped by ownllm's own Hugging Face reader; parameters are counted on the meta device (tied embeddings once).
@@ -10,7 +12,10 @@ bf16 (`--quantize bf16`), int8 (`--quantize int8`: linear layers int8 with one f
 table stays fp32, so a tied LM head costs an int8 copy besides it) and int4 (a GGUF Q4_0 file's size, 4.5 bits a
 weight, what llama.cpp holds; ownllm itself does not compute in 4 bits). The KV cache per 4,096 tokens of context
 is added separately. `--decode` builds random fp32 and bf16 models of the named shapes, prefills 16 tokens and
-times `--tokens` greedy steps with a KV cache, and reads the process's peak resident memory.
+times `--tokens` greedy steps with a KV cache, and reads the process's peak resident memory. `--gguf SHAPE OUT`
+writes a random model of a shape as a Q4_0 GGUF file (`ownllm export --quant q4_0`), with the tokenizer of
+`--tokenizer-from` (a run or GGUF file of the same vocabulary), for bench/decode_speed.py's speed and memory rows
+of models larger than one can download here (its answers mean nothing).
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ from ownllm.interop.readers.hf_config import model_config_from_hf
 from ownllm.model import GPT
 
 SHAPES = {  # the published config.json values that set the shape
+    "smollm2-360m": dict(model_type="llama", vocab_size=49152, hidden_size=960, intermediate_size=2560,
+                         num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
+    "smollm2-1.7b": dict(model_type="llama", vocab_size=49152, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=130000.0),
     "gemma3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
                         num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
                         max_position_embeddings=32768, sliding_window=512, query_pre_attn_scalar=256),
@@ -88,14 +99,37 @@ def decode_speed(name: str, dtype: torch.dtype, tokens: int) -> dict:
             "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def write_random_gguf(name: str, out: str, tokenizer_from: str, quant: str = "q4_0") -> None:
+    """A random model of shape `name` with `tokenizer_from`'s tokenizer, written as a GGUF file of `quant`."""
+    from pathlib import Path
+
+    from ownllm.interop.writers.gguf import export_gguf
+    from ownllm.runs import LoadedRun, load_run
+
+    config = model_config_from_hf(SHAPES[name], name)
+    tokenizer = load_run(tokenizer_from).tokenizer
+    if tokenizer.vocab_size > config.vocab_size:
+        raise SystemExit(f"{tokenizer_from}'s vocabulary ({tokenizer.vocab_size}) is larger than {name}'s")
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    run = LoadedRun(path=Path(out), model=model, tokenizer=tokenizer, config=config, run_config={})
+    export_gguf(run, out, quant, force=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode", nargs="*", default=[], choices=list(SHAPES))
     parser.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gguf", nargs=2, metavar=("SHAPE", "OUT"), help="write a random model of SHAPE to OUT")
+    parser.add_argument("--tokenizer-from", help="with --gguf: a run or GGUF file whose tokenizer to write")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gguf:
+        if args.gguf[0] not in SHAPES or not args.tokenizer_from:
+            parser.error(f"--gguf takes one of {', '.join(SHAPES)} and needs --tokenizer-from")
+        return write_random_gguf(args.gguf[0], args.gguf[1], args.tokenizer_from)
     if not args.decode:
         for name in SHAPES:
             print(json.dumps(memory_row(name)))

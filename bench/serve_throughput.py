@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=60)
     baseline = results[0]["tokens_per_sec"]
     for result in results:
-        result.update(preset=str(args.model or args.preset), quantize=args.quantize, compile=args.compile, tokens=args.tokens,
+        result.update(preset=str(args.model or args.preset), quantize=args.quantize, compile=args.compile,
+                      tokens=args.tokens,
                       speedup_vs_first=round(result["tokens_per_sec"] / baseline, 2))
         if args.json:
             print(json.dumps(result), flush=True)

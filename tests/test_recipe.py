@@ -179,7 +179,7 @@ def test_auto_choice_is_measured_cached_and_leaves_the_rng_alone(monkeypatch):
     monkeypatch.setattr(probe, "cpu_has_native_bf16", lambda: True)  # both arms, whatever this CPU has
     calls = []
     real = probe._time_steps
-    monkeypatch.setattr(probe, "_time_steps", lambda *a: calls.append(a[3:]) or real(*a))
+    monkeypatch.setattr(probe, "_time_steps", lambda *a: calls.append(a[3:5]) or real(*a))
     torch.manual_seed(5)
     before = torch.get_rng_state()
     first = probe.choose_speed(config, train, torch.device("cpu"), planned_steps=10)
@@ -191,13 +191,31 @@ def test_auto_choice_is_measured_cached_and_leaves_the_rng_alone(monkeypatch):
     expected = "bf16" if first.step_ms["bf16"] < 0.9 * first.step_ms["fp32"] else "fp32"
     assert first.precision == expected
     # a long run probes compilation too, and compiles only when the measured times say it pays back
-    monkeypatch.setattr(probe, "_time_steps", lambda m, t, d, p, compiled: (0.01, 5.0) if compiled else (0.05, 0.1))
+    monkeypatch.setattr(probe, "_time_steps",
+                        lambda m, t, d, p, compiled, seq_len=None: (0.01, 5.0) if compiled else (0.05, 0.1))
     long = probe.choose_speed(config, TrainConfig(batch_size=8, compile="auto", precision="fp32", max_steps=10_000),
                               torch.device("cpu"), planned_steps=10_000)
     assert long.compile is True and long.step_ms["fp32+compile"] == 10
     short = probe.choose_speed(config, TrainConfig(batch_size=8, compile="auto", precision="fp32", max_steps=10_000,
                                                    max_minutes=0.1), torch.device("cpu"), planned_steps=10_000)
     assert short.compile is False  # 6 s of training cannot pay back 5 s of compilation
+
+
+def test_the_probe_times_the_length_a_run_trains_on_not_the_whole_context(monkeypatch):
+    # SmolLM2's window is 8,192 tokens: timing batches that long at batch 8 took 24 GB before a fine-tuning started
+    config = model_config_from_preset("tiny", vocab_size=40, **{**SMALL, "block_size": 512})
+    train = TrainConfig(batch_size=2, precision="fp32", compile="auto", max_steps=10)
+    shapes = []
+    monkeypatch.setattr(probe, "_read_cache", lambda: {})
+    monkeypatch.setattr(probe, "_write_cache", lambda key, value: None)
+    monkeypatch.setattr(probe.torch, "randint", lambda low, high, shape, **kw: shapes.append(shape) or
+                        torch.zeros(shape, dtype=torch.long))
+    choice = probe.choose_speed(config, train, torch.device("cpu"), planned_steps=10, seq_len=24)
+    assert shapes and all(shape == (2, 24) for shape in shapes)
+    assert "batches of 2 x 24 tokens" in choice.reason
+    shapes.clear()
+    assert "2 x 512 tokens" in probe.choose_speed(config, train, torch.device("cpu"), planned_steps=10).reason
+    assert shapes and all(shape == (2, 512) for shape in shapes)  # pretraining: its batches fill the context
 
 
 def test_max_minutes_ends_the_run_with_a_final_evaluation(corpus, tmp_path, one_thread):

@@ -61,9 +61,12 @@ def _machine() -> dict[str, Any]:
     return {"cpu": model, "amx": cpu_has_amx_bf16(), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def _key(model_config: ModelConfig, train_config: TrainConfig, device: torch.device, arms: list[str]) -> str:
+def _key(model_config: ModelConfig, train_config: TrainConfig, device: torch.device, arms: list[str],
+         seq_len: int | None = None) -> str:
     what = {"machine": _machine(), "device": str(device), "model": model_config.to_dict(), "arms": arms,
             "batch": train_config.batch_size, "optimizer": train_config.optimizer}
+    if seq_len is not None and seq_len < model_config.block_size:
+        what["seq_len"] = seq_len
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -89,8 +92,9 @@ def _write_cache(key: str, step_ms: dict[str, float]) -> None:
 
 
 def _time_steps(model_config: ModelConfig, train_config: TrainConfig, device: torch.device, precision: str,
-                compiled: bool) -> tuple[float, float]:
-    """(median step seconds, seconds spent before the timed steps: build, warm-up and compilation)."""
+                compiled: bool, seq_len: int | None = None) -> tuple[float, float]:
+    """(median step seconds, seconds spent before the timed steps: build, warm-up and compilation) of batches of
+    `seq_len` tokens (default: the context window)."""
     from ownllm.model import GPT
     from ownllm.optim import make_optimizer
 
@@ -100,7 +104,7 @@ def _time_steps(model_config: ModelConfig, train_config: TrainConfig, device: to
         model = GPT(model_config).to(device).train()
         optimizer = make_optimizer(model, train_config, device)
         forward = torch.compile(model) if compiled else model
-        shape = (train_config.batch_size, model_config.block_size)
+        shape = (train_config.batch_size, min(seq_len or model_config.block_size, model_config.block_size))
         x = torch.randint(0, model_config.vocab_size, shape, device=device)
         y = torch.randint(0, model_config.vocab_size, shape, device=device)
 
@@ -133,18 +137,18 @@ def _precision_arms(requested: str, device: torch.device) -> list[str]:
 
 
 def _measure(model_config: ModelConfig, train_config: TrainConfig, device: torch.device, arms: list[str],
-             step_ms: dict[str, float], steps: int) -> dict[str, float]:
+             step_ms: dict[str, float], steps: int, seq_len: int | None = None) -> dict[str, float]:
     """Step times (ms) of each precision arm not in `step_ms` yet; with compile "auto" and a run long enough, of
     the better precision compiled (plus the setup time before its first timed step, "compile_setup")."""
     step_ms = dict(step_ms)
     for precision in arms:
         if precision not in step_ms:
-            step_ms[precision] = 1000 * _time_steps(model_config, train_config, device, precision, False)[0]
+            step_ms[precision] = 1000 * _time_steps(model_config, train_config, device, precision, False, seq_len)[0]
     best = _pick_precision(step_ms)
     planned = _run_steps(steps, step_ms[best], train_config.max_minutes)
     long_enough = planned * step_ms[best] / 1000 > COMPILE_MIN_RUN_S
     if train_config.compile == "auto" and long_enough and f"{best}+compile" not in step_ms:
-        compiled_s, setup_s = _time_steps(model_config, train_config, device, best, True)
+        compiled_s, setup_s = _time_steps(model_config, train_config, device, best, True, seq_len)
         step_ms[f"{best}+compile"] = 1000 * compiled_s
         step_ms["compile_setup"] = 1000 * setup_s
     return step_ms
@@ -190,30 +194,34 @@ def _reason(step_ms: dict[str, float], precision: str, compiled: bool, requested
 
 
 def choose_speed(model_config: ModelConfig, train_config: TrainConfig, device: torch.device,
-                 planned_steps: int) -> SpeedChoice:
-    """Resolve `train_config.precision` and `.compile` ("auto" or fixed) for a run of `planned_steps` steps."""
+                 planned_steps: int, seq_len: int | None = None) -> SpeedChoice:
+    """Resolve `train_config.precision` and `.compile` ("auto" or fixed) for a run of `planned_steps` steps whose
+    batches hold sequences of up to `seq_len` tokens (default: the context window; a fine-tuning's longest record:
+    timing SmolLM2's 8,192-token window at batch 8 would need ~13 GB of logits alone)."""
     requested = (train_config.precision, train_config.compile)
     arms = _precision_arms(train_config.precision, device)
     if len(arms) == 1 and train_config.compile != "auto":
         compiled = train_config.compile is True
         why = "auto: the only one this device has" if train_config.precision == "auto" else "asked for"
         return SpeedChoice(arms[0], compiled, f"precision {arms[0]} ({why}), compile {'on' if compiled else 'off'}")
-    key = _key(model_config, train_config, device, arms)
+    key = _key(model_config, train_config, device, arms, seq_len)
     cached = _read_cache().get(key)
     cached = cached if isinstance(cached, dict) else {}
-    step_ms = _measure(model_config, train_config, device, arms, cached, planned_steps)
+    step_ms = _measure(model_config, train_config, device, arms, cached, planned_steps, seq_len)
     if step_ms != cached:
         _write_cache(key, step_ms)
     precision = _pick_precision(step_ms)
     steps = _run_steps(planned_steps, step_ms[precision], train_config.max_minutes)
     compiled = _compile_pays(step_ms, precision, steps) if train_config.compile == "auto" else (
         train_config.compile is True)
+    tokens = min(seq_len or model_config.block_size, model_config.block_size)
     reason = _reason(step_ms, precision, compiled, requested, step_ms == cached, steps)
+    reason = reason[:-1] + f", batches of {train_config.batch_size} x {tokens} tokens)"
     return SpeedChoice(precision, compiled, reason, {k: round(v, 2) for k, v in step_ms.items()})
 
 
 def decide_speed(model_config: ModelConfig, train_config: TrainConfig, device: torch.device, start_step: int = 0,
-                 recorded: SpeedChoice | None = None) -> SpeedChoice:
+                 recorded: SpeedChoice | None = None, seq_len: int | None = None) -> SpeedChoice:
     """Precision and compilation for a run of any stage, from step `start_step`: `recorded` (the run's own choice)
     when asked the same, so a resumed run stays bit-exact; under torchrun the rule of `pick_precision`, compiled
     only when asked; else measured (`choose_speed`). The choice records what was asked."""
@@ -226,7 +234,7 @@ def decide_speed(model_config: ModelConfig, train_config: TrainConfig, device: t
         choice = SpeedChoice(precision, compiled, f"precision {precision} (rule of ownllm.device.pick_precision "
                              f"under torchrun), compile {'on' if compiled else 'off'}")
     else:
-        choice = choose_speed(model_config, train_config, device, planned_steps(train_config, start_step))
+        choice = choose_speed(model_config, train_config, device, planned_steps(train_config, start_step), seq_len)
     choice.asked = asked
     return choice
 

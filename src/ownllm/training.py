@@ -442,7 +442,8 @@ def resumed_train_config(stored: TrainConfig, overrides: dict[str, Any]) -> Trai
     return TrainConfig(**values)
 
 
-def record_run(run_dir: Path, config: RunConfig, stored: RunConfig | None, device: torch.device) -> SpeedChoice:
+def record_run(run_dir: Path, config: RunConfig, stored: RunConfig | None, device: torch.device,
+               seq_len: int | None = None) -> SpeedChoice:
     """Decide the run's precision and compilation (`ownllm.probe.decide_speed`, the one decision of every stage: on a
     resume the recorded one when asked the same) and write RUN/config.json once, on rank 0, for a new run or one
     whose settings changed; say what was decided."""
@@ -450,7 +451,7 @@ def record_run(run_dir: Path, config: RunConfig, stored: RunConfig | None, devic
     state = checkpoint.checkpoint_dir(run_dir) if stored is not None else None
     if state is not None:
         start = int(checkpoint.read_json(state / checkpoint.STATE_FILE).get("step", 0))
-    config.speed = decide_speed(config.model, config.train, device, start, stored.speed if stored else None)
+    config.speed = decide_speed(config.model, config.train, device, start, stored.speed if stored else None, seq_len)
     if distributed.is_main() and (stored is None or config.to_dict() != stored.to_dict()):
         config.write(run_dir)
     if config.options.show_progress and distributed.is_main():

@@ -150,7 +150,7 @@ class ClassifyStage(FinetuneStage):
         fixed = ClassificationBatches(self.val_set, tokenizer, self.labels, max_length, batch_size).eval_batches() \
             if self.val_set else None
         return StageTraining(micro_batch=batches.batch, batches_per_epoch=batches.plan.batches_per_epoch,
-                             tokens_per_epoch=sum(batches.plan.lengths),
+                             tokens_per_epoch=sum(batches.plan.lengths), longest=max(batches.plan.lengths, default=0),
                              loss_fn=loss_fn, eval_batches=(lambda: fixed) if fixed else None,
                              tokens_in=lambda b: int(b[1].sum()),
                              loss_weight=(lambda b: float(host_weights[b[2]].sum())) if host_weights is not None

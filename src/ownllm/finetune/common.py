@@ -244,6 +244,7 @@ class StageTraining:
     loss_weight: Callable[[Batch], float] | None = None  # None: the loop's default (rows)
     eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None  # more metrics per evaluation (TrainJob's)
     tokens_per_epoch: int = 0  # of the training records, as batched (for the summary line)
+    longest: int = 0  # tokens of the longest training row: the length the speed probe times (0: the context)
 
 
 class FinetuneStage:
@@ -336,7 +337,7 @@ def _fit(stage: FinetuneStage, run_dir: Path, stored: RunConfig | None, deadline
         base.tokenizer.save(run_dir / TOKENIZER_DIR)
     config = RunConfig(model_config, stage.task, o, train_config, sections=dict(
         base=o.model, lora=lora.to_dict() if lora else None, **stage.config_sections(model_config)))
-    speed = record_run(run_dir, config, stored, device)
+    speed = record_run(run_dir, config, stored, device, seq_len=training.longest or None)
     if o.show_progress and distributed.is_main():
         print(data_summary(stage, model, training), flush=True)
     stage.prepare(model, run_dir, device, speed.precision)

@@ -253,7 +253,7 @@ class EmbedStage(FinetuneStage):
         fixed = val.eval_batches() if val is not None else []
         return StageTraining(
             micro_batch=train.batch, batches_per_epoch=train.plan.batches_per_epoch,
-            tokens_per_epoch=sum(train.lengths),
+            tokens_per_epoch=sum(train.lengths), longest=max(train.lengths, default=0),
             loss_fn=lambda net, batch: contrastive_loss(net, batch, o.temperature, o.symmetric),
             eval_batches=(lambda: fixed) if fixed else None,
             tokens_in=lambda b: int(b[1].sum() + b[3].sum() + b[5].sum()),

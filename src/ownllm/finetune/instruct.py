@@ -113,7 +113,7 @@ class InstructStage(FinetuneStage):
                          for name, items in (("val", self.val_set), ("test", self.test_set))}
         val = self.held_out["val"]
         return StageTraining(micro_batch=batches.batch, batches_per_epoch=batches.plan.batches_per_epoch,
-                             tokens_per_epoch=sum(batches.plan.lengths),
+                             tokens_per_epoch=sum(batches.plan.lengths), longest=max(batches.plan.lengths, default=0),
                              loss_fn=lm_loss, eval_batches=(lambda: val) if val else None, tokens_in=real_tokens,
                              loss_weight=counted_targets)
 

@@ -133,7 +133,7 @@ class PreferStage(FinetuneStage):
         self.references: list[Tensor | None] = [None, None, None]
         train = self.batches[0]
         return StageTraining(micro_batch=train.batch, batches_per_epoch=train.plan.batches_per_epoch,
-                             tokens_per_epoch=sum(train.plan.lengths),
+                             tokens_per_epoch=sum(train.plan.lengths), longest=max(train.plan.lengths, default=0),
                              loss_fn=dpo_loss_fn(self.references, **self.loss_options), tokens_in=pair_tokens,
                              eval_metrics=self.val_metrics if self.batches[1] is not None else None)
 
