@@ -215,3 +215,23 @@ def test_the_engine_holds_cache_memory_only_for_running_requests(run):
         assert engine.pool_bytes() == 0
     finally:
         engine.close()
+
+
+def test_ctrl_c_between_admitting_and_prefilling_still_answers_every_request(run, monkeypatch):
+    # Ctrl-C on the engine's thread after it took requests from the queue and before they had a slot: each request
+    # must still hear that the server is shutting down, or its client (and the server's HTTP shutdown) waits for ever
+    engine = Engine(run.model, run.tokenizer, max_batch=4, max_queue=4)
+    collector = Collector()
+    for index, prompt in enumerate(["x", "a much longer prompt than the first one " * 4, "import"]):
+        engine.submit(run.tokenizer.encode(prompt), SamplingOptions(max_new_tokens=5, temperature=0),
+                      collector.receiver(index))
+
+    def interrupted(group):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_prefill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    events = [collector.events.get_nowait() for _ in range(collector.events.qsize())]
+    assert sorted(index for index, _ in events) == [0, 1, 2]
+    assert all(event[0] == "error" and event[2] == 503 for _, event in events)

@@ -81,6 +81,7 @@ class Engine:
                              on_demand=True)  # memory grows with the requests running, given back when idle
         self.device = self.pool.device
         self._waiting: deque[Request] = deque()
+        self._admitted: list[Request] = []  # taken from the queue, not yet prefilled into a slot
         self._running: list[Request] = []
         self._wake = threading.Condition()
         self._closing = False
@@ -163,7 +164,9 @@ class Engine:
         finally:  # closed, or interrupted (Ctrl-C on the main thread): no request is left waiting for ever
             with self._wake:
                 self._closing = True
-                unfinished = [r for r in [*self._running, *self._waiting] if not r.finished]
+                # Ctrl-C can land between admitting requests and prefilling them: they are owed an answer too.
+                unfinished = [r for r in dict.fromkeys([*self._running, *self._admitted, *self._waiting])
+                              if not r.finished]
             for request in unfinished:
                 request.finished = True
                 self._emit(request, ("error", "the server is shutting down", 503))
@@ -180,9 +183,11 @@ class Engine:
                 request = self._waiting.popleft()
                 if not request.cancelled:
                     admitted.append(request)
+            self._admitted = admitted
         try:
             for group in _prefill_groups(admitted):
                 self._prefill(group)
+            self._admitted = []
             self._drop_finished()
             if self._running:
                 self._decode_step()
@@ -194,7 +199,7 @@ class Engine:
                 if not request.finished:
                     request.finished = True
                     self._emit(request, ("error", f"{type(error).__name__}: {error}", 500))
-            self._running = []
+            self._running, self._admitted = [], []
         return True
 
     def _prefill(self, requests: list[Request]) -> None:
