@@ -76,7 +76,12 @@ def val_losses(run: Path) -> list[float]:
     return [row["val_loss"] for row in rows if "val_loss" in row]
 
 
-def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+def assert_same_weights(a: Path, b: Path, lr: float = TRAIN["lr"]) -> None:
+    """The same weights up to what the all-reduce's summation order can move them: fp32 rounding of the gradients,
+    which Adam's division by sqrt(v) can amplify for a near-zero gradient to a small part of one step (`lr`). 3% of
+    a step (9e-5 at lr 3e-3, where a fixed 1e-5 left no margin for another CPU's summation order); a wrong global
+    batch moves most weights by about a whole step."""
+    atol = 0.03 * lr
     x, y = load_file(str(a)), load_file(str(b))
     assert sorted(x) == sorted(y)
     for name in x:
@@ -167,7 +172,7 @@ def test_a_hanging_rank_ends_the_job_at_the_timeout(runs):
 def test_lora_instruction_tuning_on_two_processes_via_nproc_equals_one_process(base, tmp_path):
     data = write_json(tmp_path / "data.json", instruction_records(42))
     common = dict(model=base, data=data, lora_rank=4, max_steps=5, batch_size=6, eval_interval=5, log_interval=1,
-                  precision="fp32", dropout=0.0, test_fraction=0.1, max_new_tokens=4)
+                  precision="fp32", dropout=0.0, test_fraction=0.1, max_new_tokens=4, lr=5e-4)
     with single_thread():
         finetune_instruct(out=tmp_path / "one", show_progress=False, **common)
     command = [sys.executable, "-m", "ownllm", "finetune", "instruct", "--out", str(tmp_path / "two"), "--nproc", "2",
@@ -176,7 +181,8 @@ def test_lora_instruction_tuning_on_two_processes_via_nproc_equals_one_process(b
     ok(subprocess.run(command, capture_output=True, text=True, timeout=180, env=env()))
     # the loss is a mean over response tokens; rows split unevenly by tokens still give the full batch's mean
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
-    assert_same_weights(tmp_path / "two" / "adapter_model.safetensors", tmp_path / "one" / "adapter_model.safetensors")
+    assert_same_weights(tmp_path / "two" / "adapter_model.safetensors", tmp_path / "one" / "adapter_model.safetensors",
+                        lr=common["lr"])
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["val_loss"] == pytest.approx(
         json.loads((tmp_path / "one" / "metrics.json").read_text())["val_loss"], rel=1e-5)
 

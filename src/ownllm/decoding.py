@@ -190,7 +190,10 @@ def prefill(model: GPT, pool: SlotPool, first: int, prompts: Sequence[Sequence[i
 
 def step(model: GPT, pool: SlotPool, tokens: Tensor) -> Tensor:
     """Append `tokens` [active] to the pool's slots [0, active), each at its own position; next-token logits
-    [active, vocab]."""
+    [active, vocab]. A model given a compiled step (ownllm.compiled_step.use_compiled_step) takes it."""
+    compiled = getattr(model, "decode_step", None)
+    if compiled is not None:
+        return compiled(pool, tokens)
     view = pool.decode_view(len(tokens))
     return model(tokens.view(-1, 1), cache=view, positions=view.positions.view(-1, 1))[:, -1]
 
@@ -221,8 +224,7 @@ class BatchDecoder:
         if max(self.pool.lengths) >= self.pool.max_len:
             keep = max(1, self.window // 2)  # out of context: restart from the most recent half
             return self.prefill([list(h)[-keep:] for h in history()])
-        compiled = getattr(self.model, "decode_step", None)  # ownllm.compiled_step.use_compiled_step
-        return compiled(self.pool, tokens) if compiled is not None else step(self.model, self.pool, tokens)
+        return step(self.model, self.pool, tokens)
 
 
 @torch.inference_mode()  # like no_grad, minus autograd's version counters: ~2% faster decoding on a CPU

@@ -91,6 +91,11 @@ def _write_cache(key: str, step_ms: dict[str, float]) -> None:
         pass  # a read-only home: the probe runs again next time
 
 
+def _timed_shape(model_config: ModelConfig, train_config: TrainConfig, seq_len: int | None) -> tuple[int, int]:
+    """The batch the probe times: the run's batch size x `seq_len` tokens (default and at most the context)."""
+    return train_config.batch_size, min(seq_len or model_config.block_size, model_config.block_size)
+
+
 def _time_steps(model_config: ModelConfig, train_config: TrainConfig, device: torch.device, precision: str,
                 compiled: bool, seq_len: int | None = None) -> tuple[float, float]:
     """(median step seconds, seconds spent before the timed steps: build, warm-up and compilation) of batches of
@@ -104,7 +109,7 @@ def _time_steps(model_config: ModelConfig, train_config: TrainConfig, device: to
         model = GPT(model_config).to(device).train()
         optimizer = make_optimizer(model, train_config, device)
         forward = torch.compile(model) if compiled else model
-        shape = (train_config.batch_size, min(seq_len or model_config.block_size, model_config.block_size))
+        shape = _timed_shape(model_config, train_config, seq_len)
         x = torch.randint(0, model_config.vocab_size, shape, device=device)
         y = torch.randint(0, model_config.vocab_size, shape, device=device)
 
@@ -175,7 +180,7 @@ def _compile_pays(step_ms: dict[str, float], precision: str, planned_steps: int)
 
 
 def _reason(step_ms: dict[str, float], precision: str, compiled: bool, requested: tuple[str, bool | str],
-            cached: bool, planned_steps: int) -> str:
+            cached: bool, planned_steps: int, shape: tuple[int, int]) -> str:
     shown = ", ".join(f"{k} {v:.0f}" if k == "compile_setup" else f"{k} {v:.1f}" for k, v in step_ms.items())
     amx = "AMX" if cpu_has_amx_bf16() else ("bf16 without AMX" if cpu_has_native_bf16() else "no native bf16")
     precision_why = "auto" if requested[0] == "auto" else "asked for"
@@ -190,7 +195,8 @@ def _reason(step_ms: dict[str, float], precision: str, compiled: bool, requested
         compile_why = "asked for"
     source = "cached measurement" if cached else "measured now"
     return (f"precision {precision} ({precision_why}), compile {'on' if compiled else 'off'} ({compile_why}); "
-            f"ms/step: {shown} ({source}, {amx}, {torch.get_num_threads()} threads, {planned_steps} planned steps)")
+            f"ms/step: {shown} ({source}, {amx}, {torch.get_num_threads()} threads, {planned_steps} planned steps, "
+            f"batches of {shape[0]} x {shape[1]} tokens)")
 
 
 def choose_speed(model_config: ModelConfig, train_config: TrainConfig, device: torch.device,
@@ -214,9 +220,8 @@ def choose_speed(model_config: ModelConfig, train_config: TrainConfig, device: t
     steps = _run_steps(planned_steps, step_ms[precision], train_config.max_minutes)
     compiled = _compile_pays(step_ms, precision, steps) if train_config.compile == "auto" else (
         train_config.compile is True)
-    tokens = min(seq_len or model_config.block_size, model_config.block_size)
-    reason = _reason(step_ms, precision, compiled, requested, step_ms == cached, steps)
-    reason = reason[:-1] + f", batches of {train_config.batch_size} x {tokens} tokens)"
+    shape = _timed_shape(model_config, train_config, seq_len)
+    reason = _reason(step_ms, precision, compiled, requested, step_ms == cached, steps, shape)
     return SpeedChoice(precision, compiled, reason, {k: round(v, 2) for k, v in step_ms.items()})
 
 

@@ -215,8 +215,7 @@ class Engine:
     def _decode_step(self) -> None:
         running = self._running
         tokens = torch.tensor([r.next_token for r in running], device=self.device)
-        compiled = getattr(self.model, "decode_step", None)  # ownllm.compiled_step.use_compiled_step (serve --compile)
-        logits = compiled(self.pool, tokens) if compiled is not None else step(self.model, self.pool, tokens)
+        logits = step(self.model, self.pool, tokens)  # the compiled step where `serve --compile` set one
         self.steps += 1
         if all(r.options.temperature == 0 for r in running):  # all greedy: one argmax for the batch
             tokens = logits.argmax(dim=-1).tolist()
